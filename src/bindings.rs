@@ -1,0 +1,333 @@
+//! The Python surface of the core: argument conversion, the error mapping, and the `Block`
+//! implementation that calls back into Python. No math lives here.
+
+use crate::block::{prune_block as run_schedule, Block, Method, Plan};
+use crate::error::{Error, Result};
+use crate::io;
+use crate::mask::{self, Pattern};
+use crate::ro::RoSettings;
+use crate::score;
+use crate::stats::{ActivationStats, GradientStats};
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use pyo3_tch::PyTensor;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use tch::Tensor;
+
+/// The one mapping from core errors to the classes of `wandapp.errors`.
+impl From<Error> for PyErr {
+    fn from(err: Error) -> PyErr {
+        let class = match &err {
+            Error::InvalidSparsity(_) | Error::InvalidPattern { .. } => "SparsityError",
+            Error::Rank { .. } | Error::Shape { .. } => "ShapeError",
+            Error::Device { .. } => "DeviceMismatchError",
+            Error::Dtype { .. } | Error::NotATensor { .. } => "DtypeError",
+            Error::NonFinite { .. } => "NonFiniteError",
+            Error::InvalidArgument { .. } => "InvalidArgumentError",
+            Error::MaskFile { .. } => "MaskFileError",
+            Error::Callback(_) | Error::Torch(_) => "WandappError",
+        };
+        let message = err.to_string();
+        Python::with_gil(|py| {
+            py.import("wandapp.errors")
+                .and_then(|module| module.getattr(class))
+                .and_then(|cls| cls.call1((message.clone(),)))
+                .map(PyErr::from_value)
+                .unwrap_or_else(|_| PyRuntimeError::new_err(message))
+        })
+    }
+}
+
+/// Checked conversion: a non-tensor is a typed error naming the argument.
+fn tensor_arg(ob: &Bound<'_, PyAny>, arg: &'static str) -> Result<Tensor> {
+    ob.extract::<PyTensor>()
+        .map(|t| t.0)
+        .map_err(|_| Error::NotATensor { arg, got: ob.get_type().name().map(|n| n.to_string()).unwrap_or_default() })
+}
+
+/// Checked conversion back to Python (pyo3-tch would turn a failure into None).
+fn to_py(py: Python<'_>, t: Tensor) -> PyResult<PyObject> {
+    let ptr = t.pyobject_wrap().map_err(Error::from)?;
+    // SAFETY: pyobject_wrap returns a new reference to a torch.Tensor.
+    Ok(unsafe { PyObject::from_owned_ptr(py, ptr as *mut pyo3::ffi::PyObject) })
+}
+
+/// Per-row unstructured keep-mask (True = keep): every row of `scores` drops exactly
+/// floor(in_features * sparsity) of its lowest scores; at equal score the lower column is
+/// dropped first. Runs on the scores' device (CPU: rayon partial selection).
+#[pyfunction]
+fn unstructured_mask(py: Python<'_>, scores: &Bound<'_, PyAny>, sparsity: f64) -> PyResult<PyObject> {
+    let scores = tensor_arg(scores, "scores")?;
+    let mask = py.allow_threads(move || mask::unstructured_mask(&scores, sparsity))?;
+    to_py(py, mask)
+}
+
+/// N:M keep-mask: each group of `m` consecutive inputs of a row keeps its `n` highest scores
+/// ("2:4" keeps 2 of 4); at equal score the higher column is kept.
+#[pyfunction]
+fn nm_mask(py: Python<'_>, scores: &Bound<'_, PyAny>, n: i64, m: i64) -> PyResult<PyObject> {
+    let scores = tensor_arg(scores, "scores")?;
+    let mask = py.allow_threads(move || mask::nm_mask(&scores, n, m))?;
+    to_py(py, mask)
+}
+
+/// |W| as float32.
+#[pyfunction]
+fn magnitude_score(py: Python<'_>, weight: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+    to_py(py, score::magnitude_score(&tensor_arg(weight, "weight")?)?)
+}
+
+/// Wanda score |W_ij| * act_norm_j as float32 [out, in].
+#[pyfunction]
+fn wanda_score(py: Python<'_>, weight: &Bound<'_, PyAny>, act_norm: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+    to_py(py, score::wanda_score(&tensor_arg(weight, "weight")?, &tensor_arg(act_norm, "act_norm")?)?)
+}
+
+/// RGS score (alpha * G_ij + act_norm_j) * |W_ij| as float32 [out, in].
+#[pyfunction]
+#[pyo3(signature = (weight, grad_rms, act_norm, alpha = 100.0))]
+fn rgs_score(
+    py: Python<'_>,
+    weight: &Bound<'_, PyAny>,
+    grad_rms: &Bound<'_, PyAny>,
+    act_norm: &Bound<'_, PyAny>,
+    alpha: f64,
+) -> PyResult<PyObject> {
+    let (w, g, a) = (tensor_arg(weight, "weight")?, tensor_arg(grad_rms, "grad_rms")?, tensor_arg(act_norm, "act_norm")?);
+    to_py(py, score::rgs_score(&w, &g, &a, alpha)?)
+}
+
+/// Zeroes `weight` where `mask` is False, in place: same storage, outside autograd.
+#[pyfunction]
+fn apply_mask_(weight: &Bound<'_, PyAny>, mask: &Bound<'_, PyAny>) -> PyResult<()> {
+    Ok(mask::apply_mask_(&tensor_arg(weight, "weight")?, &tensor_arg(mask, "mask")?)?)
+}
+
+/// SHA-256 (hex) of a bool mask's shape and bits; the hash stored in mask files.
+#[pyfunction]
+fn mask_hash(mask: &Bound<'_, PyAny>) -> PyResult<String> {
+    Ok(io::mask_hash(&tensor_arg(mask, "mask")?)?)
+}
+
+/// Writes bool masks, bit-packed, to a safetensors file with string metadata.
+#[pyfunction]
+fn save_masks(path: PathBuf, masks: Vec<(String, Bound<'_, PyAny>)>, metadata: HashMap<String, String>) -> PyResult<()> {
+    let masks = masks.iter().map(|(name, m)| Ok((name.clone(), tensor_arg(m, "masks")?))).collect::<Result<Vec<_>>>()?;
+    Ok(io::save_masks(&path, &masks, &metadata)?)
+}
+
+/// Reads a mask file: ([(name, bool mask on CPU)], metadata). Verifies every hash.
+#[pyfunction]
+fn load_masks(py: Python<'_>, path: PathBuf) -> PyResult<(Vec<(String, PyObject)>, HashMap<String, String>)> {
+    let (masks, metadata) = io::load_masks(&path)?;
+    let masks = masks.into_iter().map(|(name, m)| Ok((name, to_py(py, m)?))).collect::<PyResult<Vec<_>>>()?;
+    Ok((masks, metadata))
+}
+
+/// Streaming ||X_j|| of one linear layer's inputs (padding excluded).
+#[pyclass(name = "ActivationStats", module = "wandapp._core", unsendable)]
+struct PyActivationStats(ActivationStats);
+
+#[pymethods]
+impl PyActivationStats {
+    #[new]
+    fn new(in_features: i64) -> PyResult<Self> {
+        Ok(Self(ActivationStats::new(in_features)?))
+    }
+
+    /// Adds x [batch, seq, in]; tokens where `token_mask` [batch, seq] is False do not count.
+    #[pyo3(signature = (x, token_mask = None))]
+    fn update(&mut self, x: &Bound<'_, PyAny>, token_mask: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let mask = token_mask.map(|m| tensor_arg(m, "token_mask")).transpose()?;
+        Ok(self.0.update(&tensor_arg(x, "x")?, mask.as_ref())?)
+    }
+
+    /// float32 [in]: sqrt of the mean over sequences of each sequence's sum of squares.
+    fn norm(&self, py: Python<'_>) -> PyResult<PyObject> {
+        to_py(py, self.0.norm()?)
+    }
+
+    #[getter]
+    fn nsamples(&self) -> i64 {
+        self.0.nsamples()
+    }
+
+    #[getter]
+    fn in_features(&self) -> i64 {
+        self.0.in_features()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("ActivationStats(in_features={}, nsamples={})", self.0.in_features(), self.0.nsamples())
+    }
+}
+
+/// Streaming RMS over samples of a weight's gradient.
+#[pyclass(name = "GradientStats", module = "wandapp._core", unsendable)]
+struct PyGradientStats(GradientStats);
+
+#[pymethods]
+impl PyGradientStats {
+    #[new]
+    fn new(shape: Vec<i64>) -> PyResult<Self> {
+        Ok(Self(GradientStats::new(shape)?))
+    }
+
+    /// Adds one sample's gradient (grad ** 2).
+    fn update(&mut self, grad: &Bound<'_, PyAny>) -> PyResult<()> {
+        Ok(self.0.update(&tensor_arg(grad, "grad")?)?)
+    }
+
+    /// float32: sqrt(sum of squares / nsamples).
+    fn rms(&self, py: Python<'_>) -> PyResult<PyObject> {
+        to_py(py, self.0.rms()?)
+    }
+
+    #[getter]
+    fn nsamples(&self) -> i64 {
+        self.0.nsamples()
+    }
+
+    #[getter]
+    fn shape(&self) -> Vec<i64> {
+        self.0.shape().to_vec()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("GradientStats(shape={:?}, nsamples={})", self.0.shape(), self.0.nsamples())
+    }
+}
+
+/// A Python object with `__len__`, `forward(i)`, `linear_inputs(i)`, `target(i)` and
+/// `token_mask(i)`. The first exception it raises is kept and re-raised unchanged.
+struct PyBlock<'py> {
+    obj: Bound<'py, PyAny>,
+    len: usize,
+    error: RefCell<Option<PyErr>>,
+}
+
+impl<'py> PyBlock<'py> {
+    fn call(&self, method: &str, i: usize) -> Result<Bound<'py, PyAny>> {
+        let py = self.obj.py();
+        py.check_signals().and_then(|_| self.obj.call_method1(method, (i,))).map_err(|e| {
+            let message = e.to_string();
+            self.error.borrow_mut().get_or_insert(e);
+            Error::Callback(message)
+        })
+    }
+
+    fn tensor(&self, method: &'static str, i: usize) -> Result<Tensor> {
+        tensor_arg(&self.call(method, i)?, method)
+    }
+}
+
+impl Block for PyBlock<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn forward(&self, i: usize) -> Result<Tensor> {
+        self.tensor("forward", i)
+    }
+
+    fn linear_inputs(&self, i: usize) -> Result<Vec<Tensor>> {
+        let list = self.call("linear_inputs", i)?;
+        let items: Vec<Bound<'_, PyAny>> = list.extract().map_err(|_| Error::InvalidArgument {
+            arg: "block.linear_inputs",
+            reason: "must return a list of tensors".into(),
+        })?;
+        items.iter().map(|x| tensor_arg(x, "linear_inputs")).collect()
+    }
+
+    fn target(&self, i: usize) -> Result<Tensor> {
+        self.tensor("target", i)
+    }
+
+    fn token_mask(&self, i: usize) -> Result<Option<Tensor>> {
+        let m = self.call("token_mask", i)?;
+        if m.is_none() {
+            return Ok(None);
+        }
+        tensor_arg(&m, "token_mask").map(Some)
+    }
+}
+
+/// Runs one block's whole schedule (SPEC step 6) on `weights`, in place; returns a dict with
+/// `masks` (bool, one per weight), `mse_before_ro`, `mse_final` and `rounds` (one dict per RO round).
+#[pyfunction]
+#[pyo3(signature = (block, weights, *, method, sparsity = 0.5, nm = None, alpha = 100.0,
+                    ro_rounds = 5, ro_samples = 32, ro_holdout = 8, ro_lr = 3e-7, seed = 0))]
+#[allow(clippy::too_many_arguments)]
+fn prune_block<'py>(
+    py: Python<'py>,
+    block: Bound<'py, PyAny>,
+    weights: Vec<Bound<'py, PyAny>>,
+    method: &str,
+    sparsity: f64,
+    nm: Option<(i64, i64)>,
+    alpha: f64,
+    ro_rounds: usize,
+    ro_samples: usize,
+    ro_holdout: usize,
+    ro_lr: f64,
+    seed: u64,
+) -> PyResult<Bound<'py, PyDict>> {
+    let pattern = match nm {
+        Some((n, m)) => Pattern::nm(n, m)?,
+        None => Pattern::unstructured(sparsity)?,
+    };
+    let plan = Plan {
+        method: Method::parse(method)?,
+        pattern,
+        alpha,
+        ro: RoSettings { rounds: ro_rounds, samples: ro_samples, holdout: ro_holdout, lr: ro_lr, seed },
+    };
+    let weights = weights.iter().map(|w| tensor_arg(w, "weights")).collect::<Result<Vec<_>>>()?;
+    let len = block.len()?;
+    let block = PyBlock { obj: block, len, error: RefCell::new(None) };
+    let outcome = match run_schedule(&block, &weights, &plan) {
+        Ok(outcome) => outcome,
+        Err(Error::Callback(message)) => {
+            return Err(block.error.take().unwrap_or_else(|| Error::Callback(message).into()));
+        }
+        Err(other) => return Err(other.into()),
+    };
+    let result = PyDict::new(py);
+    let masks = outcome.masks.into_iter().map(|m| to_py(py, m)).collect::<PyResult<Vec<_>>>()?;
+    result.set_item("masks", PyList::new(py, masks)?)?;
+    result.set_item("mse_before_ro", outcome.mse_before_ro)?;
+    result.set_item("mse_final", outcome.mse_final)?;
+    let rounds = PyList::empty(py);
+    for r in outcome.rounds {
+        let d = PyDict::new(py);
+        d.set_item("loss", r.loss)?;
+        d.set_item("holdout_before", r.holdout_before)?;
+        d.set_item("holdout_after", r.holdout_after)?;
+        d.set_item("rolled_back", r.rolled_back)?;
+        rounds.append(d)?;
+    }
+    result.set_item("rounds", rounds)?;
+    Ok(result)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MASK_FORMAT", io::FORMAT)?;
+    m.add("MASK_FORMAT_VERSION", io::FORMAT_VERSION)?;
+    m.add_function(wrap_pyfunction!(unstructured_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(nm_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(magnitude_score, m)?)?;
+    m.add_function(wrap_pyfunction!(wanda_score, m)?)?;
+    m.add_function(wrap_pyfunction!(rgs_score, m)?)?;
+    m.add_function(wrap_pyfunction!(apply_mask_, m)?)?;
+    m.add_function(wrap_pyfunction!(mask_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(save_masks, m)?)?;
+    m.add_function(wrap_pyfunction!(load_masks, m)?)?;
+    m.add_function(wrap_pyfunction!(prune_block, m)?)?;
+    m.add_class::<PyActivationStats>()?;
+    m.add_class::<PyGradientStats>()?;
+    Ok(())
+}

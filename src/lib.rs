@@ -1,0 +1,24 @@
+//! wandapp's Rust core: Wanda++ statistics, scores, masks and the block schedule on libtorch
+//! tensors. Only `bindings` knows Python; everything else is plain Rust testable with `cargo test`.
+
+pub mod block;
+pub mod error;
+pub mod io;
+pub mod mask;
+pub mod ro;
+pub mod rng;
+pub mod score;
+pub mod stats;
+pub mod tensor_check;
+
+#[cfg(feature = "python")]
+mod bindings;
+
+pub use error::{Error, Result};
+
+/// The compiled module `wandapp._core`; `bindings` holds its contents.
+#[cfg(feature = "python")]
+#[pyo3::pymodule]
+fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+    bindings::register(m)
+}

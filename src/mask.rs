@@ -1,0 +1,233 @@
+//! Mask selection (True = keep) and in-place application.
+//!
+//! Every output row competes on its own (SPEC step 4). Ties are broken by column index: at
+//! equal score the lower column counts as the smaller, so unstructured selection prunes the
+//! lower index first and N:M keeps the higher index first. Both CPU (rayon, partial selection)
+//! and the device path (stable sort) follow this same total order, so they agree exactly.
+
+use crate::error::{Error, Result};
+use crate::tensor_check::{require_bool, require_float, require_rank, require_same_device, require_shape};
+use rayon::prelude::*;
+use std::cmp::Ordering;
+use tch::{Device, Kind, Tensor};
+
+/// How many weights each row keeps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pattern {
+    /// Drop floor(in_features * s) of every row.
+    Unstructured(f64),
+    /// Keep n of every m consecutive inputs of a row.
+    NM { n: i64, m: i64 },
+}
+
+impl Pattern {
+    pub fn unstructured(sparsity: f64) -> Result<Self> {
+        if !(0.0..1.0).contains(&sparsity) {
+            return Err(Error::InvalidSparsity(sparsity));
+        }
+        Ok(Pattern::Unstructured(sparsity))
+    }
+
+    pub fn nm(n: i64, m: i64) -> Result<Self> {
+        let bad = |reason: &str| Err(Error::InvalidPattern { n, m, reason: reason.into() });
+        if n < 1 {
+            return bad("n must be at least 1");
+        }
+        if n >= m {
+            return bad("n must be smaller than m (2:4 keeps 2 of every 4)");
+        }
+        Ok(Pattern::NM { n, m })
+    }
+
+    /// Fails when a layer with `in_features` inputs cannot carry this pattern.
+    pub fn check_fits(&self, in_features: i64) -> Result<()> {
+        match *self {
+            Pattern::NM { n, m } if in_features % m != 0 => Err(Error::InvalidPattern {
+                n,
+                m,
+                reason: format!("in_features {in_features} is not divisible by m={m}; choose an m that divides it"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Weights pruned in one row of `in_features`.
+    pub fn pruned_per_row(&self, in_features: i64) -> i64 {
+        match *self {
+            Pattern::Unstructured(s) => (in_features as f64 * s).floor() as i64,
+            Pattern::NM { n, m } => in_features / m * (m - n),
+        }
+    }
+}
+
+/// Checks `scores` and returns (rows, cols).
+fn check_scores(scores: &Tensor) -> Result<(i64, i64)> {
+    require_rank(scores, "scores", 2)?;
+    require_float(scores, "scores")?;
+    let s = scores.size();
+    Ok((s[0], s[1]))
+}
+
+/// Row-major float32 copy of the scores with -0.0 folded into 0.0; errors on NaN.
+fn cpu_scores(scores: &Tensor) -> Result<Vec<f32>> {
+    let flat = scores.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?;
+    let mut v = Vec::<f32>::try_from(&flat)?;
+    let mut has_nan = false;
+    for x in v.iter_mut() {
+        has_nan |= x.is_nan();
+        *x += 0.0;
+    }
+    if has_nan {
+        return Err(Error::NonFinite { arg: "scores", what: "NaN" });
+    }
+    Ok(v)
+}
+
+#[inline]
+fn rank(row: &[f32], a: u32, b: u32) -> Ordering {
+    row[a as usize].total_cmp(&row[b as usize]).then(a.cmp(&b))
+}
+
+/// Keep-mask of a row-major score buffer: each row drops its `k` lowest entries.
+pub fn unstructured_rows(scores: &[f32], cols: usize, k: usize) -> Vec<bool> {
+    let mut keep = vec![true; scores.len()];
+    if k == 0 || cols == 0 {
+        return keep;
+    }
+    keep.par_chunks_mut(cols).zip(scores.par_chunks(cols)).for_each_init(
+        || Vec::<u32>::with_capacity(cols),
+        |order, (keep_row, row)| {
+            order.clear();
+            order.extend(0..cols as u32);
+            if k < cols {
+                order.select_nth_unstable_by(k - 1, |&a, &b| rank(row, a, b));
+            }
+            for &i in &order[..k] {
+                keep_row[i as usize] = false;
+            }
+        },
+    );
+    keep
+}
+
+/// Keep-mask of a row-major score buffer: each group of `m` keeps its `n` highest entries.
+pub fn nm_rows(scores: &[f32], n: usize, m: usize) -> Vec<bool> {
+    let mut keep = vec![false; scores.len()];
+    keep.par_chunks_mut(m).zip(scores.par_chunks(m)).for_each(|(keep_group, group)| {
+        let mut order: Vec<u32> = (0..m as u32).collect();
+        order.sort_unstable_by(|&a, &b| rank(group, b, a)); // highest first
+        for &i in &order[..n] {
+            keep_group[i as usize] = true;
+        }
+    });
+    keep
+}
+
+fn bool_tensor(v: &[bool], rows: i64, cols: i64, device: Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(v).f_view([rows, cols])?.f_to(device)?)
+}
+
+/// Stable ascending sort along the last dim: ties keep column order, the same total order as `rank`.
+fn ascending_order(scores: &Tensor) -> Result<Tensor> {
+    crate::tensor_check::require_no_nan(scores, "scores")?;
+    Ok(scores.f_to_kind(Kind::Float)?.f_add_scalar(0.0)?.f_sort_stable(true, -1, false)?.1)
+}
+
+/// Unstructured keep-mask: every row drops exactly floor(cols * sparsity) of its lowest scores.
+pub fn unstructured_mask(scores: &Tensor, sparsity: f64) -> Result<Tensor> {
+    let pattern = Pattern::unstructured(sparsity)?;
+    let (rows, cols) = check_scores(scores)?;
+    let k = pattern.pruned_per_row(cols);
+    if scores.device() == Device::Cpu {
+        let keep = unstructured_rows(&cpu_scores(scores)?, cols as usize, k as usize);
+        return bool_tensor(&keep, rows, cols, Device::Cpu);
+    }
+    let order = ascending_order(scores)?;
+    let mut keep = Tensor::f_ones([rows, cols], (Kind::Bool, scores.device()))?;
+    let _ = keep.f_scatter_value_(1, &order.f_narrow(1, 0, k)?, 0)?;
+    Ok(keep)
+}
+
+/// N:M keep-mask: every group of m consecutive inputs of a row keeps its n highest scores.
+pub fn nm_mask(scores: &Tensor, n: i64, m: i64) -> Result<Tensor> {
+    let pattern = Pattern::nm(n, m)?;
+    let (rows, cols) = check_scores(scores)?;
+    pattern.check_fits(cols)?;
+    if scores.device() == Device::Cpu {
+        let keep = nm_rows(&cpu_scores(scores)?, n as usize, m as usize);
+        return bool_tensor(&keep, rows, cols, Device::Cpu);
+    }
+    let groups = scores.f_reshape([rows, cols / m, m])?;
+    let order = ascending_order(&groups)?;
+    let mut keep = Tensor::f_zeros([rows, cols / m, m], (Kind::Bool, scores.device()))?;
+    let _ = keep.f_scatter_value_(2, &order.f_narrow(2, m - n, n)?, 1)?;
+    Ok(keep.f_view([rows, cols])?)
+}
+
+/// Keep-mask for `pattern`.
+pub fn select(scores: &Tensor, pattern: Pattern) -> Result<Tensor> {
+    match pattern {
+        Pattern::Unstructured(s) => unstructured_mask(scores, s),
+        Pattern::NM { n, m } => nm_mask(scores, n, m),
+    }
+}
+
+/// Zeroes `weight` where `mask` is False, in place (same storage), outside autograd.
+pub fn apply_mask_(weight: &Tensor, mask: &Tensor) -> Result<()> {
+    require_rank(weight, "weight", 2)?;
+    require_float(weight, "weight")?;
+    require_bool(mask, "mask")?;
+    require_shape(mask, "mask", &weight.size(), "the shape of weight")?;
+    require_same_device(mask, "mask", weight, "weight")?;
+    let _guard = tch::no_grad_guard();
+    let _ = weight.shallow_clone().f_masked_fill_(&mask.f_logical_not()?, 0.0)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unstructured_drops_lowest_and_breaks_ties_by_lower_index() {
+        let s = [3.0f32, 1.0, 1.0, 2.0];
+        assert_eq!(unstructured_rows(&s, 4, 2), vec![true, false, false, true]);
+        let ties = [1.0f32; 4];
+        assert_eq!(unstructured_rows(&ties, 4, 1), vec![false, true, true, true]);
+    }
+
+    #[test]
+    fn nm_keeps_highest_and_breaks_ties_by_higher_index() {
+        let s = [0.5f32, 0.9, 0.1, 0.7, 1.0, 1.0, 1.0, 1.0];
+        assert_eq!(nm_rows(&s, 2, 4), vec![false, true, false, true, false, false, true, true]);
+    }
+
+    #[test]
+    fn each_row_drops_exactly_k() {
+        let cols = 37;
+        let s: Vec<f32> = (0..cols * 5).map(|i| ((i * 7919) % 101) as f32).collect();
+        let keep = unstructured_rows(&s, cols, 18);
+        for row in keep.chunks(cols) {
+            assert_eq!(row.iter().filter(|&&k| !k).count(), 18);
+        }
+    }
+
+    #[test]
+    fn pattern_validation() {
+        assert!(matches!(Pattern::unstructured(1.0), Err(Error::InvalidSparsity(_))));
+        assert!(matches!(Pattern::nm(4, 4), Err(Error::InvalidPattern { .. })));
+        assert!(matches!(Pattern::nm(0, 4), Err(Error::InvalidPattern { .. })));
+        assert!(Pattern::nm(2, 4).unwrap().check_fits(6).is_err());
+        assert_eq!(Pattern::nm(2, 4).unwrap().pruned_per_row(8), 4);
+    }
+
+    #[test]
+    fn apply_mask_keeps_storage() {
+        let w = Tensor::ones([2, 2], (Kind::Float, Device::Cpu));
+        let ptr = w.data_ptr();
+        let m = Tensor::from_slice(&[true, false, false, true]).view([2, 2]);
+        apply_mask_(&w, &m).unwrap();
+        assert_eq!(w.data_ptr(), ptr);
+        assert_eq!(f64::try_from(w.sum(Kind::Float)).unwrap(), 2.0);
+    }
+}

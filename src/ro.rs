@@ -1,0 +1,238 @@
+//! Regional optimization (SPEC step 5): make the pruned block's output match the dense one with
+//! masked RMSprop, one calibration sequence per step, and roll a round back when it makes the
+//! held-out block error worse or non-finite.
+
+use crate::block::Block;
+use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
+use tch::{Kind, Tensor};
+
+/// torch.optim.RMSprop's defaults, which the paper uses.
+const RMSPROP_ALPHA: f64 = 0.99;
+const RMSPROP_EPS: f64 = 1e-8;
+
+#[derive(Clone, Debug)]
+pub struct RoSettings {
+    pub rounds: usize,
+    pub samples: usize,
+    pub holdout: usize,
+    pub lr: f64,
+    pub seed: u64,
+}
+
+/// Which calibration sequences RO trains on and which it uses to guard a round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoSplit {
+    pub train: Vec<usize>,
+    /// Disjoint from `train` when enough sequences exist; otherwise `train` itself.
+    pub holdout: Vec<usize>,
+}
+
+impl RoSettings {
+    pub fn split(&self, nsamples: usize) -> Result<RoSplit> {
+        if self.samples == 0 || self.samples > nsamples {
+            return Err(Error::InvalidArgument {
+                arg: "ro_samples",
+                reason: format!("must be in [1, {nsamples}] (the calibration sequences), got {}", self.samples),
+            });
+        }
+        let perm = SplitMix64::new(self.seed).permutation(nsamples);
+        let train = perm[..self.samples].to_vec();
+        let rest = &perm[self.samples..];
+        let holdout = if rest.is_empty() || self.holdout == 0 {
+            train.clone()
+        } else {
+            rest[..self.holdout.min(rest.len())].to_vec()
+        };
+        Ok(RoSplit { train, holdout })
+    }
+}
+
+/// Mean squared error over real tokens, in float32.
+pub fn masked_mse(out: &Tensor, target: &Tensor, token_mask: Option<&Tensor>) -> Result<Tensor> {
+    let diff = out.f_to_kind(Kind::Float)?.f_sub(&target.f_to_kind(Kind::Float)?)?.f_square()?;
+    match token_mask {
+        None => Ok(diff.f_mean(Kind::Float)?),
+        Some(m) => {
+            let keep = m.f_unsqueeze(-1)?.f_to_kind(Kind::Float)?;
+            let count = keep.f_sum(Kind::Float)?.f_mul_scalar(diff.size()[2] as f64)?.f_clamp_min(1.0)?;
+            Ok(diff.f_mul(&keep)?.f_sum(Kind::Float)?.f_div(&count)?)
+        }
+    }
+}
+
+/// SPEC's regional loss ||f(X_n)||_2 over real tokens, in float32.
+pub fn regional_norm(out: &Tensor, token_mask: Option<&Tensor>) -> Result<Tensor> {
+    let out = out.f_to_kind(Kind::Float)?;
+    let out = match token_mask {
+        None => out,
+        Some(m) => out.f_mul(&m.f_unsqueeze(-1)?.f_to_kind(Kind::Float)?)?,
+    };
+    Ok(out.f_square()?.f_sum(Kind::Float)?.f_sqrt()?)
+}
+
+/// Mean block-output MSE against the dense outputs over `samples`, without autograd.
+pub fn block_mse(block: &dyn Block, samples: &[usize]) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let mut total = 0.0;
+    for &i in samples {
+        let mask = block.token_mask(i)?;
+        total += f64::try_from(masked_mse(&block.forward(i)?, &block.target(i)?, mask.as_ref())?)?;
+    }
+    Ok(total / samples.len().max(1) as f64)
+}
+
+/// Marks `weights` as requiring gradients for as long as it lives, then restores each flag.
+pub struct GradTracking<'a> {
+    weights: &'a [Tensor],
+    before: Vec<bool>,
+}
+
+impl<'a> GradTracking<'a> {
+    pub fn enable(weights: &'a [Tensor]) -> Self {
+        let before = weights.iter().map(|w| w.requires_grad()).collect();
+        for w in weights {
+            let _ = w.set_requires_grad(true);
+        }
+        Self { weights, before }
+    }
+
+    pub fn zero_grads(&self) {
+        for w in self.weights {
+            w.shallow_clone().zero_grad();
+        }
+    }
+}
+
+impl Drop for GradTracking<'_> {
+    fn drop(&mut self) {
+        for (w, &flag) in self.weights.iter().zip(&self.before) {
+            let _ = w.set_requires_grad(flag);
+        }
+    }
+}
+
+/// RMSprop whose update never touches a pruned weight. It steps a float32 master copy and
+/// writes it back, so bfloat16/float16 models still receive updates smaller than their ulp.
+pub struct MaskedRmsprop {
+    lr: f64,
+    masks: Vec<Tensor>,
+    master: Vec<Tensor>,
+    square_avg: Vec<Tensor>,
+}
+
+impl MaskedRmsprop {
+    pub fn new(weights: &[Tensor], masks: &[Tensor], lr: f64) -> Result<Self> {
+        let _guard = tch::no_grad_guard();
+        let mut master = Vec::with_capacity(weights.len());
+        let mut square_avg = Vec::with_capacity(weights.len());
+        for w in weights {
+            let m = w.f_detach()?.copy().f_to_kind(Kind::Float)?;
+            square_avg.push(m.f_zeros_like()?);
+            master.push(m);
+        }
+        let masks = masks.iter().map(|m| m.f_to_kind(Kind::Float)).collect::<std::result::Result<_, _>>()?;
+        Ok(Self { lr, masks, master, square_avg })
+    }
+
+    pub fn step(&mut self, weights: &[Tensor]) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for (k, w) in weights.iter().enumerate() {
+            let grad = w.grad();
+            if !grad.defined() {
+                continue;
+            }
+            let g = grad.f_to_kind(Kind::Float)?.f_mul(&self.masks[k])?;
+            let avg = self.square_avg[k].f_mul_scalar(RMSPROP_ALPHA)?.f_add(&g.f_square()?.f_mul_scalar(1.0 - RMSPROP_ALPHA)?)?;
+            let update = g.f_div(&avg.f_sqrt()?.f_add_scalar(RMSPROP_EPS)?)?.f_mul_scalar(self.lr)?;
+            let master = self.master[k].f_sub(&update)?.f_mul(&self.masks[k])?;
+            w.shallow_clone().f_copy_(&master)?;
+            self.master[k] = master;
+            self.square_avg[k] = avg;
+        }
+        Ok(())
+    }
+}
+
+/// What one RO round did.
+#[derive(Clone, Debug)]
+pub struct RoundRecord {
+    /// Mean training loss over the round's steps.
+    pub loss: f64,
+    pub holdout_before: f64,
+    pub holdout_after: f64,
+    pub rolled_back: bool,
+}
+
+/// One pass of masked RMSprop over the training sequences (in a seeded order), guarded by the
+/// held-out error: a round that does not lower it, or is non-finite, is undone.
+pub fn guarded_round(
+    block: &dyn Block,
+    weights: &[Tensor],
+    masks: &[Tensor],
+    split: &RoSplit,
+    settings: &RoSettings,
+    round: usize,
+) -> Result<RoundRecord> {
+    let holdout_before = block_mse(block, &split.holdout)?;
+    let snapshot: Vec<Tensor> = {
+        let _guard = tch::no_grad_guard();
+        weights.iter().map(|w| w.f_detach().map(|d| d.copy())).collect::<std::result::Result<_, _>>()?
+    };
+    let mut order = split.train.clone();
+    let mut rng = SplitMix64::new(settings.seed.wrapping_add(1 + round as u64));
+    let perm = rng.permutation(order.len());
+    order = perm.iter().map(|&p| order[p]).collect();
+
+    let mut opt = MaskedRmsprop::new(weights, masks, settings.lr)?;
+    let tracking = GradTracking::enable(weights);
+    let mut loss_sum = 0.0;
+    for &i in &order {
+        tracking.zero_grads();
+        let loss = tch::with_grad(|| -> Result<Tensor> {
+            let mask = block.token_mask(i)?;
+            let loss = masked_mse(&block.forward(i)?, &block.target(i)?, mask.as_ref())?;
+            loss.f_backward()?;
+            Ok(loss)
+        })?;
+        loss_sum += f64::try_from(loss.f_detach()?)?;
+        opt.step(weights)?;
+    }
+    tracking.zero_grads();
+    drop(tracking);
+
+    let holdout_after = block_mse(block, &split.holdout)?;
+    let rolled_back = !holdout_after.is_finite() || holdout_after > holdout_before;
+    if rolled_back {
+        let _guard = tch::no_grad_guard();
+        for (w, s) in weights.iter().zip(&snapshot) {
+            w.shallow_clone().f_copy_(s)?;
+        }
+    }
+    Ok(RoundRecord { loss: loss_sum / order.len().max(1) as f64, holdout_before, holdout_after, rolled_back })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_seeded_and_disjoint() {
+        let s = RoSettings { rounds: 1, samples: 4, holdout: 3, lr: 1e-3, seed: 3 };
+        let a = s.split(10).unwrap();
+        assert_eq!(a, s.split(10).unwrap());
+        assert_eq!(a.train.len(), 4);
+        assert_eq!(a.holdout.len(), 3);
+        assert!(a.holdout.iter().all(|h| !a.train.contains(h)));
+        assert_eq!(s.split(4).unwrap().holdout, s.split(4).unwrap().train);
+        assert!(s.split(3).is_err());
+    }
+
+    #[test]
+    fn masked_mse_ignores_padding() {
+        let out = Tensor::from_slice(&[1.0f32, 5.0]).view([1, 2, 1]);
+        let target = Tensor::from_slice(&[0.0f32, 0.0]).view([1, 2, 1]);
+        let mask = Tensor::from_slice(&[true, false]).view([1, 2]);
+        assert_eq!(f64::try_from(masked_mse(&out, &target, Some(&mask)).unwrap()).unwrap(), 1.0);
+    }
+}

@@ -1,0 +1,175 @@
+//! Streaming statistics for scoring. Accumulators are float64 (activations) and float32
+//! (gradients) whatever the input dtype, so half-precision models do not lose the small terms.
+
+use crate::error::{Error, Result};
+use crate::tensor_check::{require_bool, require_float, require_rank, require_same_device, require_shape};
+use tch::{Kind, Tensor};
+
+/// Per-feature input norms of one linear layer, fed one batch at a time.
+///
+/// `norm()` is SPEC's ||X_j||: sqrt of the mean over sequences of each sequence's sum of
+/// squares of feature j, with padded tokens left out.
+pub struct ActivationStats {
+    in_features: i64,
+    sum_sq: Option<Tensor>,
+    nsamples: i64,
+}
+
+impl ActivationStats {
+    pub fn new(in_features: i64) -> Result<Self> {
+        if in_features < 1 {
+            return Err(Error::InvalidArgument {
+                arg: "in_features",
+                reason: format!("must be a positive integer, got {in_features}"),
+            });
+        }
+        Ok(Self { in_features, sum_sq: None, nsamples: 0 })
+    }
+
+    pub fn in_features(&self) -> i64 {
+        self.in_features
+    }
+
+    pub fn nsamples(&self) -> i64 {
+        self.nsamples
+    }
+
+    /// Adds a batch `x` of shape [batch, seq, in]; `token_mask` [batch, seq] marks real tokens.
+    pub fn update(&mut self, x: &Tensor, token_mask: Option<&Tensor>) -> Result<()> {
+        require_rank(x, "x", 3)?;
+        require_float(x, "x")?;
+        let s = x.size();
+        if s[2] != self.in_features {
+            return Err(Error::Shape {
+                arg: "x",
+                got: s,
+                expected: format!("[batch, seq, {}] (in_features of this ActivationStats)", self.in_features),
+            });
+        }
+        let mut sq = x.f_to_kind(Kind::Double)?.f_square()?;
+        if let Some(m) = token_mask {
+            require_bool(m, "token_mask")?;
+            require_shape(m, "token_mask", &s[..2], "[batch, seq] of x")?;
+            require_same_device(m, "token_mask", x, "x")?;
+            sq = sq.f_masked_fill(&m.f_logical_not()?.f_unsqueeze(-1)?, 0.0)?;
+        }
+        // Sum over tokens (per sequence), then over sequences.
+        let batch_sum = sq.f_sum_dim_intlist(&[0i64, 1][..], false, Kind::Double)?;
+        self.sum_sq = Some(match self.sum_sq.take() {
+            None => batch_sum,
+            Some(acc) => {
+                require_same_device(&batch_sum, "x", &acc, "earlier batches")?;
+                acc.f_add(&batch_sum)?
+            }
+        });
+        self.nsamples += s[0];
+        Ok(())
+    }
+
+    /// float32 tensor [in_features] on the device of the data.
+    pub fn norm(&self) -> Result<Tensor> {
+        match &self.sum_sq {
+            None => Err(Error::InvalidArgument {
+                arg: "ActivationStats",
+                reason: "norm() called before any update(); feed at least one batch".into(),
+            }),
+            Some(acc) => Ok(acc.f_div_scalar(self.nsamples as f64)?.f_sqrt()?.f_to_kind(Kind::Float)?),
+        }
+    }
+}
+
+/// Root mean square of per-sample gradients of one weight.
+pub struct GradientStats {
+    shape: Vec<i64>,
+    sum_sq: Option<Tensor>,
+    nsamples: i64,
+}
+
+impl GradientStats {
+    pub fn new(shape: Vec<i64>) -> Result<Self> {
+        if shape.is_empty() || shape.iter().any(|&d| d < 1) {
+            return Err(Error::InvalidArgument {
+                arg: "shape",
+                reason: format!("must be a non-empty list of positive sizes, got {shape:?}"),
+            });
+        }
+        Ok(Self { shape, sum_sq: None, nsamples: 0 })
+    }
+
+    pub fn shape(&self) -> &[i64] {
+        &self.shape
+    }
+
+    pub fn nsamples(&self) -> i64 {
+        self.nsamples
+    }
+
+    /// Adds one sample's gradient.
+    pub fn update(&mut self, grad: &Tensor) -> Result<()> {
+        require_float(grad, "grad")?;
+        require_shape(grad, "grad", &self.shape, "the shape given to GradientStats")?;
+        let sq = grad.f_to_kind(Kind::Float)?.f_square()?;
+        self.sum_sq = Some(match self.sum_sq.take() {
+            None => sq,
+            Some(mut acc) => {
+                require_same_device(&sq, "grad", &acc, "earlier gradients")?;
+                let _ = acc.f_add_(&sq)?;
+                acc
+            }
+        });
+        self.nsamples += 1;
+        Ok(())
+    }
+
+    /// float32 tensor of `shape`: sqrt(sum of squares / nsamples).
+    pub fn rms(&self) -> Result<Tensor> {
+        match &self.sum_sq {
+            None => Err(Error::InvalidArgument {
+                arg: "GradientStats",
+                reason: "rms() called before any update(); feed at least one gradient".into(),
+            }),
+            Some(acc) => Ok(acc.f_div_scalar(self.nsamples as f64)?.f_sqrt()?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activation_norm_is_rms_over_sequences_of_per_sequence_sums() {
+        let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2, 1]);
+        let mut st = ActivationStats::new(1).unwrap();
+        st.update(&x, None).unwrap();
+        // per-sequence sums: 1+4=5, 9+16=25; mean 15; sqrt(15)
+        let n = f64::try_from(st.norm().unwrap().get(0)).unwrap();
+        assert!((n - 15f64.sqrt()).abs() < 1e-6);
+        assert_eq!(st.nsamples(), 2);
+    }
+
+    #[test]
+    fn padding_is_excluded() {
+        let x = Tensor::from_slice(&[1.0f32, 100.0]).view([1, 2, 1]);
+        let mask = Tensor::from_slice(&[true, false]).view([1, 2]);
+        let mut st = ActivationStats::new(1).unwrap();
+        st.update(&x, Some(&mask)).unwrap();
+        assert_eq!(f64::try_from(st.norm().unwrap().get(0)).unwrap(), 1.0);
+    }
+
+    #[test]
+    fn gradient_rms() {
+        let mut st = GradientStats::new(vec![1, 1]).unwrap();
+        st.update(&Tensor::from_slice(&[3.0f32]).view([1, 1])).unwrap();
+        st.update(&Tensor::from_slice(&[4.0f32]).view([1, 1])).unwrap();
+        let r = f64::try_from(st.rms().unwrap().view([-1]).get(0)).unwrap();
+        assert!((r - 12.5f64.sqrt()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn wrong_width_is_a_shape_error() {
+        let mut st = ActivationStats::new(3).unwrap();
+        let err = st.update(&Tensor::zeros([1, 2, 4], (Kind::Float, tch::Device::Cpu)), None);
+        assert!(matches!(err, Err(Error::Shape { .. })));
+    }
+}
