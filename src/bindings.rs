@@ -253,6 +253,11 @@ impl Block for PyBlock<'_> {
         }
         tensor_arg(&m, "token_mask").map(Some)
     }
+
+    fn backward(&self, loss: &Tensor) -> Result<()> {
+        let loss = loss.shallow_clone();
+        Ok(self.obj.py().allow_threads(move || loss.f_backward())?)
+    }
 }
 
 /// Runs one block's whole schedule (SPEC step 6) on `weights`, in place; returns a dict with

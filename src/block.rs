@@ -21,6 +21,11 @@ pub trait Block {
     fn target(&self, i: usize) -> Result<Tensor>;
     /// [1, seq] bool, True on real tokens; None when the sequence has no padding.
     fn token_mask(&self, i: usize) -> Result<Option<Tensor>>;
+    /// Backpropagates `loss`; an implementation that holds a lock the autograd engine needs
+    /// (the GIL) releases it here.
+    fn backward(&self, loss: &Tensor) -> Result<()> {
+        Ok(loss.f_backward()?)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +82,7 @@ fn gradient_rms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Tensor>> {
         tracking.zero_grads();
         tch::with_grad(|| -> Result<()> {
             let mask = block.token_mask(i)?;
-            regional_norm(&block.forward(i)?, mask.as_ref())?.f_backward()?;
+            block.backward(&regional_norm(&block.forward(i)?, mask.as_ref())?)?;
             Ok(())
         })?;
         for (st, w) in stats.iter_mut().zip(weights) {

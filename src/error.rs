@@ -41,6 +41,12 @@ pub enum Error {
     #[error("the block callback failed: {0}")]
     Callback(String),
 
-    #[error("libtorch: {0}")]
+    #[error("libtorch: {}", without_backtrace(.0))]
     Torch(#[from] TchError),
+}
+
+/// libtorch appends a C++ backtrace to its messages; users need the first part only.
+fn without_backtrace(err: &TchError) -> String {
+    let text = err.to_string();
+    text.split("\nException raised from").next().unwrap_or(&text).trim_end().to_string()
 }

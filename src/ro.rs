@@ -192,7 +192,7 @@ pub fn guarded_round(
         let loss = tch::with_grad(|| -> Result<Tensor> {
             let mask = block.token_mask(i)?;
             let loss = masked_mse(&block.forward(i)?, &block.target(i)?, mask.as_ref())?;
-            loss.f_backward()?;
+            block.backward(&loss)?;
             Ok(loss)
         })?;
         loss_sum += f64::try_from(loss.f_detach()?)?;

@@ -1,0 +1,82 @@
+"""The only file that knows HuggingFace attribute names: where the decoder blocks are, which
+linear layers each holds, and how to call one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from wandapp.errors import UnsupportedModelError
+
+#: model_type -> the causal-LM class wandapp is tested on.
+SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+#: The seven linear layers of a block, in the order the core receives their weights.
+LINEAR_NAMES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+@dataclass
+class DecoderAdapter:
+    """A supported model's decoder blocks and their names in ``model.named_modules()``."""
+
+    model: nn.Module
+    layers: nn.ModuleList
+    prefix: str  # e.g. "model.layers"
+
+    def linears(self, index: int) -> list[tuple[str, nn.Linear]]:
+        layer = self.layers[index]
+        return [(f"{self.prefix}.{index}.{name}", layer.get_submodule(name)) for name in LINEAR_NAMES]
+
+    def all_linears(self) -> list[tuple[str, nn.Linear]]:
+        return [pair for i in range(len(self.layers)) for pair in self.linears(i)]
+
+    @staticmethod
+    def call(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Runs a decoder layer with the keyword arguments the model itself passed to it."""
+        out = layer(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def resolve(model: Any) -> DecoderAdapter:
+    """Finds the decoder blocks, or raises UnsupportedModelError naming what was found."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    found = f"{type(model).__name__} (model_type={model_type!r})"
+    if model_type not in SUPPORTED:
+        raise UnsupportedModelError(
+            f"wandapp prunes {', '.join(SUPPORTED.values())}; got {found}. "
+            "Load a LLaMA-family causal LM with transformers' AutoModelForCausalLM."
+        )
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise UnsupportedModelError(f"{found} has no decoder layers at model.model.layers; pass the *ForCausalLM model itself")
+    layer_types = set(getattr(config, "layer_types", None) or [])
+    if len(layer_types) > 1:
+        raise UnsupportedModelError(
+            f"{found} mixes attention types {sorted(layer_types)}; wandapp replays the first block's "
+            "arguments in every block, which is only right when all blocks share one type"
+        )
+    for i, layer in enumerate(layers):
+        for name in LINEAR_NAMES:
+            try:
+                module = layer.get_submodule(name)
+            except AttributeError:
+                raise UnsupportedModelError(f"{found}: block {i} has no {name}") from None
+            if type(module) is not nn.Linear:
+                raise UnsupportedModelError(
+                    f"{found}: block {i} {name} is a {type(module).__name__}, not torch.nn.Linear "
+                    "(quantized or adapter-wrapped models cannot be pruned; prune before adding LoRA)"
+                )
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    return DecoderAdapter(model=model, layers=layers, prefix=prefix)

@@ -1,0 +1,132 @@
+"""``PruneConfig``: every setting of the method, documented, validated, serialisable."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+from wandapp.errors import InvalidArgumentError, SparsityError
+
+METHODS = ("magnitude", "wanda", "rgs", "wanda++")
+
+#: Default RO learning rate, chosen by measurement on SmolLM2-135M at 2:4 (bench/ro_lr.py,
+#: bench/results/ro_lr.md). The paper's 3e-7 barely moves the weights of a small model.
+DEFAULT_RO_LR = 1e-5
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A parsed sparsity: ``sparsity`` (fraction pruned per row) or ``n``:``m``."""
+
+    sparsity: float
+    nm: tuple[int, int] | None = None
+
+    def __str__(self) -> str:
+        return f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:g}"
+
+
+def parse_sparsity(value: Union[float, str]) -> Pattern:
+    """Accepts a float in [0, 1) (unstructured, per output row) or an "N:M" string."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
+        if not match:
+            raise SparsityError(f"sparsity {value!r} is not an N:M pattern; write e.g. '2:4' or a float such as 0.5")
+        n, m = int(match[1]), int(match[2])
+        if not 1 <= n < m:
+            raise SparsityError(f"invalid N:M pattern {n}:{m}: need 1 <= n < m (2:4 keeps 2 of every 4)")
+        return Pattern(sparsity=1 - n / m, nm=(n, m))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SparsityError(f"sparsity must be a float in [0, 1) or an 'N:M' string, got {type(value).__name__}")
+    if not 0 <= value < 1:
+        raise SparsityError(f"sparsity must be in [0, 1), got {value}; use 0.5 for 50% of each row")
+    return Pattern(sparsity=float(value))
+
+
+def parse_method(method: str) -> str:
+    if method not in METHODS:
+        raise InvalidArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    return method
+
+
+@dataclass
+class PruneConfig:
+    """Settings of :func:`wandapp.prune`. Defaults are wandapp's measured choices;
+    :meth:`paper` gives the paper's.
+
+    Attributes:
+        alpha: weight of the regional gradient in the RGS score (paper: 100).
+        ro_rounds: K, rounds of prune -> regional optimization per block (paper: 5).
+        ro_samples: M, calibration sequences RO trains on, drawn with ``seed`` (paper: 32).
+        ro_lr: RMSprop learning rate of RO (paper: 3e-7, tuned for 7B models; wandapp's
+            default was measured on SmolLM2-135M, see bench/results/ro_lr.md).
+        ro_holdout: sequences held out of RO to guard it: a round that makes their block
+            error worse or non-finite is rolled back. 0 guards on the training sequences.
+        seed: seeds every random choice (RO sample choice and order).
+        nsamples: calibration sequences taken from the loader (paper: 128).
+        device: where a block runs; None = the model's device.
+        offload: where captured activations wait between blocks; None = CPU when the
+            model is on CUDA, else the model's device.
+        progress: show a tqdm bar over blocks.
+    """
+
+    alpha: float = 100.0
+    ro_rounds: int = 5
+    ro_samples: int = 32
+    ro_lr: float = DEFAULT_RO_LR
+    ro_holdout: int = 8
+    seed: int = 0
+    nsamples: int = 128
+    device: Union[str, torch.device, None] = None
+    offload: Union[str, torch.device, None] = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, field: str, rule: str) -> None:
+            if not ok:
+                raise InvalidArgumentError(f"PruneConfig.{field} {rule}, got {getattr(self, field)!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        need(isinstance(self.alpha, (int, float)) and self.alpha >= 0, "alpha", "must be a number >= 0")
+        need(is_int(self.ro_rounds) and self.ro_rounds >= 0, "ro_rounds", "must be an integer >= 0")
+        need(is_int(self.ro_samples) and self.ro_samples >= 1, "ro_samples", "must be an integer >= 1")
+        need(isinstance(self.ro_lr, (int, float)) and self.ro_lr > 0, "ro_lr", "must be a number > 0")
+        need(is_int(self.ro_holdout) and self.ro_holdout >= 0, "ro_holdout", "must be an integer >= 0")
+        need(is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
+        need(is_int(self.nsamples) and self.nsamples >= 1, "nsamples", "must be an integer >= 1")
+        need(isinstance(self.progress, bool), "progress", "must be True or False")
+        for field in ("device", "offload"):
+            value = getattr(self, field)
+            if value is not None:
+                try:
+                    torch.device(value)
+                except (RuntimeError, TypeError):
+                    need(False, field, "must be None or a torch device such as 'cpu' or 'cuda:0'")
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "PruneConfig":
+        """The paper's settings: alpha 100, K=5 rounds, M=32, lr 3e-7, N=128."""
+        return cls(**{**dict(alpha=100.0, ro_rounds=5, ro_samples=32, ro_lr=3e-7, nsamples=128), **overrides})
+
+    def replace(self, **overrides: Any) -> "PruneConfig":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown PruneConfig field(s) {sorted(unknown)}; valid: {[f.name for f in dataclasses.fields(self)]}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for field in ("device", "offload"):
+            d[field] = None if d[field] is None else str(d[field])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PruneConfig":
+        return cls().replace(**d)

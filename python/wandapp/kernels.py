@@ -1,0 +1,37 @@
+"""The Rust kernels, on ``torch.Tensor`` shared zero-copy with PyTorch (CPU and CUDA).
+
+Masks are bool tensors, True = keep. Scores are float32. Every row of a weight (an output
+feature) competes on its own. Ties are broken by column index: at equal score the lower
+column counts as smaller (unstructured drops it first; N:M keeps the higher one).
+
+>>> import torch, wandapp
+>>> scores = torch.tensor([[3.0, 1.0, 1.0, 2.0]])
+>>> wandapp.kernels.unstructured_mask(scores, 0.5)
+tensor([[ True, False, False,  True]])
+>>> wandapp.kernels.nm_mask(scores, 2, 4)
+tensor([[ True, False, False,  True]])
+"""
+
+from wandapp._core import (
+    ActivationStats,
+    GradientStats,
+    apply_mask_,
+    magnitude_score,
+    mask_hash,
+    nm_mask,
+    rgs_score,
+    unstructured_mask,
+    wanda_score,
+)
+
+__all__ = [
+    "ActivationStats",
+    "GradientStats",
+    "apply_mask_",
+    "magnitude_score",
+    "mask_hash",
+    "nm_mask",
+    "rgs_score",
+    "unstructured_mask",
+    "wanda_score",
+]

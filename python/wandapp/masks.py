@@ -1,0 +1,59 @@
+"""Saving, loading and re-applying masks: {module name: bool keep-mask}.
+
+Files are safetensors written and read by the Rust core (src/io.rs documents the format):
+each mask bit-packed along its rows (1 bit per weight), with a SHA-256 per mask and the
+caller's metadata. Loading parses data only; nothing in a file is executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from wandapp import _core
+from wandapp.errors import MaskMismatchError
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"wandapp": _core.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def save_masks(path: str | os.PathLike[str], masks: Mapping[str, torch.Tensor], report: Any = None, **metadata: Any) -> None:
+    """Writes ``masks`` to ``path``. With ``report`` (a PruneReport), its method, sparsity,
+    config and seed are recorded; extra keyword ``metadata`` is stored as JSON strings."""
+    meta: dict[str, Any] = {**_versions(), **metadata}
+    if report is not None:
+        meta.update(method=report.method, sparsity=report.sparsity, config=report.config, seed=report.config.get("seed"))
+    encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    _core.save_masks(os.fspath(path), [(name, mask) for name, mask in masks.items()], encoded)
+
+
+def load_masks(path: str | os.PathLike[str], with_metadata: bool = False) -> Any:
+    """{name: bool mask on CPU}, or (masks, metadata) with ``with_metadata=True``. Raises
+    MaskFileError for a missing, corrupt or truncated file, or a mask whose hash does not match."""
+    pairs, metadata = _core.load_masks(os.fspath(path))
+    masks = dict(pairs)
+    return (masks, metadata) if with_metadata else masks
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Zeroes each named module's weight where its mask is False. Checks every name and shape
+    first and raises MaskMismatchError naming the first mismatch, before changing anything."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        module = modules.get(name)
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise MaskMismatchError(f"mask {name!r} names no module with a weight in this model (e.g. {next(iter(modules), '')!r})")
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise MaskMismatchError(f"mask {name!r} has shape {tuple(mask.shape)} but the weight is {tuple(weight.shape)}")
+    for name, mask in masks.items():
+        weight = modules[name].weight
+        _core.apply_mask_(weight, mask.to(weight.device))

@@ -1,0 +1,185 @@
+"""``prune()``: validate, capture, loop over blocks, call the core, build the report."""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any, Iterable, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from wandapp import _core
+from wandapp.adapters import DecoderAdapter, resolve
+from wandapp.capture import BlockRunner, Sample, capture_first_block
+from wandapp.config import Pattern, PruneConfig, parse_method, parse_sparsity
+from wandapp.data import collect_sequences
+from wandapp.errors import CalibrationError, DeviceMismatchError, PruneError, PruneInterrupted, SparsityError
+from wandapp.report import BlockReport, PruneReport
+
+
+def prune(
+    model: nn.Module,
+    calib_loader: Iterable[Any],
+    *,
+    sparsity: Union[float, str] = 0.5,
+    method: str = "wanda++",
+    config: PruneConfig | None = None,
+    **overrides: Any,
+) -> PruneReport:
+    """Prunes every linear layer of every decoder block of ``model`` **in place**.
+
+    Args:
+        model: a loaded LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM.
+        calib_loader: any iterable (a DataLoader, a list) of LongTensor [batch, seq] or of
+            dicts with ``input_ids`` and an optional ``attention_mask``; padding never enters
+            a statistic. The first ``config.nsamples`` sequences are used.
+        sparsity: a float in [0, 1) (that fraction of every output row) or "N:M" ("2:4").
+        method: "magnitude", "wanda", "rgs" (regional gradients, no RO) or "wanda++" (RGS + RO).
+        config: a :class:`PruneConfig`; keyword ``overrides`` replace its fields.
+
+    Returns a :class:`PruneReport`. Everything is validated before any weight changes. If a
+    block fails (or Ctrl-C), that block is restored bit for bit and :class:`PruneError`
+    (``PruneInterrupted`` for Ctrl-C) carries the partial report: earlier blocks are pruned,
+    that one and later ones untouched.
+
+    Example::
+
+        report = wandapp.prune(model, calib_ids, sparsity="2:4", nsamples=64)
+        print(report)
+    """
+    cfg = (config or PruneConfig()).replace(**overrides)
+    pattern = parse_sparsity(sparsity)
+    method = parse_method(method)
+    adapter = resolve(model)
+    _check_pattern_fits(adapter, pattern)
+    model_device = _single_device(model)
+    device = torch.device(cfg.device) if cfg.device is not None else model_device
+    offload = torch.device(cfg.offload) if cfg.offload is not None else (
+        torch.device("cpu") if model_device.type == "cuda" else model_device
+    )
+    if method == "wanda++" and cfg.ro_rounds > 0 and cfg.ro_samples > cfg.nsamples:
+        raise CalibrationError(f"ro_samples={cfg.ro_samples} exceeds nsamples={cfg.nsamples}; lower ro_samples or add data")
+    sequences = collect_sequences(calib_loader, cfg.nsamples)
+    vocab = model.get_input_embeddings().num_embeddings
+    for i, seq in enumerate(sequences):
+        if int(seq.input_ids.min()) < 0 or int(seq.input_ids.max()) >= vocab:
+            raise CalibrationError(f"calibration sequence {i} has token ids outside [0, {vocab}); was it tokenized for this model?")
+
+    was_training = model.training
+    model.eval()
+    try:
+        samples = capture_first_block(adapter, sequences, offload)
+        report = PruneReport(
+            model=type(model).__name__,
+            method=method,
+            sparsity=str(pattern),
+            config=cfg.to_dict(),
+            nsamples=len(samples),
+            device=str(device),
+            blocks=[BlockReport(index=i, status="untouched") for i in range(len(adapter.layers))],
+        )
+        for index in tqdm(range(len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not cfg.progress, unit="block"):
+            samples = _prune_one_block(adapter, index, samples, method, pattern, cfg, device, report)
+    finally:
+        model.train(was_training)
+    return report
+
+
+def _prune_one_block(
+    adapter: DecoderAdapter,
+    index: int,
+    samples: list[Sample],
+    method: str,
+    pattern: Pattern,
+    cfg: PruneConfig,
+    device: torch.device,
+    report: PruneReport,
+) -> list[Sample]:
+    """Prunes block ``index`` or leaves it exactly as it was; returns the next block's inputs."""
+    layer = adapter.layers[index]
+    home = next(layer.parameters()).device
+    snapshot = {k: v.detach().to(samples[0].hidden.device, copy=True) for k, v in layer.state_dict().items()}
+    requires_grad = {p: p.requires_grad for p in layer.parameters()}
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        layer.to(device)
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        runner = BlockRunner(adapter, index, samples, device)
+        runner.targets = runner.outputs()
+        names = [name for name, _ in adapter.linears(index)]
+        result = _core.prune_block(
+            runner,
+            [module.weight for _, module in adapter.linears(index)],
+            method=method,
+            sparsity=pattern.sparsity,
+            nm=pattern.nm,
+            alpha=cfg.alpha,
+            ro_rounds=cfg.ro_rounds if method == "wanda++" else 0,
+            ro_samples=cfg.ro_samples,
+            ro_holdout=cfg.ro_holdout,
+            ro_lr=cfg.ro_lr,
+            seed=cfg.seed + index,
+        )
+        outputs = runner.outputs()
+    except BaseException as err:
+        _restore(layer, snapshot, home, requires_grad)
+        report.blocks[index].status = "restored"
+        done = report.pruned_blocks
+        message = (
+            f"pruning stopped in block {index} ({type(err).__name__}: {err}). Blocks {done[0]}..{done[-1]} are pruned; "
+            if done
+            else f"pruning stopped in block {index} ({type(err).__name__}: {err}). No block is pruned; "
+        ) + f"block {index} was restored and blocks {index}.. are untouched. See err.report."
+        cls = PruneInterrupted if isinstance(err, KeyboardInterrupt) else PruneError
+        raise cls(message, report=report, block=index) from err
+    for p, flag in requires_grad.items():
+        p.requires_grad_(flag)
+        p.grad = None
+    layer.to(home)
+
+    block = report.blocks[index]
+    block.status = "pruned"
+    block.layers = report.record_masks(names, result["masks"])
+    block.mse_before_ro = result["mse_before_ro"]
+    block.mse_final = result["mse_final"]
+    block.ro_losses = [r["loss"] for r in result["rounds"]]
+    block.ro_rolled_back = [r["rolled_back"] for r in result["rounds"]]
+    block.seconds = time.perf_counter() - start
+    block.peak_memory_bytes = (
+        torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return [Sample(out, s.kwargs, s.token_mask) for out, s in zip(outputs, samples)]
+
+
+@torch.no_grad()
+def _restore(layer: nn.Module, snapshot: dict[str, torch.Tensor], home: torch.device, requires_grad: dict) -> None:
+    layer.to(home)
+    for key, value in layer.state_dict().items():
+        value.copy_(snapshot[key])
+    for p, flag in requires_grad.items():
+        p.requires_grad_(flag)
+        p.grad = None
+
+
+def _check_pattern_fits(adapter: DecoderAdapter, pattern: Pattern) -> None:
+    if pattern.nm is None:
+        return
+    n, m = pattern.nm
+    for name, linear in adapter.all_linears():
+        if linear.in_features % m:
+            raise SparsityError(f"{n}:{m} needs in_features divisible by {m}, but {name} has {linear.in_features}")
+
+
+def _single_device(model: nn.Module) -> torch.device:
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1:
+        raise DeviceMismatchError(
+            f"the model's parameters are on several devices {sorted(map(str, devices))}; "
+            "load it on one device (no device_map sharding) and set PruneConfig.device for where blocks run"
+        )
+    return devices.pop()

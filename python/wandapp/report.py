@@ -1,0 +1,139 @@
+"""``PruneReport``: what pruning did, per block and per linear layer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class LayerReport:
+    shape: list[int]
+    sparsity: float  # fraction of zeros in the mask
+    mask_hash: str  # wandapp.kernels.mask_hash: sha256 of shape + packed bits
+
+
+@dataclass
+class BlockReport:
+    index: int
+    status: str  # "pruned", "untouched" or "restored" (failed and rolled back)
+    layers: dict[str, LayerReport] = field(default_factory=dict)
+    mse_before_ro: float | None = None  # block-output MSE vs the dense block after the first prune
+    mse_final: float | None = None  # ... after the final prune
+    ro_losses: list[float] = field(default_factory=list)  # mean RO loss of each round
+    ro_rolled_back: list[bool] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0  # CUDA: max_memory_allocated in this block; CPU: process peak RSS
+
+
+@dataclass
+class PruneReport:
+    """Returned by :func:`wandapp.prune`. ``print(report)`` shows a table, ``to_dict()`` is
+    JSON-serialisable, ``masks`` gives {module name: bool keep-mask}."""
+
+    model: str
+    method: str
+    sparsity: str
+    config: dict[str, Any]
+    nsamples: int
+    device: str
+    blocks: list[BlockReport] = field(default_factory=list)
+    _packed: dict[str, tuple[list[int], np.ndarray]] = field(default_factory=dict, repr=False)
+
+    # -- building -----------------------------------------------------------------------
+    def record_masks(self, names: list[str], masks: list[torch.Tensor]) -> dict[str, LayerReport]:
+        from wandapp.kernels import mask_hash
+
+        layers = {}
+        for name, mask in zip(names, masks):
+            cpu = mask.detach().to("cpu")
+            self._packed[name] = (list(cpu.shape), np.packbits(cpu.numpy().reshape(-1)))
+            layers[name] = LayerReport(list(cpu.shape), 1.0 - cpu.float().mean().item(), mask_hash(cpu))
+        return layers
+
+    # -- reading ------------------------------------------------------------------------
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """{module name (as in model.named_modules()): bool keep-mask on CPU} of pruned layers."""
+        out = {}
+        for name, (shape, packed) in self._packed.items():
+            bits = np.unpackbits(packed, count=int(np.prod(shape))).astype(bool)
+            out[name] = torch.from_numpy(bits).reshape(shape)
+        return out
+
+    @property
+    def pruned_blocks(self) -> list[int]:
+        return [b.index for b in self.blocks if b.status == "pruned"]
+
+    @property
+    def seconds(self) -> float:
+        return sum(b.seconds for b in self.blocks)
+
+    @property
+    def achieved_sparsity(self) -> float:
+        """Zeros in the masks over all pruned linear weights."""
+        total = sum(int(np.prod(l.shape)) for b in self.blocks for l in b.layers.values())
+        zeros = sum(l.sparsity * int(np.prod(l.shape)) for b in self.blocks for l in b.layers.values())
+        return zeros / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "_packed"}
+        d["seed"] = self.config.get("seed")
+        d["achieved_sparsity"] = self.achieved_sparsity
+        d["seconds"] = self.seconds
+        return d
+
+    def to_json(self, path: str | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        return text
+
+    def __str__(self) -> str:
+        head = (
+            f"PruneReport: {self.model}, method={self.method}, sparsity={self.sparsity}, "
+            f"nsamples={self.nsamples}, seed={self.config.get('seed')}, device={self.device}\n"
+            f"{'block':>5} {'status':>9} {'sparsity':>8} {'mse before RO':>13} {'mse final':>10} "
+            f"{'RO rounds (rolled back)':>23} {'seconds':>8} {'peak MiB':>9}"
+        )
+        rows = [head]
+        for b in self.blocks:
+            sp = np.mean([l.sparsity for l in b.layers.values()]) if b.layers else float("nan")
+            fmt = lambda v: "-" if v is None else f"{v:.3e}"  # noqa: E731
+            ro = f"{len(b.ro_losses)} ({sum(b.ro_rolled_back)})" if b.ro_losses else "-"
+            rows.append(
+                f"{b.index:>5} {b.status:>9} {sp:>8.4f} {fmt(b.mse_before_ro):>13} {fmt(b.mse_final):>10} "
+                f"{ro:>23} {b.seconds:>8.1f} {b.peak_memory_bytes / 2**20:>9.0f}"
+            )
+        rows.append(
+            f"total: {len(self.pruned_blocks)}/{len(self.blocks)} blocks pruned, "
+            f"sparsity {self.achieved_sparsity:.4f}, {self.seconds:.1f} s"
+        )
+        return "\n".join(rows)
+
+    def plot(self, path: str | None = None) -> Any:
+        """Per-block MSE against the dense block, before RO and after the final prune
+        (needs matplotlib). Returns the figure; saves it when ``path`` is given."""
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        pruned = [b for b in self.blocks if b.status == "pruned"]
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.semilogy([b.index for b in pruned], [b.mse_before_ro for b in pruned], "o-", label="before RO")
+        ax.semilogy([b.index for b in pruned], [b.mse_final for b in pruned], "s-", label="after final prune")
+        ax.set_xlabel("block")
+        ax.set_ylabel("output MSE vs dense block")
+        ax.set_title(f"{self.model}: {self.method} at {self.sparsity}")
+        ax.legend()
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
