@@ -1,0 +1,41 @@
+"""Shared set-up for the benchmarks: the embedded model, seeded calibration and held-out text."""
+
+from __future__ import annotations
+
+import copy
+import platform
+import sys
+import time
+
+import torch
+
+import wandapp
+from wandapp import data
+from wandapp.eval import perplexity
+from wandapp.models import load_demo_model
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, python {sys.version.split()[0]}"
+
+
+class Workbench:
+    """The dense demo model loaded once; each run prunes a fresh copy."""
+
+    def __init__(self, nsamples: int, seqlen: int, eval_tokens: int, eval_seqlen: int, seed: int = 0):
+        self.dense, self.tokenizer = load_demo_model()
+        self.calib = data.text_calibration(self.tokenizer, data.CALIBRATION_TEXT, nsamples, seqlen, seed)
+        self.eval_ids = data.tokenize(self.tokenizer, data.load_text(data.EVALUATION_TEXT))[:eval_tokens]
+        self.eval_seqlen = eval_seqlen
+        self.nsamples = nsamples
+
+    def ppl(self, model: torch.nn.Module) -> float:
+        return perplexity(model, self.eval_ids, seqlen=self.eval_seqlen, progress=False).perplexity
+
+    def run(self, method: str, sparsity: str | float, **overrides) -> tuple[float, float, wandapp.PruneReport]:
+        """(perplexity, seconds, report) of one pruning run on a copy of the dense model."""
+        model = copy.deepcopy(self.dense)
+        start = time.perf_counter()
+        report = wandapp.prune(model, self.calib, sparsity=sparsity, method=method, nsamples=self.nsamples, progress=False, **overrides)
+        seconds = time.perf_counter() - start
+        return self.ppl(model), seconds, report

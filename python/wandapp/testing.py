@@ -1,0 +1,89 @@
+"""Assertions for users' regression suites, and a pytest plugin (registered by the package's
+``pytest11`` entry point) with a tiny random LLaMA fixture.
+
+    from wandapp.testing import assert_nm
+    assert_nm(model, 2, 4)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import pytest
+import torch
+
+from wandapp.adapters import resolve
+
+
+def _linears(model: Any) -> list[tuple[str, torch.Tensor]]:
+    return [(name, module.weight) for name, module in resolve(model).all_linears()]
+
+
+def assert_sparsity(model: Any, sparsity: float) -> None:
+    """Every row of every block linear has at least floor(in * sparsity) zeros (a pruned row
+    has exactly that many unless a kept weight is itself zero). Names the first offender."""
+    for name, w in _linears(model):
+        need = int(w.shape[1] * sparsity)
+        zeros = (w == 0).sum(dim=1)
+        bad = torch.nonzero(zeros < need)
+        if bad.numel():
+            row = int(bad[0, 0])
+            raise AssertionError(f"{name} row {row} has {int(zeros[row])} zeros, expected at least {need} (sparsity {sparsity})")
+
+
+def assert_nm(model: Any, n: int, m: int) -> None:
+    """Every group of m consecutive inputs of every row keeps at most n non-zeros."""
+    for name, w in _linears(model):
+        if w.shape[1] % m:
+            raise AssertionError(f"{name} has {w.shape[1]} inputs, not divisible by m={m}")
+        nonzero = (w != 0).view(w.shape[0], -1, m).sum(dim=2)
+        bad = torch.nonzero(nonzero > n)
+        if bad.numel():
+            row, group = int(bad[0, 0]), int(bad[0, 1])
+            raise AssertionError(
+                f"{name} row {row} inputs {group * m}..{group * m + m - 1} keep {int(nonzero[row, group])} weights, more than {n}:{m} allows"
+            )
+
+
+def assert_masks_equal(model: Any, masks: Mapping[str, torch.Tensor]) -> None:
+    """Every masked-out weight is zero (the model respects the masks), for every named mask."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        if name not in modules:
+            raise AssertionError(f"mask {name!r} names no module of the model")
+        w = modules[name].weight
+        if tuple(w.shape) != tuple(mask.shape):
+            raise AssertionError(f"{name}: weight {tuple(w.shape)} vs mask {tuple(mask.shape)}")
+        revived = torch.nonzero((w != 0) & ~mask.to(w.device))
+        if revived.numel():
+            row, col = (int(v) for v in revived[0])
+            raise AssertionError(f"{name} row {row} col {col} is non-zero but its mask says pruned")
+
+
+def assert_perplexity_below(model: Any, tokenizer: Any, text: str, limit: float, **kwargs: Any) -> float:
+    """Perplexity (wandapp.eval.perplexity with ``kwargs``) below ``limit``; returns it."""
+    from wandapp.eval import perplexity
+
+    result = perplexity(model, tokenizer, text, progress=False, **kwargs)
+    if not result.perplexity < limit:
+        raise AssertionError(f"{result} is not below {limit}")
+    return result.perplexity
+
+
+def tiny_llama_model(seed: int = 0, num_layers: int = 2, **config: Any) -> Any:
+    """A random LlamaForCausalLM small enough for unit tests (GQA, vocab 128). No download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    settings.update(config)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+
+@pytest.fixture
+def tiny_llama() -> Any:
+    """A fresh tiny random LlamaForCausalLM (seeded)."""
+    return tiny_llama_model()
