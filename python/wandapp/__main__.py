@@ -1,0 +1,5 @@
+import sys
+
+from wandapp.cli import main
+
+sys.exit(main())

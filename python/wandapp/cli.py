@@ -1,0 +1,195 @@
+"""The ``wandapp`` command (also ``python -m wandapp``): prune, eval, demo.
+
+Argument and input errors print one line (``wandapp: error: ...``) and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(2, f"wandapp: error: {message} (see `wandapp {self.prog.split()[-1]} --help`)\n")
+
+
+def _load(model: str, dtype: str) -> tuple[Any, Any]:
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    if model == "demo":
+        from wandapp.models import load_demo_model
+
+        return load_demo_model(dtype=torch_dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isdir(model):
+        from wandapp.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"--model {model!r} is neither 'demo' nor a folder holding a saved model")
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).eval(), AutoTokenizer.from_pretrained(model)
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="'demo' (embedded SmolLM2-135M) or a folder from save_pretrained")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window (tokens)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="cap on evaluated tokens")
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    import wandapp
+    from wandapp import data
+    from wandapp.eval import perplexity
+
+    model, tokenizer = _load(args.model, args.dtype)
+    calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    before = None
+    if args.eval:
+        before = perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)
+    overrides = {k: v for k, v in dict(ro_lr=args.ro_lr, ro_rounds=args.ro_rounds, device=args.device).items() if v is not None}
+    report = wandapp.prune(
+        model, calib, sparsity=args.sparsity, method=args.method, nsamples=args.nsamples, seed=args.seed, **overrides
+    )
+    print(report)
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    wandapp.save_masks(os.path.join(args.out, "masks.safetensors"), report.masks, report=report)
+    result = report.to_dict()
+    if before is not None:
+        after = perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)
+        result["perplexity"] = {"before": before.to_dict(), "after": after.to_dict()}
+        print(f"before: {before}\nafter:  {after}")
+    with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}/ (model, tokenizer, masks.safetensors, report.json)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from wandapp.eval import perplexity
+
+    model, tokenizer = _load(args.model, args.dtype)
+    print(perplexity(model, tokenizer, args.text, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import wandapp
+    from wandapp import data
+    from wandapp.eval import perplexity
+
+    model, tokenizer = _load("demo", "float32")
+    calib = data.text_calibration(tokenizer, data.CALIBRATION_TEXT, args.nsamples, args.seqlen, args.seed)
+    eval_ids = data.tokenize(tokenizer, data.load_text(data.EVALUATION_TEXT))[: args.eval_tokens]
+    protocol = None
+    rows = []
+    for method in ["dense", *args.methods.split(",")]:
+        pruned, seconds, sparsity = model, 0.0, 0.0
+        if method != "dense":
+            pruned = copy.deepcopy(model)
+            start = time.perf_counter()
+            report = wandapp.prune(pruned, calib, sparsity=args.sparsity, method=method, nsamples=args.nsamples, seed=args.seed)
+            seconds, sparsity = time.perf_counter() - start, report.achieved_sparsity
+        protocol = perplexity(pruned, eval_ids, seqlen=args.eval_seqlen)
+        rows.append((method, protocol.perplexity, seconds, sparsity))
+        print(f"{method:>10}: perplexity {protocol.perplexity:.2f}, {seconds:.0f} s, sparsity {sparsity:.3f}", flush=True)
+    lines = [
+        f"SmolLM2-135M-Instruct at {args.sparsity}; calibration {args.nsamples} x {args.seqlen} tokens of "
+        f"{data.CALIBRATION_TEXT} (seed {args.seed}); perplexity on {protocol.tokens} tokens of "
+        f"{data.EVALUATION_TEXT} ({protocol.windows} windows x {protocol.seqlen}, {protocol.dtype})",
+        f"{'method':>10} {'perplexity':>10} {'prune s':>8} {'sparsity':>8}",
+        *[f"{m:>10} {p:>10.2f} {s:>8.0f} {sp:>8.3f}" for m, p, s, sp in rows],
+    ]
+    print("\n".join(lines))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "demo.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    chart = _bar_chart(rows, args.sparsity, os.path.join(args.out, "demo.png"))
+    print(f"wrote {args.out}/demo.txt" + (f" and {chart}" if chart else ""))
+    return 0
+
+
+def _bar_chart(rows: list[tuple[str, float, float, float]], sparsity: str, path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; skipping the chart (pip install 'wandapp[demo]')")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar([r[0] for r in rows], [r[1] for r in rows], color=["#888", "#c66", "#69c", "#3a3", "#a6c"][: len(rows)])
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_ylabel("perplexity (held-out text, lower is better)")
+    ax.set_title(f"SmolLM2-135M pruned at {sparsity}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="wandapp", description="Wanda++ pruning for LLaMA-family models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="prune a model and save it with its masks and report")
+    _add_model(p)
+    p.add_argument("--sparsity", default="2:4", help="a fraction such as 0.5, or N:M such as 2:4")
+    p.add_argument("--method", default="wanda++", choices=["magnitude", "wanda", "rgs", "wanda++"])
+    p.add_argument("--calib", default="persuasion", help="calibration text: a string, a file, or a bundled novel name")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ro-lr", type=float, default=None)
+    p.add_argument("--ro-rounds", type=int, default=None)
+    p.add_argument("--device", default=None, help="where blocks run (default: the model's device)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--eval", default=None, help="held-out text for perplexity before and after")
+    _add_eval(p)
+    p.set_defaults(run=_cmd_prune)
+
+    p = sub.add_parser("eval", help="perplexity of a model on a text")
+    _add_model(p)
+    p.add_argument("--text", default="northangerabbey", help="a string, a file, or a bundled novel name")
+    _add_eval(p)
+    p.set_defaults(run=_cmd_eval)
+
+    p = sub.add_parser("demo", help="magnitude vs wanda vs wanda++ on the embedded SmolLM2 (offline)")
+    p.add_argument("--sparsity", default="2:4")
+    p.add_argument("--methods", default="magnitude,wanda,wanda++")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--out", default="wandapp-demo")
+    p.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from wandapp.errors import WandappError
+
+    try:
+        return args.run(args)
+    except WandappError as err:
+        print(f"wandapp: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

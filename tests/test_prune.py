@@ -1,0 +1,252 @@
+"""wandapp.prune on tiny random LLaMA, Mistral and Qwen2 models (no download)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import wandapp
+from wandapp.testing import assert_masks_equal, assert_nm, assert_sparsity
+
+import reference
+from conftest import DEVICES, calib_ids, tiny_model
+
+FAST = dict(nsamples=16, ro_samples=8, ro_holdout=4, ro_rounds=2, progress=False)
+METHODS = ["magnitude", "wanda", "rgs", "wanda++"]
+
+
+def block_linear_weights(model):
+    return {n: m.weight for n, m in model.named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear)}
+
+
+def check_pattern(model, sparsity):
+    if isinstance(sparsity, str):
+        assert_nm(model, *(int(v) for v in sparsity.split(":")))
+    else:
+        assert_sparsity(model, sparsity)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("sparsity", [0.5, 0.7, "2:4", "4:8"])
+def test_every_method_and_pattern_gives_exact_counts_and_finite_logits(method, sparsity, ids):
+    model = tiny_model("llama")
+    report = wandapp.prune(model, ids, sparsity=sparsity, method=method, **FAST)
+    check_pattern(model, sparsity)
+    masks = report.masks
+    assert len(masks) == 2 * 7
+    for name, mask in masks.items():
+        rows, cols = mask.shape
+        if isinstance(sparsity, str):
+            n, m = (int(v) for v in sparsity.split(":"))
+            assert torch.all(mask.view(rows, -1, m).sum(dim=2) == n), name
+        else:
+            assert torch.all((~mask).sum(dim=1) == int(cols * sparsity)), name
+    assert_masks_equal(model, masks)
+    assert torch.isfinite(model(ids[:2]).logits).all()
+    assert report.pruned_blocks == [0, 1]
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_families_and_dtypes(family, dtype, ids):
+    model = tiny_model(family, dtype=dtype)
+    report = wandapp.prune(model, ids, sparsity="2:4", method="wanda++", **FAST)
+    assert_nm(model, 2, 4)
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert torch.isfinite(model(ids[:2]).logits.float()).all()
+    assert all(b.status == "pruned" for b in report.blocks)
+
+
+@pytest.mark.parametrize("method", ["wanda", "rgs"])
+@pytest.mark.parametrize("sparsity", [0.5, "2:4"])
+def test_masks_equal_the_slow_reference(method, sparsity):
+    model = tiny_model("llama", seed=3, num_hidden_layers=3)
+    ref_model = copy.deepcopy(model)
+    ids = calib_ids(n=8, seqlen=24, seed=4)
+    report = wandapp.prune(model, ids, sparsity=sparsity, method=method, nsamples=8, progress=False)
+    expected = reference.prune_model(ref_model, [ids[i : i + 1] for i in range(8)], method, sparsity)
+    got = report.masks
+    assert set(got) == set(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    for name, w in block_linear_weights(model).items():
+        assert torch.equal(w, block_linear_weights(ref_model)[name]), name
+
+
+def test_wanda_plus_plus_lowers_block_error_against_rgs():
+    ids = calib_ids(n=24, seqlen=32, seed=5)
+    settings = dict(nsamples=24, ro_samples=16, ro_holdout=8, ro_rounds=3, ro_lr=1e-4, progress=False)
+    rgs = wandapp.prune(tiny_model("llama", seed=6, num_hidden_layers=4), ids, sparsity="2:4", method="rgs", **settings)
+    wpp = wandapp.prune(tiny_model("llama", seed=6, num_hidden_layers=4), ids, sparsity="2:4", method="wanda++", **settings)
+    better = [w.mse_final < r.mse_final for w, r in zip(wpp.blocks, rgs.blocks)]
+    assert sum(better) > len(better) / 2, [(w.mse_final, r.mse_final) for w, r in zip(wpp.blocks, rgs.blocks)]
+    # RO never raises the held-out error: a worse round is rolled back.
+    for b in wpp.blocks:
+        assert b.mse_final <= b.mse_before_ro * (1 + 1e-6)
+
+
+def test_same_seed_same_masks_and_seed_matters():
+    ids = calib_ids(n=16, seqlen=32, seed=7)
+    run = lambda seed: wandapp.prune(tiny_model("llama"), ids, sparsity=0.5, method="wanda++", seed=seed, ro_lr=1e-4, **{k: v for k, v in FAST.items()})  # noqa: E731
+    a, b = run(0), run(0)
+    for name, mask in a.masks.items():
+        assert torch.equal(mask, b.masks[name])
+    hashes = lambda r: [l.mask_hash for blk in r.blocks for l in blk.layers.values()]  # noqa: E731
+    assert hashes(a) == hashes(b)
+    assert [blk.ro_losses for blk in a.blocks] == [blk.ro_losses for blk in b.blocks]
+    assert [blk.ro_losses for blk in run(1).blocks] != [blk.ro_losses for blk in a.blocks]
+
+
+def test_padding_does_not_change_the_statistics():
+    """The same sequences, once plain and once right-padded with junk, give the same masks."""
+    model = tiny_model("llama", seed=8)
+    plain = calib_ids(n=8, seqlen=20, seed=9)
+    junk = torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(10))
+    padded = {
+        "input_ids": torch.cat([plain, junk], dim=1),
+        "attention_mask": torch.cat([torch.ones(8, 20, dtype=torch.long), torch.zeros(8, 12, dtype=torch.long)], dim=1),
+    }
+    a = wandapp.prune(copy.deepcopy(model), plain, sparsity="2:4", method="rgs", nsamples=8, progress=False)
+    b = wandapp.prune(copy.deepcopy(model), [padded], sparsity="2:4", method="rgs", nsamples=8, progress=False)
+    agree = [torch.equal(a.masks[n], b.masks[n]) for n in a.masks]
+    assert all(agree), f"{agree.count(False)} of {len(agree)} masks differ"
+    for x, y in zip(a.blocks, b.blocks):
+        assert y.mse_final == pytest.approx(x.mse_final, rel=1e-4)
+
+
+def test_report_prints_and_serialises(ids):
+    import json
+
+    report = wandapp.prune(tiny_model("llama"), ids, sparsity="2:4", method="wanda++", **FAST)
+    text = str(report)
+    assert "wanda++" in text and "2:4" in text and "total: 2/2 blocks pruned" in text
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["seed"] == 0 and d["config"]["ro_rounds"] == 2 and d["achieved_sparsity"] == pytest.approx(0.5)
+    layer = d["blocks"][0]["layers"]["model.layers.0.self_attn.q_proj"]
+    assert len(layer["mask_hash"]) == 64 and layer["sparsity"] == pytest.approx(0.5)
+    assert len(d["blocks"][0]["ro_losses"]) == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_runs_on_each_device(device, ids):
+    model = tiny_model("llama").to(device)
+    wandapp.prune(model, ids, sparsity=0.5, method="wanda++", **FAST)
+    assert_sparsity(model, 0.5)
+    assert all(p.device.type == device for p in model.parameters())
+
+
+def test_loaders_of_dicts_and_batches_are_split_into_sequences(ids):
+    loader = [{"input_ids": ids[i : i + 4]} for i in range(0, 16, 4)]
+    a = wandapp.prune(tiny_model("llama"), loader, sparsity=0.5, method="wanda", nsamples=16, progress=False)
+    b = wandapp.prune(tiny_model("llama"), ids, sparsity=0.5, method="wanda", nsamples=16, progress=False)
+    for name in a.masks:
+        assert torch.equal(a.masks[name], b.masks[name])
+
+
+# --- validation happens before any weight is touched --------------------------------
+
+
+def untouched(model, before):
+    return all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(sparsity=1.2), wandapp.SparsityError, "0, 1"),
+        (dict(sparsity="4:4"), wandapp.SparsityError, "n < m"),
+        (dict(sparsity="2:5"), wandapp.SparsityError, "divisible by 5"),
+        (dict(sparsity="half"), wandapp.SparsityError, "N:M"),
+        (dict(method="sparsegpt"), wandapp.InvalidArgumentError, "unknown method"),
+        (dict(nsamples=32), wandapp.CalibrationError, "yielded 16 sequences"),
+        (dict(ro_samples=20, nsamples=16), wandapp.CalibrationError, "ro_samples"),
+        (dict(ro_lr=-1.0), wandapp.InvalidArgumentError, "ro_lr"),
+        (dict(typo=1), wandapp.InvalidArgumentError, "typo"),
+    ],
+)
+def test_bad_arguments_raise_before_touching_weights(kwargs, error, match, ids):
+    model = tiny_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    args = dict(sparsity=0.5, method="wanda++", nsamples=16, progress=False)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        wandapp.prune(model, ids, **args)
+    assert untouched(model, before)
+
+
+@pytest.mark.parametrize(
+    "loader,match",
+    [([], "yielded nothing"), (["text"], "str"), ([torch.rand(2, 8)], "integer"), ([{"ids": 1}], "input_ids"),
+     ([torch.full((16, 8), 500)], "outside")],
+)
+def test_bad_calibration_data(loader, match):
+    model = tiny_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(wandapp.CalibrationError, match=match):
+        wandapp.prune(model, loader, nsamples=16, ro_samples=8, progress=False)
+    assert untouched(model, before)
+
+
+def test_non_finite_activations(ids):
+    model = tiny_model("llama")
+    ids = ids.clamp(max=126)
+    ids[3, 5] = 127  # the only place token 127 occurs
+    with torch.no_grad():
+        model.model.embed_tokens.weight[127] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(wandapp.NonFiniteError, match="sequence 3"):
+        wandapp.prune(model, ids, **FAST)
+    assert all(torch.equal(p, before[n]) or torch.isnan(p).any() for n, p in model.state_dict().items())
+    assert all(torch.equal(m.weight, before[n + ".weight"]) for n, m in model.named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear))
+
+
+def test_model_on_several_devices(ids):
+    model = tiny_model("llama")
+    model.lm_head.to("meta")
+    with pytest.raises(wandapp.DeviceMismatchError, match="several devices"):
+        wandapp.prune(model, ids, **FAST)
+
+
+def test_unsupported_model(ids):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128))
+    with pytest.raises(wandapp.UnsupportedModelError, match="GPT2LMHeadModel.*gpt2"):
+        wandapp.prune(model, ids, **FAST)
+
+
+# --- a failure part-way leaves every block either pruned or untouched ----------------
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_exception_mid_block_restores_that_block(exc, ids):
+    model = tiny_model("llama", num_hidden_layers=3)
+    original = copy.deepcopy(model.state_dict())
+    target = model.model.layers[1].mlp.down_proj
+    calls = {"n": 0}
+    real_forward = target.forward
+
+    def flaky(x):
+        calls["n"] += 1
+        if calls["n"] == 30:  # after gradients and some RO steps of block 1
+            raise exc
+        return real_forward(x)
+
+    target.forward = flaky
+    expected = wandapp.PruneInterrupted if isinstance(exc, KeyboardInterrupt) else wandapp.PruneError
+    with pytest.raises(expected) as info:
+        wandapp.prune(model, ids, sparsity="2:4", method="wanda++", **FAST)
+    err = info.value
+    assert err.block == 1 and isinstance(err.__cause__, type(exc))
+    assert [b.status for b in err.report.blocks] == ["pruned", "restored", "untouched"]
+    state = model.state_dict()
+    for name, value in original.items():
+        if name.startswith("model.layers.0.") and name.endswith("proj.weight"):
+            assert not torch.equal(state[name], value), name
+        elif not name.startswith("model.layers.0."):
+            assert torch.equal(state[name], value), name
+    assert all(p.grad is None for p in model.parameters())
+    if isinstance(exc, KeyboardInterrupt):
+        assert isinstance(err, KeyboardInterrupt)
