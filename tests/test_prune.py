@@ -185,7 +185,7 @@ def test_bad_calibration_data(loader, match):
     model = tiny_model("llama")
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(wandapp.CalibrationError, match=match):
-        wandapp.prune(model, loader, nsamples=16, ro_samples=8, progress=False)
+        wandapp.prune(model, loader, nsamples=16, progress=False)
     assert untouched(model, before)
 
 

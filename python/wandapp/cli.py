@@ -51,17 +51,18 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 def _cmd_prune(args: argparse.Namespace) -> int:
     import wandapp
     from wandapp import data
+    from wandapp.config import PruneConfig, parse_sparsity
     from wandapp.eval import perplexity
 
+    parse_sparsity(args.sparsity)  # fail before the slow model load
+    overrides = {k: v for k, v in dict(ro_lr=args.ro_lr, ro_rounds=args.ro_rounds, device=args.device).items() if v is not None}
+    config = PruneConfig(nsamples=args.nsamples, seed=args.seed, **overrides)
     model, tokenizer = _load(args.model, args.dtype)
     calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     before = None
     if args.eval:
         before = perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)
-    overrides = {k: v for k, v in dict(ro_lr=args.ro_lr, ro_rounds=args.ro_rounds, device=args.device).items() if v is not None}
-    report = wandapp.prune(
-        model, calib, sparsity=args.sparsity, method=args.method, nsamples=args.nsamples, seed=args.seed, **overrides
-    )
+    report = wandapp.prune(model, calib, sparsity=args.sparsity, method=args.method, config=config)
     print(report)
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -60,7 +60,8 @@ class PruneConfig:
     Attributes:
         alpha: weight of the regional gradient in the RGS score (paper: 100).
         ro_rounds: K, rounds of prune -> regional optimization per block (paper: 5).
-        ro_samples: M, calibration sequences RO trains on, drawn with ``seed`` (paper: 32).
+        ro_samples: M, calibration sequences RO trains on, drawn with ``seed`` (paper: 32);
+            None = min(32, nsamples).
         ro_lr: RMSprop learning rate of RO (paper: 3e-7, tuned for 7B models; wandapp's
             default was measured on SmolLM2-135M, see bench/results/ro_lr.md).
         ro_holdout: sequences held out of RO to guard it: a round that makes their block
@@ -75,7 +76,7 @@ class PruneConfig:
 
     alpha: float = 100.0
     ro_rounds: int = 5
-    ro_samples: int = 32
+    ro_samples: Optional[int] = None
     ro_lr: float = DEFAULT_RO_LR
     ro_holdout: int = 8
     seed: int = 0
@@ -94,7 +95,7 @@ class PruneConfig:
 
         need(isinstance(self.alpha, (int, float)) and self.alpha >= 0, "alpha", "must be a number >= 0")
         need(is_int(self.ro_rounds) and self.ro_rounds >= 0, "ro_rounds", "must be an integer >= 0")
-        need(is_int(self.ro_samples) and self.ro_samples >= 1, "ro_samples", "must be an integer >= 1")
+        need(self.ro_samples is None or (is_int(self.ro_samples) and self.ro_samples >= 1), "ro_samples", "must be None or an integer >= 1")
         need(isinstance(self.ro_lr, (int, float)) and self.ro_lr > 0, "ro_lr", "must be a number > 0")
         need(is_int(self.ro_holdout) and self.ro_holdout >= 0, "ro_holdout", "must be an integer >= 0")
         need(is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
@@ -112,6 +113,10 @@ class PruneConfig:
     def paper(cls, **overrides: Any) -> "PruneConfig":
         """The paper's settings: alpha 100, K=5 rounds, M=32, lr 3e-7, N=128."""
         return cls(**{**dict(alpha=100.0, ro_rounds=5, ro_samples=32, ro_lr=3e-7, nsamples=128), **overrides})
+
+    @property
+    def ro_samples_used(self) -> int:
+        return min(32, self.nsamples) if self.ro_samples is None else self.ro_samples
 
     def replace(self, **overrides: Any) -> "PruneConfig":
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}

@@ -59,7 +59,7 @@ def prune(
     offload = torch.device(cfg.offload) if cfg.offload is not None else (
         torch.device("cpu") if model_device.type == "cuda" else model_device
     )
-    if method == "wanda++" and cfg.ro_rounds > 0 and cfg.ro_samples > cfg.nsamples:
+    if method == "wanda++" and cfg.ro_rounds > 0 and cfg.ro_samples_used > cfg.nsamples:
         raise CalibrationError(f"ro_samples={cfg.ro_samples} exceeds nsamples={cfg.nsamples}; lower ro_samples or add data")
     sequences = collect_sequences(calib_loader, cfg.nsamples)
     vocab = model.get_input_embeddings().num_embeddings
@@ -120,7 +120,7 @@ def _prune_one_block(
             nm=pattern.nm,
             alpha=cfg.alpha,
             ro_rounds=cfg.ro_rounds if method == "wanda++" else 0,
-            ro_samples=cfg.ro_samples,
+            ro_samples=cfg.ro_samples_used,
             ro_holdout=cfg.ro_holdout,
             ro_lr=cfg.ro_lr,
             seed=cfg.seed + index,

@@ -1,0 +1,80 @@
+"""The ``wandapp`` command end to end on a tiny random model saved to a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import wandapp
+from wandapp.cli import main
+from wandapp.testing import assert_masks_equal, assert_nm
+
+from conftest import tiny_model
+from helpers import char_tokenizer
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_prune_saves_a_model_that_reloads_sparse(saved_model, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    code = main([
+        "prune", "--model", saved_model, "--sparsity", "2:4", "--method", "wanda++", "--calib", "persuasion",
+        "--nsamples", "8", "--seqlen", "32", "--ro-rounds", "1", "--out", out,
+        "--eval", "northangerabbey", "--eval-seqlen", "64", "--eval-tokens", "512",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "total: 2/2 blocks pruned" in printed and "before: perplexity" in printed
+    assert {"model.safetensors", "config.json", "masks.safetensors", "report.json", "tokenizer.json"} <= set(os.listdir(out))
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert_nm(reloaded, 2, 4)
+    masks, meta = wandapp.load_masks(os.path.join(out, "masks.safetensors"), with_metadata=True)
+    assert_masks_equal(reloaded, masks)
+    assert meta["method"] == "wanda++" and meta["sparsity"] == "2:4" and json.loads(meta["config"])["ro_rounds"] == 1
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["perplexity"]["after"]["tokens"] == 512
+    assert report["blocks"][1]["layers"]["model.layers.1.mlp.down_proj"]["mask_hash"] == wandapp.kernels.mask_hash(
+        masks["model.layers.1.mlp.down_proj"]
+    )
+
+
+def test_eval_prints_the_protocol(saved_model, capsys):
+    assert main(["eval", "--model", saved_model, "--text", "northangerabbey", "--eval-seqlen", "64", "--eval-tokens", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "256 tokens" in out and "4 windows x 64" in out and "float32" in out
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["prune", "--model", "/nonexistent", "--out", "x"], "neither 'demo' nor a folder"),
+        (["prune", "--out", "x", "--method", "sparsegpt"], "invalid choice"),
+        (["prune", "--model", "demo"], "--out"),
+        (["eval", "--eval-seqlen", "many"], "invalid int"),
+    ],
+)
+def test_argument_errors_are_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv) if argv[2:3] != ["/nonexistent"] else sys.exit(main(argv))
+    assert info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_python_dash_m_entry_point(saved_model):
+    done = subprocess.run([sys.executable, "-m", "wandapp", "prune", "--model", saved_model, "--sparsity", "5:4", "--out", "x"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "wandapp: error: invalid N:M pattern 5:4: need 1 <= n < m (2:4 keeps 2 of every 4)"
