@@ -91,8 +91,14 @@ fn rank(row: &[f32], a: u32, b: u32) -> Ordering {
 /// Keep-mask of a row-major score buffer: each row drops its `k` lowest entries.
 pub fn unstructured_rows(scores: &[f32], cols: usize, k: usize) -> Vec<bool> {
     let mut keep = vec![true; scores.len()];
+    unstructured_into(scores, cols, k, &mut keep);
+    keep
+}
+
+fn unstructured_into(scores: &[f32], cols: usize, k: usize, keep: &mut [bool]) {
+    keep.fill(true);
     if k == 0 || cols == 0 {
-        return keep;
+        return;
     }
     keep.par_chunks_mut(cols).zip(scores.par_chunks(cols)).for_each_init(
         || Vec::<u32>::with_capacity(cols),
@@ -107,24 +113,58 @@ pub fn unstructured_rows(scores: &[f32], cols: usize, k: usize) -> Vec<bool> {
             }
         },
     );
-    keep
 }
 
 /// Keep-mask of a row-major score buffer: each group of `m` keeps its `n` highest entries.
 pub fn nm_rows(scores: &[f32], n: usize, m: usize) -> Vec<bool> {
     let mut keep = vec![false; scores.len()];
-    keep.par_chunks_mut(m).zip(scores.par_chunks(m)).for_each(|(keep_group, group)| {
-        let mut order: Vec<u32> = (0..m as u32).collect();
-        order.sort_unstable_by(|&a, &b| rank(group, b, a)); // highest first
-        for &i in &order[..n] {
-            keep_group[i as usize] = true;
-        }
-    });
+    nm_into(scores, n, m, &mut keep);
     keep
 }
 
-fn bool_tensor(v: &[bool], rows: i64, cols: i64, device: Device) -> Result<Tensor> {
-    Ok(Tensor::from_slice(v).f_view([rows, cols])?.f_to(device)?)
+/// Groups up to this size are ranked by counting instead of sorting.
+const SMALL_GROUP: usize = 16;
+
+/// Rows of this many groups go to one rayon task: enough work to amortise scheduling.
+const GROUPS_PER_TASK: usize = 1024;
+
+fn nm_into(scores: &[f32], n: usize, m: usize, keep: &mut [bool]) {
+    let chunk = m * GROUPS_PER_TASK;
+    keep.par_chunks_mut(chunk).zip(scores.par_chunks(chunk)).for_each_init(
+        || Vec::<u32>::with_capacity(m),
+        |order, (keep_chunk, score_chunk)| {
+            for (keep_group, group) in keep_chunk.chunks_mut(m).zip(score_chunk.chunks(m)) {
+                if m <= SMALL_GROUP {
+                    // Keep i when fewer than n entries outrank it: m^2 comparisons, no sort.
+                    for (i, keep) in keep_group.iter_mut().enumerate() {
+                        let outranked = (0..m as u32).filter(|&j| rank(group, j, i as u32) == Ordering::Greater).count();
+                        *keep = outranked < n;
+                    }
+                    continue;
+                }
+                order.clear();
+                order.extend(0..m as u32);
+                order.sort_unstable_by(|&a, &b| rank(group, b, a)); // highest first
+                keep_group.fill(false);
+                for &i in &order[..n] {
+                    keep_group[i as usize] = true;
+                }
+            }
+        },
+    );
+}
+
+/// Runs `fill` on a CPU bool tensor's own memory: no intermediate Vec, no copy.
+fn cpu_mask(rows: i64, cols: i64, fill: impl FnOnce(&mut [bool])) -> Result<Tensor> {
+    let mask = Tensor::f_empty([rows, cols], (Kind::Bool, Device::Cpu))?;
+    let len = (rows * cols) as usize;
+    if len > 0 {
+        // SAFETY: a fresh contiguous CPU bool tensor of `len` elements, owned here; every
+        // element is written by `fill` before the tensor is read.
+        let data = unsafe { std::slice::from_raw_parts_mut(mask.data_ptr() as *mut bool, len) };
+        fill(data);
+    }
+    Ok(mask)
 }
 
 /// Stable ascending sort along the last dim: ties keep column order, the same total order as `rank`.
@@ -139,8 +179,8 @@ pub fn unstructured_mask(scores: &Tensor, sparsity: f64) -> Result<Tensor> {
     let (rows, cols) = check_scores(scores)?;
     let k = pattern.pruned_per_row(cols);
     if scores.device() == Device::Cpu {
-        let keep = unstructured_rows(&cpu_scores(scores)?, cols as usize, k as usize);
-        return bool_tensor(&keep, rows, cols, Device::Cpu);
+        let values = cpu_scores(scores)?;
+        return cpu_mask(rows, cols, |keep| unstructured_into(&values, cols as usize, k as usize, keep));
     }
     let order = ascending_order(scores)?;
     let mut keep = Tensor::f_ones([rows, cols], (Kind::Bool, scores.device()))?;
@@ -154,8 +194,8 @@ pub fn nm_mask(scores: &Tensor, n: i64, m: i64) -> Result<Tensor> {
     let (rows, cols) = check_scores(scores)?;
     pattern.check_fits(cols)?;
     if scores.device() == Device::Cpu {
-        let keep = nm_rows(&cpu_scores(scores)?, n as usize, m as usize);
-        return bool_tensor(&keep, rows, cols, Device::Cpu);
+        let values = cpu_scores(scores)?;
+        return cpu_mask(rows, cols, |keep| nm_into(&values, n as usize, m as usize, keep));
     }
     let groups = scores.f_reshape([rows, cols / m, m])?;
     let order = ascending_order(&groups)?;
