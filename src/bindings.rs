@@ -1,7 +1,7 @@
 //! The Python surface of the core: argument conversion, the error mapping, and the `Block`
 //! implementation that calls back into Python. No math lives here.
 
-use crate::block::{prune_block as run_schedule, Block, Method, Plan};
+use crate::block::{prune_block_ as run_schedule, Block, Method, Plan};
 use crate::error::{Error, Result};
 use crate::io;
 use crate::mask::{self, Pattern};
@@ -266,7 +266,7 @@ impl Block for PyBlock<'_> {
 #[pyo3(signature = (block, weights, *, method, sparsity = 0.5, nm = None, alpha = 100.0,
                     ro_rounds = 5, ro_samples = 32, ro_holdout = 8, ro_lr = 3e-7, seed = 0))]
 #[allow(clippy::too_many_arguments)]
-fn prune_block<'py>(
+fn prune_block_<'py>(
     py: Python<'py>,
     block: Bound<'py, PyAny>,
     weights: Vec<Bound<'py, PyAny>>,
@@ -331,7 +331,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(mask_hash, m)?)?;
     m.add_function(wrap_pyfunction!(save_masks, m)?)?;
     m.add_function(wrap_pyfunction!(load_masks, m)?)?;
-    m.add_function(wrap_pyfunction!(prune_block, m)?)?;
+    m.add_function(wrap_pyfunction!(prune_block_, m)?)?;
     m.add_class::<PyActivationStats>()?;
     m.add_class::<PyGradientStats>()?;
     Ok(())

@@ -135,7 +135,7 @@ fn prune_once(block: &dyn Block, weights: &[Tensor], plan: &Plan, grad_rms: Opti
 }
 
 /// Prunes `weights` (the block's linear weights, shared with the model) in place.
-pub fn prune_block(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Result<BlockOutcome> {
+pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Result<BlockOutcome> {
     for w in weights {
         plan.pattern.check_fits(crate::tensor_check::weight_dims(w, "weights")?.1)?;
     }
@@ -227,7 +227,7 @@ mod tests {
     fn every_method_gives_valid_two_four_masks() {
         for method in [Method::Magnitude, Method::Wanda, Method::Rgs, Method::WandaPlusPlus] {
             let b = ToyBlock::new(1);
-            let out = prune_block(&b, &b.weights(), &plan(method, 1e-3)).unwrap();
+            let out = prune_block_(&b, &b.weights(), &plan(method, 1e-3)).unwrap();
             for (w, m) in b.weights().iter().zip(&out.masks) {
                 let kept = m.to_kind(Kind::Int64).view([w.size()[0], -1, 4]).sum_dim_intlist(&[2i64][..], false, Kind::Int64);
                 assert_eq!(i64::try_from(kept.ne(2).sum(Kind::Int64)).unwrap(), 0, "{method:?}");
@@ -240,7 +240,7 @@ mod tests {
     #[test]
     fn ro_lowers_block_error_and_never_revives_pruned_weights() {
         let b = ToyBlock::new(2);
-        let out = prune_block(&b, &b.weights(), &plan(Method::WandaPlusPlus, 1e-3)).unwrap();
+        let out = prune_block_(&b, &b.weights(), &plan(Method::WandaPlusPlus, 1e-3)).unwrap();
         assert!(out.mse_final < out.mse_before_ro, "{} !< {}", out.mse_final, out.mse_before_ro);
         assert_eq!(out.rounds.len(), 3);
     }
@@ -249,7 +249,7 @@ mod tests {
     fn a_harmful_round_is_rolled_back() {
         let b = ToyBlock::new(3);
         // A huge learning rate makes every round worse; each must be undone.
-        let out = prune_block(&b, &b.weights(), &plan(Method::WandaPlusPlus, 10.0)).unwrap();
+        let out = prune_block_(&b, &b.weights(), &plan(Method::WandaPlusPlus, 10.0)).unwrap();
         assert!(out.rounds.iter().all(|r| r.rolled_back));
         assert!((out.mse_final - out.mse_before_ro).abs() <= 1e-12 * out.mse_before_ro.max(1.0));
     }
@@ -258,7 +258,7 @@ mod tests {
     fn same_seed_same_masks() {
         let run = || {
             let b = ToyBlock::new(4);
-            prune_block(&b, &b.weights(), &plan(Method::WandaPlusPlus, 1e-3)).unwrap().masks
+            prune_block_(&b, &b.weights(), &plan(Method::WandaPlusPlus, 1e-3)).unwrap().masks
         };
         let (a, b) = (run(), run());
         for (x, y) in a.iter().zip(&b) {

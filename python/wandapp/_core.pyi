@@ -60,7 +60,7 @@ class BlockResult(TypedDict):
     mse_final: float
     rounds: list[RoundResult]
 
-def prune_block(
+def prune_block_(
     block: Block,
     weights: list[torch.Tensor],
     *,

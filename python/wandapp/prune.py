@@ -112,7 +112,7 @@ def _prune_one_block(
         runner = BlockRunner(adapter, index, samples, device)
         runner.targets = runner.outputs()
         names = [name for name, _ in adapter.linears(index)]
-        result = _core.prune_block(
+        result = _core.prune_block_(
             runner,
             [module.weight for _, module in adapter.linears(index)],
             method=method,
