@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import pytest
 import torch
 
 from wandapp.adapters import resolve
@@ -83,7 +82,14 @@ def tiny_llama_model(seed: int = 0, num_layers: int = 2, **config: Any) -> Any:
     return LlamaForCausalLM(LlamaConfig(**settings)).eval()
 
 
-@pytest.fixture
-def tiny_llama() -> Any:
-    """A fresh tiny random LlamaForCausalLM (seeded)."""
-    return tiny_llama_model()
+try:  # the assertions work without pytest; only the fixture needs it
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture
+    def tiny_llama() -> Any:
+        """A fresh tiny random LlamaForCausalLM (seeded)."""
+        return tiny_llama_model()
