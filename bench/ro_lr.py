@@ -1,9 +1,9 @@
 """How wandapp's default RO learning rate was chosen: wanda++ perplexity on held-out text for a
 grid of learning rates, against wanda, on the embedded SmolLM2-135M at 2:4.
 
-    python bench/ro_lr.py [--nsamples 16 --seqlen 128 --lrs 3e-7,3e-6,1e-5,3e-5,1e-4]
+    python bench/ro_lr.py [--nsamples 16 --seqlen 128 --lrs 3e-7,3e-6,1e-5,3e-5,1e-4,3e-4,1e-3]
 
-Writes bench/results/ro_lr.md.
+Writes bench/results/ro_lr.md (or --out).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--ro-samples", type=int, default=8)
     ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--lrs", default="3e-7,3e-6,1e-5,3e-5,1e-4")
+    ap.add_argument("--lrs", default="3e-7,3e-6,1e-5,3e-5,1e-4,3e-4,1e-3")
+    ap.add_argument("--out", default="ro_lr.md", help="file name under bench/results")
     args = ap.parse_args()
     bench = Workbench(args.nsamples, args.seqlen, args.eval_tokens, eval_seqlen=512)
     rows = [("dense", "-", bench.ppl(bench.dense), 0.0, "-")]
@@ -39,7 +40,7 @@ def main() -> None:
         "# RO learning rate grid (SmolLM2-135M, 2:4)",
         "",
         f"Command: `python bench/ro_lr.py --nsamples {args.nsamples} --seqlen {args.seqlen} --ro-samples {args.ro_samples} "
-        f"--eval-tokens {args.eval_tokens} --lrs {args.lrs}`",
+        f"--eval-tokens {args.eval_tokens} --lrs {args.lrs} --out {args.out}`",
         f"Calibration: {args.nsamples} x {args.seqlen} tokens of Persuasion (seed 0); evaluation: first "
         f"{args.eval_tokens} tokens of Northanger Abbey in windows of 512, float32. Machine: {machine()}.",
         "",
@@ -48,7 +49,7 @@ def main() -> None:
     ]
     lines += [f"| {m} | {lr} | {p:.2f} | {s:.0f} | {rb} |" for m, lr, p, s, rb in rows]
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "ro_lr.md"), "w") as f:
+    with open(os.path.join(RESULTS, args.out), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
