@@ -15,7 +15,7 @@ METHODS = ("magnitude", "wanda", "rgs", "wanda++")
 
 #: Default RO learning rate, chosen by measurement on SmolLM2-135M at 2:4 (bench/ro_lr.py,
 #: bench/results/ro_lr.md). The paper's 3e-7 barely moves the weights of a small model.
-DEFAULT_RO_LR = 1e-5
+DEFAULT_RO_LR = 1e-4
 
 
 @dataclass(frozen=True)
