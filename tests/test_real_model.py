@@ -68,3 +68,14 @@ def test_wanda_plus_plus_beats_wanda_beats_magnitude_at_2_4(demo):
     print(f"\nSmolLM2-135M 2:4, {NSAMPLES}x{SEQLEN} calibration, {EVAL_TOKENS} held-out tokens: dense {dense:.2f}, "
           + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
     assert dense < ppl["wanda++"] < ppl["wanda"] < ppl["magnitude"], (dense, ppl)
+
+
+def test_demo_command_writes_table_and_chart(tmp_path, capsys):
+    from wandapp.cli import main
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--nsamples", "4", "--seqlen", "32", "--eval-tokens", "1024", "--methods", "magnitude,wanda", "--out", str(out)]
+    assert main(argv) == 0
+    table = (out / "demo.txt").read_text()
+    assert "dense" in table and "magnitude" in table and "wanda" in table and "1024 tokens" in table
+    assert (out / "demo.png").stat().st_size > 1000

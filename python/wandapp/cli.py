@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="magnitude vs wanda vs wanda++ on the embedded SmolLM2 (offline)")
     p.add_argument("--sparsity", default="2:4")
     p.add_argument("--methods", default="magnitude,wanda,wanda++")
-    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-tokens", type=int, default=16384)
