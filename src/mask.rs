@@ -89,7 +89,8 @@ fn rank(row: &[f32], a: u32, b: u32) -> Ordering {
 }
 
 /// Keep-mask of a row-major score buffer: each row drops its `k` lowest entries.
-pub fn unstructured_rows(scores: &[f32], cols: usize, k: usize) -> Vec<bool> {
+#[cfg(test)]
+fn unstructured_rows(scores: &[f32], cols: usize, k: usize) -> Vec<bool> {
     let mut keep = vec![true; scores.len()];
     unstructured_into(scores, cols, k, &mut keep);
     keep
@@ -116,7 +117,8 @@ fn unstructured_into(scores: &[f32], cols: usize, k: usize, keep: &mut [bool]) {
 }
 
 /// Keep-mask of a row-major score buffer: each group of `m` keeps its `n` highest entries.
-pub fn nm_rows(scores: &[f32], n: usize, m: usize) -> Vec<bool> {
+#[cfg(test)]
+fn nm_rows(scores: &[f32], n: usize, m: usize) -> Vec<bool> {
     let mut keep = vec![false; scores.len()];
     nm_into(scores, n, m, &mut keep);
     keep

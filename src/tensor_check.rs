@@ -3,10 +3,6 @@
 use crate::error::{Error, Result};
 use tch::{Kind, Tensor};
 
-pub fn shape(t: &Tensor) -> Vec<i64> {
-    t.size()
-}
-
 pub fn require_rank(t: &Tensor, arg: &'static str, expected: usize) -> Result<()> {
     if t.dim() != expected {
         return Err(Error::Rank { arg, expected, got: t.size() });

@@ -137,9 +137,7 @@ def _prune_one_block(
         ) + f"block {index} was restored and blocks {index}.. are untouched. See err.report."
         cls = PruneInterrupted if isinstance(err, KeyboardInterrupt) else PruneError
         raise cls(message, report=report, block=index) from err
-    for p, flag in requires_grad.items():
-        p.requires_grad_(flag)
-        p.grad = None
+    _release_grads(requires_grad)
     layer.to(home)
 
     block = report.blocks[index]
@@ -161,6 +159,11 @@ def _restore(layer: nn.Module, snapshot: dict[str, torch.Tensor], home: torch.de
     layer.to(home)
     for key, value in layer.state_dict().items():
         value.copy_(snapshot[key])
+    _release_grads(requires_grad)
+
+
+def _release_grads(requires_grad: dict[nn.Parameter, bool]) -> None:
+    """Gives each parameter back its requires_grad flag and drops the gradients RO left."""
     for p, flag in requires_grad.items():
         p.requires_grad_(flag)
         p.grad = None
