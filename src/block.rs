@@ -169,7 +169,8 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind};
+    use crate::rng::SplitMix64;
+    use tch::Kind;
 
     /// y = W2 relu(W1 x): two linears, enough to exercise every step without Python.
     struct ToyBlock {
@@ -179,13 +180,21 @@ mod tests {
         targets: Vec<Tensor>,
     }
 
+    /// Uniform in [-scale, scale) from the crate's own generator: cargo runs tests on parallel
+    /// threads, and libtorch's global generator (`tch::manual_seed`) would be shared between them.
+    fn uniform(rng: &mut SplitMix64, shape: &[i64], scale: f32) -> Tensor {
+        let n = shape.iter().product::<i64>() as usize;
+        let values: Vec<f32> =
+            (0..n).map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale).collect();
+        Tensor::from_slice(&values).view(shape)
+    }
+
     impl ToyBlock {
-        fn new(seed: i64) -> Self {
-            tch::manual_seed(seed);
-            let opts = (Kind::Float, Device::Cpu);
-            let w1 = Tensor::randn([16, 8], opts) * 0.3;
-            let w2 = Tensor::randn([8, 16], opts) * 0.3;
-            let xs: Vec<Tensor> = (0..12).map(|_| Tensor::randn([1, 5, 8], opts)).collect();
+        fn new(seed: u64) -> Self {
+            let mut rng = SplitMix64::new(seed);
+            let w1 = uniform(&mut rng, &[16, 8], 0.5);
+            let w2 = uniform(&mut rng, &[8, 16], 0.5);
+            let xs: Vec<Tensor> = (0..12).map(|_| uniform(&mut rng, &[1, 5, 8], 1.7)).collect();
             let mut b = ToyBlock { w1, w2, xs, targets: vec![] };
             let _g = tch::no_grad_guard();
             b.targets = (0..b.xs.len()).map(|i| b.forward(i).unwrap()).collect();

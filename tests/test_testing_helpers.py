@@ -16,6 +16,17 @@ def test_plugin_fixture_is_a_fresh_tiny_llama(tiny_llama):
     assert type(tiny_llama).__name__ == "LlamaForCausalLM" and len(tiny_llama.model.layers) == 2
 
 
+def test_tiny_llama_model_is_seeded_and_leaves_the_global_generator_alone():
+    from wandapp.testing import tiny_llama_model
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a, b = tiny_llama_model(seed=5), tiny_llama_model(seed=5)
+    assert torch.rand(3).equal(expected)
+    assert all(x.equal(y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_assertions_pass_then_name_the_first_offender(tiny_llama):
     report = wandapp.prune(tiny_llama, calib_ids(), sparsity="2:4", method="magnitude", nsamples=16, progress=False)
     assert_nm(tiny_llama, 2, 4)

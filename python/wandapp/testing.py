@@ -78,8 +78,9 @@ def tiny_llama_model(seed: int = 0, num_layers: int = 2, **config: Any) -> Any:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
     )
     settings.update(config)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global generator as it was
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(**settings)).eval()
 
 
 try:  # the assertions work without pytest; only the fixture needs it
