@@ -51,7 +51,8 @@ bench: setup ## kernel and quality benchmarks (tables in bench/results)
 	$(PY) bench/kernels.py
 	$(PY) bench/quality.py
 
-lint: setup ## the .pyi stub against the compiled module
+lint: setup ## clippy (warnings are errors) and the .pyi stub against the compiled module
+	cargo clippy --quiet --all-targets --features python -- -D warnings
 	$(PY) -m mypy.stubtest wandapp._core
 
 clean:

@@ -119,9 +119,12 @@ fn save_masks(path: PathBuf, masks: Vec<(String, Bound<'_, PyAny>)>, metadata: H
     Ok(io::save_masks(&path, &masks, &metadata)?)
 }
 
-/// Reads a mask file: ([(name, bool mask on CPU)], metadata). Verifies every hash.
+/// A mask file as Python sees it: ([(name, bool mask on CPU)], metadata).
+type PyMaskFile = (Vec<(String, PyObject)>, HashMap<String, String>);
+
+/// Reads a mask file. Verifies every hash.
 #[pyfunction]
-fn load_masks(py: Python<'_>, path: PathBuf) -> PyResult<(Vec<(String, PyObject)>, HashMap<String, String>)> {
+fn load_masks(py: Python<'_>, path: PathBuf) -> PyResult<PyMaskFile> {
     let (masks, metadata) = io::load_masks(&path)?;
     let masks = masks.into_iter().map(|(name, m)| Ok((name, to_py(py, m)?))).collect::<PyResult<Vec<_>>>()?;
     Ok((masks, metadata))

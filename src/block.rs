@@ -13,6 +13,9 @@ use tch::Tensor;
 pub trait Block {
     /// Number of calibration sequences.
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Block output [1, seq, hidden] for sequence `i`; tracks gradients when grad mode is on.
     fn forward(&self, i: usize) -> Result<Tensor>;
     /// The input [1, seq, in] of each linear layer (in the order of the weights) for sequence `i`.
@@ -139,10 +142,10 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
     for w in weights {
         plan.pattern.check_fits(crate::tensor_check::weight_dims(w, "weights")?.1)?;
     }
-    let n = block.len();
-    if n == 0 {
+    if block.is_empty() {
         return Err(Error::InvalidArgument { arg: "block", reason: "has no calibration sequences".into() });
     }
+    let n = block.len();
     let split = match plan.method {
         Method::WandaPlusPlus if plan.ro.rounds > 0 => Some(plan.ro.split(n)?),
         _ => None,

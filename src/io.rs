@@ -6,6 +6,7 @@
 //! - metadata `format` = "wandapp-masks", `format_version` = "1",
 //!   `shape/<name>` = "rows,cols", `sha256/<name>` = `mask_hash` of the mask;
 //!   any other key is the caller's (sparsity, method, config, versions).
+//!
 //! Loading parses only the safetensors header and raw bytes: nothing in the file is executed.
 
 use crate::error::{Error, Result};
@@ -93,8 +94,11 @@ pub fn save_masks(path: &Path, masks: &[(String, Tensor)], metadata: &HashMap<St
     safetensors::tensor::serialize_to_file(views, &Some(meta), path).map_err(|e| file_error(path, e.to_string()))
 }
 
+/// (module name, bool keep-mask) pairs.
+pub type NamedMasks = Vec<(String, Tensor)>;
+
 /// Masks in file order of names (sorted), and the caller's metadata.
-pub fn load_masks(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+pub fn load_masks(path: &Path) -> Result<(NamedMasks, HashMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| file_error(path, e.to_string()))?;
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| file_error(path, format!("not a valid safetensors file ({e}); it may be truncated or corrupt")))?;

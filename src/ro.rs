@@ -142,13 +142,14 @@ impl MaskedRmsprop {
             if !grad.defined() {
                 continue;
             }
+            // In place, as torch.optim.RMSprop does: v = a v + (1 - a) g^2; w -= lr g / (sqrt(v) + eps).
             let g = grad.f_to_kind(Kind::Float)?.f_mul(&self.masks[k])?;
-            let avg = self.square_avg[k].f_mul_scalar(RMSPROP_ALPHA)?.f_add(&g.f_square()?.f_mul_scalar(1.0 - RMSPROP_ALPHA)?)?;
-            let update = g.f_div(&avg.f_sqrt()?.f_add_scalar(RMSPROP_EPS)?)?.f_mul_scalar(self.lr)?;
-            let master = self.master[k].f_sub(&update)?.f_mul(&self.masks[k])?;
-            w.shallow_clone().f_copy_(&master)?;
-            self.master[k] = master;
-            self.square_avg[k] = avg;
+            let avg = &mut self.square_avg[k];
+            let _ = avg.f_mul_scalar_(RMSPROP_ALPHA)?.f_add_(&g.f_square()?.f_mul_scalar_(1.0 - RMSPROP_ALPHA)?)?;
+            let mut step = g.f_div(&avg.f_sqrt()?.f_add_scalar_(RMSPROP_EPS)?)?;
+            let master = &mut self.master[k];
+            let _ = master.f_sub_(&step.f_mul_scalar_(self.lr)?)?.f_mul_(&self.masks[k])?;
+            w.shallow_clone().f_copy_(master)?;
         }
         Ok(())
     }
@@ -226,6 +227,46 @@ mod tests {
         assert!(a.holdout.iter().all(|h| !a.train.contains(h)));
         assert_eq!(s.split(4).unwrap().holdout, s.split(4).unwrap().train);
         assert!(s.split(3).is_err());
+    }
+
+    /// The textbook RMSprop update in f64 scalars, pruned weights pinned at zero.
+    fn reference_rmsprop(w: &mut [f64], v: &mut [f64], g: &[f64], keep: &[bool], lr: f64) {
+        for j in 0..w.len() {
+            let gj = if keep[j] { g[j] } else { 0.0 };
+            v[j] = RMSPROP_ALPHA * v[j] + (1.0 - RMSPROP_ALPHA) * gj * gj;
+            w[j] = if keep[j] { w[j] - lr * gj / (v[j].sqrt() + RMSPROP_EPS) } else { 0.0 };
+        }
+    }
+
+    #[test]
+    fn masked_rmsprop_matches_the_textbook_update_and_never_revives_a_weight() {
+        let mut rng = SplitMix64::new(11);
+        let mut draw = |n: usize| -> Vec<f64> { (0..n).map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 - 0.5).collect() };
+        let (rows, cols, lr) = (3i64, 4i64, 1e-2);
+        let n = (rows * cols) as usize;
+        let keep: Vec<bool> = (0..n).map(|j| j % 3 != 0).collect();
+        let mut expected: Vec<f64> = draw(n).iter().zip(&keep).map(|(x, k)| if *k { *x } else { 0.0 }).collect();
+        let mut weight = Tensor::from_slice(&expected).to_kind(Kind::Float).view([rows, cols]).set_requires_grad(true);
+        let mask = Tensor::from_slice(&keep).view([rows, cols]);
+        let mut opt = MaskedRmsprop::new(&[weight.shallow_clone()], &[mask], lr).unwrap();
+        let mut v = vec![0.0; n];
+        for _ in 0..4 {
+            let g = draw(n);
+            // Set the gradient to `g` through autograd: d/dw sum(w * g) = g.
+            let gt = Tensor::from_slice(&g).to_kind(Kind::Float).view([rows, cols]);
+            weight.zero_grad();
+            (&weight * &gt).sum(Kind::Float).backward();
+            opt.step(&[weight.shallow_clone()]).unwrap();
+            let g32: Vec<f64> = g.iter().map(|x| *x as f32 as f64).collect();
+            reference_rmsprop(&mut expected, &mut v, &g32, &keep, lr);
+        }
+        let got: Vec<f64> = Vec::<f64>::try_from(weight.detach().to_kind(Kind::Double).view([-1])).unwrap();
+        for j in 0..n {
+            assert!((got[j] - expected[j]).abs() <= 1e-6 * expected[j].abs().max(1e-3), "weight {j}: {} vs {}", got[j], expected[j]);
+            if !keep[j] {
+                assert_eq!(got[j], 0.0, "pruned weight {j} came back");
+            }
+        }
     }
 
     #[test]
