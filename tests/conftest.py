@@ -26,6 +26,8 @@ def tiny_config(family: str, **overrides):
         return MistralConfig(**base)
     if family == "qwen2":
         return Qwen2Config(**base)
+    if family == "qwen2-sliding":  # block 0 full attention, later blocks a sliding window of 8
+        return Qwen2Config(**base, use_sliding_window=True, sliding_window=8, max_window_layers=1)
     raise ValueError(family)
 
 

@@ -48,7 +48,7 @@ def test_every_method_and_pattern_gives_exact_counts_and_finite_logits(method, s
     assert report.pruned_blocks == [0, 1]
 
 
-@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen2-sliding"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_families_and_dtypes(family, dtype, ids):
     model = tiny_model(family, dtype=dtype)
@@ -61,8 +61,9 @@ def test_families_and_dtypes(family, dtype, ids):
 
 @pytest.mark.parametrize("method", ["wanda", "rgs"])
 @pytest.mark.parametrize("sparsity", [0.5, "2:4"])
-def test_masks_equal_the_slow_reference(method, sparsity):
-    model = tiny_model("llama", seed=3, num_hidden_layers=3)
+@pytest.mark.parametrize("family", ["llama", "qwen2-sliding"])
+def test_masks_equal_the_slow_reference(method, sparsity, family):
+    model = tiny_model(family, seed=3, num_hidden_layers=3)
     ref_model = copy.deepcopy(model)
     ids = calib_ids(n=8, seqlen=24, seed=4)
     report = wandapp.prune(model, ids, sparsity=sparsity, method=method, nsamples=8, progress=False)
@@ -73,6 +74,29 @@ def test_masks_equal_the_slow_reference(method, sparsity):
         assert torch.equal(got[name], expected[name]), name
     for name, w in block_linear_weights(model).items():
         assert torch.equal(w, block_linear_weights(ref_model)[name]), name
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen2-sliding"])
+def test_replayed_blocks_reproduce_the_models_own_hidden_states(family):
+    """Each block, called with the captured arguments of its attention type, gives what the
+    model computes itself (with a sliding window shorter than the sequence, block 0's mask
+    would be wrong for blocks 1 and 2)."""
+    from wandapp.adapters import resolve
+    from wandapp.capture import BlockRunner, Sample, capture_first_block
+    from wandapp.data import collect_sequences
+
+    model = tiny_model(family, num_hidden_layers=3)
+    ids = calib_ids(n=2, seqlen=24)
+    adapter = resolve(model)
+    samples = capture_first_block(adapter, collect_sequences(ids, 2), torch.device("cpu"))
+    with torch.no_grad():
+        expected = [model(ids[i : i + 1], output_hidden_states=True).hidden_states for i in range(2)]
+    for index in range(3):
+        outputs = BlockRunner(adapter, index, samples, torch.device("cpu")).outputs()
+        for i, out in enumerate(outputs):
+            got = out if index < 2 else model.model.norm(out)  # HF's last hidden state is normed
+            torch.testing.assert_close(got, expected[i][index + 1], rtol=1e-5, atol=1e-5)
+        samples = [Sample(out, s.kwargs, s.token_mask) for out, s in zip(outputs, samples)]
 
 
 def test_wanda_plus_plus_lowers_block_error_against_rgs():

@@ -33,6 +33,16 @@ class DecoderAdapter:
     model: nn.Module
     layers: nn.ModuleList
     prefix: str  # e.g. "model.layers"
+    #: Each block's attention type (config.layer_types, e.g. "full_attention" or
+    #: "sliding_attention"). Blocks of one type take the same keyword arguments (attention mask).
+    kinds: list[str]
+
+    def first_of_each_kind(self) -> dict[str, int]:
+        """The first block of each attention type: where the model's arguments for it are caught."""
+        firsts: dict[str, int] = {}
+        for index, kind in enumerate(self.kinds):
+            firsts.setdefault(kind, index)
+        return firsts
 
     def linears(self, index: int) -> list[tuple[str, nn.Linear]]:
         layer = self.layers[index]
@@ -61,12 +71,9 @@ def resolve(model: Any) -> DecoderAdapter:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise UnsupportedModelError(f"{found} has no decoder layers at model.model.layers; pass the *ForCausalLM model itself")
-    layer_types = set(getattr(config, "layer_types", None) or [])
-    if len(layer_types) > 1:
-        raise UnsupportedModelError(
-            f"{found} mixes attention types {sorted(layer_types)}; wandapp replays the first block's "
-            "arguments in every block, which is only right when all blocks share one type"
-        )
+    kinds = list(getattr(config, "layer_types", None) or ["full_attention"] * len(layers))
+    if len(kinds) != len(layers):
+        raise UnsupportedModelError(f"{found}: config.layer_types names {len(kinds)} blocks but the model has {len(layers)}")
     for i, layer in enumerate(layers):
         for name in LINEAR_NAMES:
             try:
@@ -79,4 +86,4 @@ def resolve(model: Any) -> DecoderAdapter:
                     "(quantized or adapter-wrapped models cannot be pruned; prune before adding LoRA)"
                 )
     prefix = next(name for name, module in model.named_modules() if module is layers)
-    return DecoderAdapter(model=model, layers=layers, prefix=prefix)
+    return DecoderAdapter(model=model, layers=layers, prefix=prefix, kinds=kinds)

@@ -34,40 +34,54 @@ class Sample:
     """One calibration sequence at the input of the current block."""
 
     hidden: torch.Tensor  # [1, seq, hidden], on the offload device
-    kwargs: dict[str, Any]  # the layer's keyword arguments, on the offload device
+    #: Per attention type (DecoderAdapter.kinds), the keyword arguments the model passes a block
+    #: of that type (attention mask, position embeddings...), on the offload device.
+    kwargs: dict[str, dict[str, Any]]
     token_mask: torch.Tensor | None  # [1, seq] bool, True on real tokens; None without padding
 
 
 class _Captured(Exception):
-    def __init__(self, hidden: torch.Tensor, kwargs: dict[str, Any]):
-        self.hidden, self.kwargs = hidden, kwargs
+    """Stops the model's forward once every block type has shown its arguments."""
 
 
 @torch.no_grad()
 def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offload: torch.device) -> list[Sample]:
-    """Runs the model up to its first decoder layer once per sequence and keeps what it got."""
+    """Runs the model once per sequence up to the first block of its last attention type (just
+    the first block when all blocks share one type), keeping the first block's input and the
+    arguments each type receives."""
     model = adapter.model
     device = next(model.parameters()).device
+    firsts = adapter.first_of_each_kind()
+    last = max(firsts.values())
+    hidden: list[torch.Tensor] = []
+    kwargs: dict[str, dict[str, Any]] = {}
 
-    def stop(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        raise _Captured(hidden, kwargs)
+    def catcher(kind: str, index: int):
+        def catch(_module: nn.Module, args: tuple, given: dict[str, Any]) -> None:
+            if index == 0:
+                hidden.append(args[0] if args else given["hidden_states"])
+            kept = {k: v for k, v in given.items() if k not in _DROPPED_KWARGS and k != "hidden_states"}
+            kwargs[kind] = move({**kept, "use_cache": False}, offload)
+            if index == last:
+                raise _Captured
+
+        return catch
 
     samples = []
-    handle = adapter.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    handles = [adapter.layers[i].register_forward_pre_hook(catcher(kind, i), with_kwargs=True) for kind, i in firsts.items()]
     try:
         for seq in sequences:
             attention_mask = None if seq.attention_mask is None else seq.attention_mask.to(device, torch.long)
             try:
                 model(input_ids=seq.input_ids.to(device), attention_mask=attention_mask, use_cache=False)
-            except _Captured as got:
-                kwargs = {k: v for k, v in got.kwargs.items() if k not in _DROPPED_KWARGS}
-                kwargs["use_cache"] = False
-                samples.append(Sample(got.hidden.to(offload), move(kwargs, offload), seq.token_mask()))
+            except _Captured:
+                samples.append(Sample(hidden.pop().to(offload), dict(kwargs), seq.token_mask()))
+                kwargs.clear()
             else:
-                raise RuntimeError("the model returned without calling its first decoder layer")
+                raise RuntimeError(f"the model returned without calling decoder block {last}")
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     for i, s in enumerate(samples):
         real = s.hidden if s.token_mask is None else s.hidden[s.token_mask.to(s.hidden.device)]
         if not torch.isfinite(real).all():
@@ -83,6 +97,7 @@ class BlockRunner:
 
     def __init__(self, adapter: DecoderAdapter, index: int, samples: list[Sample], device: torch.device):
         self.layer = adapter.layers[index]
+        self.kind = adapter.kinds[index]
         self.linears = [module for _, module in adapter.linears(index)]
         self.samples = samples
         self.device = device
@@ -94,7 +109,7 @@ class BlockRunner:
 
     def forward(self, i: int) -> torch.Tensor:
         s = self.samples[i]
-        return DecoderAdapter.call(self.layer, s.hidden.to(self.device), move(s.kwargs, self.device))
+        return DecoderAdapter.call(self.layer, s.hidden.to(self.device), move(s.kwargs[self.kind], self.device))
 
     def linear_inputs(self, i: int) -> list[torch.Tensor]:
         with self._recording() as recorded:
