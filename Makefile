@@ -47,9 +47,10 @@ demo: setup ## the main job: prune the embedded SmolLM2 with magnitude, wanda, w
 wheel: setup ## build a release wheel into dist/ (installs into any venv with torch==2.13.0)
 	$(PY) -m maturin build --release --out dist
 
-bench: setup ## kernel and quality benchmarks (tables in bench/results)
+bench: setup ## kernel, quality and LoRA benchmarks (tables in bench/results; bench/ro_lr.py is separate)
 	$(PY) bench/kernels.py
 	$(PY) bench/quality.py
+	$(PY) bench/lora.py
 
 lint: setup ## clippy (warnings are errors) and the .pyi stub against the compiled module
 	cargo clippy --quiet --all-targets --features python -- -D warnings
