@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import sys
 import time
@@ -13,6 +14,17 @@ import wandapp
 from wandapp import data
 from wandapp.eval import perplexity
 from wandapp.models import load_demo_model
+
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def write_results(name: str, lines: list[str]) -> None:
+    """Prints a results table and writes it to bench/results/<name>."""
+    print("\n".join(lines))
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, name), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def machine() -> str:

@@ -17,10 +17,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from common import write_results  # noqa: E402
 from wandapp import kernels  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
-
 
 def torch_sort_unstructured(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     k = int(scores.shape[1] * sparsity)
@@ -82,10 +80,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         *[f"| {s} | {p} | {r} | {tr:.1f} | {to:.1f} | {x:.2f}x |" for s, p, r, tr, to, x in rows],
     ]
-    print("\n".join(lines))
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"kernels-{args.device}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_results(f"kernels-{args.device}.md", lines)
 
 
 if __name__ == "__main__":

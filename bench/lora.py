@@ -20,13 +20,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Workbench, machine  # noqa: E402
+from common import Workbench, machine, write_results  # noqa: E402
 
 import wandapp  # noqa: E402
 from wandapp import data  # noqa: E402
 from wandapp.lora import merge_sparse, remask_cost  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
@@ -98,10 +97,7 @@ def main() -> None:
         f"Re-masking keeps {cost.update_kept:.1%} of the adapter update's squared norm (the rest fell on pruned "
         f"weights) and costs {merged_ppl / cost.unmerged - 1:+.1%} perplexity against the unmerged adapter.",
     ]
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, args.out), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Workbench, machine  # noqa: E402
+from common import RESULTS, Workbench, machine, write_results  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 PATTERNS = ["0.5", "4:8", "2:4"]
 METHODS = ["magnitude", "wanda", "rgs", "wanda++"]
 
@@ -61,10 +60,7 @@ def main() -> None:
         lines.append(f"| {method} | " + " | ".join(f"{table[method][p][0]:.2f} | {table[method][p][1]:.0f}" for p in PATTERNS) + " |")
     peak = max(v[2] for row in table.values() for v in row.values())
     lines += ["", f"Peak RSS over the whole run: {peak:.0f} MiB."]
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "quality.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("quality.md", lines)
     chart(table, dense, os.path.join(RESULTS, "quality.png"))
 
 

@@ -13,10 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Workbench, machine  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
-
+from common import Workbench, machine, write_results  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,10 +45,7 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {m} | {lr} | {p:.2f} | {s:.0f} | {rb} |" for m, lr, p, s, rb in rows]
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, args.out), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":
