@@ -50,6 +50,18 @@ def test_prune_saves_a_model_that_reloads_sparse(saved_model, tmp_path, capsys):
     )
 
 
+def test_config_flags_reach_the_report(saved_model, tmp_path):
+    out = str(tmp_path / "out")
+    code = main([
+        "prune", "--model", saved_model, "--sparsity", "0.5", "--calib", "persuasion", "--nsamples", "8", "--seqlen", "32",
+        "--paper", "--ro-samples", "4", "--ro-holdout", "2", "--alpha", "50", "--ro-rounds", "1", "--offload", "cpu", "--out", out,
+    ])
+    assert code == 0
+    config = json.load(open(os.path.join(out, "report.json")))["config"]
+    assert config["ro_lr"] == 3e-7  # from --paper
+    assert (config["alpha"], config["ro_samples"], config["ro_holdout"], config["ro_rounds"], config["offload"]) == (50.0, 4, 2, 1, "cpu")
+
+
 def test_eval_prints_the_protocol(saved_model, capsys):
     assert main(["eval", "--model", saved_model, "--text", "northangerabbey", "--eval-seqlen", "64", "--eval-tokens", "256"]) == 0
     out = capsys.readouterr().out

@@ -183,6 +183,8 @@ def untouched(model, before):
         (dict(sparsity="4:4"), wandapp.SparsityError, "n < m"),
         (dict(sparsity="2:5"), wandapp.SparsityError, "divisible by 5"),
         (dict(sparsity="half"), wandapp.SparsityError, "N:M"),
+        (dict(sparsity="1.5"), wandapp.SparsityError, "0, 1"),
+        (dict(sparsity="2:x"), wandapp.SparsityError, "N:M"),
         (dict(method="sparsegpt"), wandapp.InvalidArgumentError, "unknown method"),
         (dict(nsamples=32), wandapp.CalibrationError, "yielded 16 sequences"),
         (dict(ro_samples=20, nsamples=16), wandapp.CalibrationError, "ro_samples"),
@@ -198,6 +200,12 @@ def test_bad_arguments_raise_before_touching_weights(kwargs, error, match, ids):
     with pytest.raises(error, match=match):
         wandapp.prune(model, ids, **args)
     assert untouched(model, before)
+
+
+def test_a_float_string_is_the_float():
+    from wandapp.config import parse_sparsity
+
+    assert parse_sparsity("0.5") == parse_sparsity(0.5) and parse_sparsity(" 2:4 ") == parse_sparsity("2:4")
 
 
 @pytest.mark.parametrize(

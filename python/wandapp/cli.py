@@ -15,6 +15,9 @@ from typing import Any, Sequence
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+#: PruneConfig fields that `wandapp prune` exposes as --flags (unset: the config's default).
+CONFIG_FLAGS = {"alpha": float, "ro_rounds": int, "ro_samples": int, "ro_lr": float, "ro_holdout": int, "device": str, "offload": str}
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
@@ -55,8 +58,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from wandapp.eval import perplexity
 
     parse_sparsity(args.sparsity)  # fail before the slow model load
-    overrides = {k: v for k, v in dict(ro_lr=args.ro_lr, ro_rounds=args.ro_rounds, device=args.device).items() if v is not None}
-    config = PruneConfig(nsamples=args.nsamples, seed=args.seed, **overrides)
+    overrides = {field: getattr(args, field) for field in CONFIG_FLAGS if getattr(args, field) is not None}
+    config = (PruneConfig.paper() if args.paper else PruneConfig()).replace(nsamples=args.nsamples, seed=args.seed, **overrides)
     model, tokenizer = _load(args.model, args.dtype)
     calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     before = None
@@ -154,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ro-lr", type=float, default=None)
-    p.add_argument("--ro-rounds", type=int, default=None)
-    p.add_argument("--device", default=None, help="where blocks run (default: the model's device)")
+    p.add_argument("--paper", action="store_true", help="start from PruneConfig.paper() (lr 3e-7, 32 RO samples)")
+    for field, kind in CONFIG_FLAGS.items():
+        p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None, help=f"PruneConfig.{field} (see its docs)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--eval", default=None, help="held-out text for perplexity before and after")
     _add_eval(p)

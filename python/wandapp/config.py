@@ -30,7 +30,13 @@ class Pattern:
 
 
 def parse_sparsity(value: Union[float, str]) -> Pattern:
-    """Accepts a float in [0, 1) (unstructured, per output row) or an "N:M" string."""
+    """Accepts a float in [0, 1) (unstructured, per output row) or an "N:M" string; a string
+    holding a float ("0.5", as from a command line or a config file) counts as the float."""
+    if isinstance(value, str) and ":" not in value:
+        try:
+            value = float(value)
+        except ValueError:
+            raise SparsityError(f"sparsity {value!r} is neither a float such as 0.5 nor an N:M pattern such as '2:4'") from None
     if isinstance(value, str):
         match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
         if not match:
