@@ -180,14 +180,11 @@ pub fn unstructured_mask(scores: &Tensor, sparsity: f64) -> Result<Tensor> {
     let pattern = Pattern::unstructured(sparsity)?;
     let (rows, cols) = check_scores(scores)?;
     let k = pattern.pruned_per_row(cols);
-    if scores.device() == Device::Cpu {
-        let values = cpu_scores(scores)?;
-        return cpu_mask(rows, cols, |keep| unstructured_into(&values, cols as usize, k as usize, keep));
+    if scores.device() != Device::Cpu {
+        return unstructured_by_sort(scores, k);
     }
-    let order = ascending_order(scores)?;
-    let mut keep = Tensor::f_ones([rows, cols], (Kind::Bool, scores.device()))?;
-    let _ = keep.f_scatter_value_(1, &order.f_narrow(1, 0, k)?, 0)?;
-    Ok(keep)
+    let values = cpu_scores(scores)?;
+    cpu_mask(rows, cols, |keep| unstructured_into(&values, cols as usize, k as usize, keep))
 }
 
 /// N:M keep-mask: every group of m consecutive inputs of a row keeps its n highest scores.
@@ -195,12 +192,26 @@ pub fn nm_mask(scores: &Tensor, n: i64, m: i64) -> Result<Tensor> {
     let pattern = Pattern::nm(n, m)?;
     let (rows, cols) = check_scores(scores)?;
     pattern.check_fits(cols)?;
-    if scores.device() == Device::Cpu {
-        let values = cpu_scores(scores)?;
-        return cpu_mask(rows, cols, |keep| nm_into(&values, n as usize, m as usize, keep));
+    if scores.device() != Device::Cpu {
+        return nm_by_sort(scores, n, m);
     }
-    let groups = scores.f_reshape([rows, cols / m, m])?;
-    let order = ascending_order(&groups)?;
+    let values = cpu_scores(scores)?;
+    cpu_mask(rows, cols, |keep| nm_into(&values, n as usize, m as usize, keep))
+}
+
+// The device path (CUDA): a stable sort on the tensor's own device, in the same total order as
+// `rank`, so that CPU and device masks agree bit for bit (the tests run it on CPU to check).
+
+fn unstructured_by_sort(scores: &Tensor, k: i64) -> Result<Tensor> {
+    let order = ascending_order(scores)?;
+    let mut keep = Tensor::f_ones(scores.size(), (Kind::Bool, scores.device()))?;
+    let _ = keep.f_scatter_value_(1, &order.f_narrow(1, 0, k)?, 0)?;
+    Ok(keep)
+}
+
+fn nm_by_sort(scores: &Tensor, n: i64, m: i64) -> Result<Tensor> {
+    let (rows, cols) = (scores.size()[0], scores.size()[1]);
+    let order = ascending_order(&scores.f_reshape([rows, cols / m, m])?)?;
     let mut keep = Tensor::f_zeros([rows, cols / m, m], (Kind::Bool, scores.device()))?;
     let _ = keep.f_scatter_value_(2, &order.f_narrow(2, m - n, n)?, 1)?;
     Ok(keep.f_view([rows, cols])?)
@@ -251,6 +262,37 @@ mod tests {
         let keep = unstructured_rows(&s, cols, 18);
         for row in keep.chunks(cols) {
             assert_eq!(row.iter().filter(|&&k| !k).count(), 18);
+        }
+    }
+
+    /// Scores with many ties, both signed zeros, and a spread of magnitudes.
+    fn tied_scores(rows: i64, cols: i64, seed: u64) -> Tensor {
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| match rng.below(6) {
+                0 => 0.0,
+                1 => -0.0,
+                2 => 1.0,
+                _ => rng.below(1000) as f32 / 7.0,
+            })
+            .collect();
+        Tensor::from_slice(&values).view([rows, cols])
+    }
+
+    #[test]
+    fn the_device_path_agrees_with_the_cpu_path_bit_for_bit() {
+        for seed in 0..5 {
+            let scores = tied_scores(9, 48, seed);
+            for k in [0, 1, 17, 24, 47] {
+                let sparsity = k as f64 / 48.0;
+                let cpu = unstructured_mask(&scores, sparsity).unwrap();
+                let k = Pattern::unstructured(sparsity).unwrap().pruned_per_row(48);
+                assert!(cpu.equal(&unstructured_by_sort(&scores, k).unwrap()), "unstructured k={k} seed={seed}");
+            }
+            for (n, m) in [(1, 4), (2, 4), (3, 4), (4, 8), (2, 16)] {
+                let cpu = nm_mask(&scores, n, m).unwrap();
+                assert!(cpu.equal(&nm_by_sort(&scores, n, m).unwrap()), "{n}:{m} seed={seed}");
+            }
         }
     }
 
