@@ -80,8 +80,11 @@ def prune(
             device=str(device),
             blocks=[BlockReport(index=i, status="untouched") for i in range(len(adapter.layers))],
         )
-        for index in tqdm(range(len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not cfg.progress, unit="block"):
+        bar = tqdm(range(len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not cfg.progress, unit="block")
+        for index in bar:
             samples = _prune_one_block(adapter, index, samples, method, pattern, cfg, device, report)
+            block = report.blocks[index]
+            bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
     finally:
         model.train(was_training)
     return report
