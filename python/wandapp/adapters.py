@@ -71,8 +71,10 @@ def resolve(model: Any) -> DecoderAdapter:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise UnsupportedModelError(f"{found} has no decoder layers at model.model.layers; pass the *ForCausalLM model itself")
-    kinds = list(getattr(config, "layer_types", None) or ["full_attention"] * len(layers))
-    if len(kinds) != len(layers):
+    # The model indexes config.layer_types by block, so a list longer than the blocks (a model
+    # cut down for an experiment) is fine; a shorter one cannot run.
+    kinds = list(getattr(config, "layer_types", None) or ["full_attention"] * len(layers))[: len(layers)]
+    if len(kinds) < len(layers):
         raise UnsupportedModelError(f"{found}: config.layer_types names {len(kinds)} blocks but the model has {len(layers)}")
     for i, layer in enumerate(layers):
         for name in LINEAR_NAMES:
