@@ -249,6 +249,15 @@ def test_unsupported_model(ids):
         wandapp.prune(model, ids, **FAST)
 
 
+def test_layer_types_longer_than_the_blocks_is_fine_shorter_is_not(ids):
+    model = tiny_model("qwen2-sliding", num_hidden_layers=3)
+    model.model.layers = model.model.layers[:2]  # a cut-down model still runs in transformers
+    wandapp.prune(model, ids, **FAST)
+    model.config.layer_types = model.config.layer_types[:1]
+    with pytest.raises(wandapp.UnsupportedModelError, match="names 1 blocks but the model has 2"):
+        wandapp.prune(model, ids, **FAST)
+
+
 # --- a failure part-way leaves every block either pruned or untouched ----------------
 
 
