@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import write_results  # noqa: E402
 from wandapp import kernels  # noqa: E402
 
+
 def torch_sort_unstructured(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     k = int(scores.shape[1] * sparsity)
     idx = torch.sort(scores, dim=1, stable=True)[1][:, :k]

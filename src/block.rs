@@ -187,8 +187,7 @@ mod tests {
     /// threads, and libtorch's global generator (`tch::manual_seed`) would be shared between them.
     fn uniform(rng: &mut SplitMix64, shape: &[i64], scale: f32) -> Tensor {
         let n = shape.iter().product::<i64>() as usize;
-        let values: Vec<f32> =
-            (0..n).map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale).collect();
+        let values: Vec<f32> = (0..n).map(|_| ((rng.unit() * 2.0 - 1.0) * scale as f64) as f32).collect();
         Tensor::from_slice(&values).view(shape)
     }
 

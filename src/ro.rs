@@ -241,7 +241,7 @@ mod tests {
     #[test]
     fn masked_rmsprop_matches_the_textbook_update_and_never_revives_a_weight() {
         let mut rng = SplitMix64::new(11);
-        let mut draw = |n: usize| -> Vec<f64> { (0..n).map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 - 0.5).collect() };
+        let mut draw = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.unit() - 0.5).collect() };
         let (rows, cols, lr) = (3i64, 4i64, 1e-2);
         let n = (rows * cols) as usize;
         let keep: Vec<bool> = (0..n).map(|j| j % 3 != 0).collect();
