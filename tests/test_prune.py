@@ -82,7 +82,7 @@ def test_replayed_blocks_reproduce_the_models_own_hidden_states(family):
     model computes itself (with a sliding window shorter than the sequence, block 0's mask
     would be wrong for blocks 1 and 2)."""
     from wandapp.adapters import resolve
-    from wandapp.capture import BlockRunner, Sample, capture_first_block
+    from wandapp.capture import BlockRunner, capture_first_block, next_block_inputs
     from wandapp.data import collect_sequences
 
     model = tiny_model(family, num_hidden_layers=3)
@@ -96,7 +96,7 @@ def test_replayed_blocks_reproduce_the_models_own_hidden_states(family):
         for i, out in enumerate(outputs):
             got = out if index < 2 else model.model.norm(out)  # HF's last hidden state is normed
             torch.testing.assert_close(got, expected[i][index + 1], rtol=1e-5, atol=1e-5)
-        samples = [Sample(out, s.kwargs, s.token_mask) for out, s in zip(outputs, samples)]
+        samples = next_block_inputs(samples, outputs)
 
 
 def test_wanda_plus_plus_lowers_block_error_against_rgs():

@@ -40,6 +40,11 @@ class Sample:
     token_mask: torch.Tensor | None  # [1, seq] bool, True on real tokens; None without padding
 
 
+def next_block_inputs(samples: list[Sample], outputs: list[torch.Tensor]) -> list[Sample]:
+    """This block's outputs become the next block's inputs; arguments and padding stay."""
+    return [Sample(out, s.kwargs, s.token_mask) for out, s in zip(outputs, samples)]
+
+
 class _Captured(Exception):
     """Stops the model's forward once every block type has shown its arguments."""
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from wandapp import _core
 from wandapp.adapters import DecoderAdapter, resolve
-from wandapp.capture import BlockRunner, Sample, capture_first_block
+from wandapp.capture import BlockRunner, Sample, capture_first_block, next_block_inputs
 from wandapp.config import Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import collect_sequences
 from wandapp.errors import CalibrationError, DeviceMismatchError, PruneError, PruneInterrupted, SparsityError
@@ -154,7 +154,7 @@ def _prune_one_block(
     block.peak_memory_bytes = (
         torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
-    return [Sample(out, s.kwargs, s.token_mask) for out, s in zip(outputs, samples)]
+    return next_block_inputs(samples, outputs)
 
 
 @torch.no_grad()
