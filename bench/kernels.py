@@ -22,13 +22,13 @@ from wandapp import kernels  # noqa: E402
 
 
 def torch_sort_unstructured(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    k = int(scores.shape[1] * sparsity)
+    k = kernels.pruned_per_row(scores.shape[1], sparsity)
     idx = torch.sort(scores, dim=1, stable=True)[1][:, :k]
     return torch.ones_like(scores, dtype=torch.bool).scatter_(1, idx, False)
 
 
 def torch_topk_unstructured(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    k = int(scores.shape[1] * sparsity)
+    k = kernels.pruned_per_row(scores.shape[1], sparsity)
     idx = torch.topk(scores, k, dim=1, largest=False)[1]
     return torch.ones_like(scores, dtype=torch.bool).scatter_(1, idx, False)
 

@@ -55,9 +55,20 @@ fn to_py(py: Python<'_>, t: Tensor) -> PyResult<PyObject> {
     Ok(unsafe { PyObject::from_owned_ptr(py, ptr as *mut pyo3::ffi::PyObject) })
 }
 
+/// How many weights each row of `in_features` loses at unstructured `sparsity`: floor(in_features
+/// x sparsity) with the sparsity read as the decimal it prints as (100 x 0.58 = 58, not 57).
+/// The one rule behind the masks, the report and `wandapp.testing.assert_sparsity`.
+#[pyfunction]
+fn pruned_per_row(in_features: i64, sparsity: f64) -> PyResult<i64> {
+    if in_features < 0 {
+        return Err(Error::InvalidArgument { arg: "in_features", reason: format!("must be >= 0, got {in_features}") }.into());
+    }
+    Ok(Pattern::unstructured(sparsity)?.pruned_per_row(in_features))
+}
+
 /// Per-row unstructured keep-mask (True = keep): every row of `scores` drops exactly
-/// floor(in_features * sparsity) of its lowest scores; at equal score the lower column is
-/// dropped first. Runs on the scores' device (CPU: rayon partial selection).
+/// `pruned_per_row(in_features, sparsity)` of its lowest scores; at equal score the lower column
+/// is dropped first. Runs on the scores' device (CPU: rayon partial selection).
 #[pyfunction]
 fn unstructured_mask(py: Python<'_>, scores: &Bound<'_, PyAny>, sparsity: f64) -> PyResult<PyObject> {
     let scores = tensor_arg(scores, "scores")?;
@@ -325,6 +336,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MASK_FORMAT", io::FORMAT)?;
     m.add("MASK_FORMAT_VERSION", io::FORMAT_VERSION)?;
+    m.add_function(wrap_pyfunction!(pruned_per_row, m)?)?;
     m.add_function(wrap_pyfunction!(unstructured_mask, m)?)?;
     m.add_function(wrap_pyfunction!(nm_mask, m)?)?;
     m.add_function(wrap_pyfunction!(magnitude_score, m)?)?;

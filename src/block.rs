@@ -137,6 +137,16 @@ fn prune_once(block: &dyn Block, weights: &[Tensor], plan: &Plan, grad_rms: Opti
     Ok(masks)
 }
 
+/// The pruned block's output error, refused when NaN or infinite: a block whose output
+/// overflows is never reported as pruned.
+fn finite_block_mse(block: &dyn Block, samples: &[usize]) -> Result<f64> {
+    let mse = block_mse(block, samples)?;
+    if !mse.is_finite() {
+        return Err(Error::NonFinite { arg: "block output (its error against the dense block)", what: "NaN or infinity" });
+    }
+    Ok(mse)
+}
+
 /// Prunes `weights` (the block's linear weights, shared with the model) in place.
 pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Result<BlockOutcome> {
     for w in weights {
@@ -159,13 +169,13 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
         for r in 0..plan.ro.rounds {
             let masks = prune_once(block, weights, plan, grad_rms.as_deref())?;
             if r == 0 {
-                mse_before_ro = Some(block_mse(block, &all)?);
+                mse_before_ro = Some(finite_block_mse(block, &all)?);
             }
             rounds.push(guarded_round(block, weights, &masks, split, &plan.ro, r)?);
         }
     }
     let masks = prune_once(block, weights, plan, grad_rms.as_deref())?;
-    let mse_final = block_mse(block, &all)?;
+    let mse_final = finite_block_mse(block, &all)?;
     Ok(BlockOutcome { masks, mse_before_ro: mse_before_ro.unwrap_or(mse_final), mse_final, rounds })
 }
 
@@ -263,6 +273,16 @@ mod tests {
         let out = prune_block_(&b, &b.weights(), &plan(Method::WandaPlusPlus, 10.0)).unwrap();
         assert!(out.rounds.iter().all(|r| r.rolled_back));
         assert!((out.mse_final - out.mse_before_ro).abs() <= 1e-12 * out.mse_before_ro.max(1.0));
+    }
+
+    #[test]
+    fn an_infinite_activation_is_refused_by_every_method() {
+        for method in [Method::Magnitude, Method::Wanda, Method::Rgs, Method::WandaPlusPlus] {
+            let b = ToyBlock::new(5);
+            let _ = b.xs[3].get(0).get(2).fill_(f64::INFINITY);
+            let err = prune_block_(&b, &b.weights(), &plan(method, 1e-3)).unwrap_err();
+            assert!(matches!(err, Error::NonFinite { .. }), "{method:?}: {err}");
+        }
     }
 
     #[test]

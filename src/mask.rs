@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 /// How many weights each row keeps.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Pattern {
-    /// Drop floor(in_features * s) of every row.
+    /// Drop [`pruned_per_row`] of every row: floor(in_features * s), read as a decimal.
     Unstructured(f64),
     /// Keep n of every m consecutive inputs of a row.
     NM { n: i64, m: i64 },
@@ -54,9 +54,30 @@ impl Pattern {
     /// Weights pruned in one row of `in_features`.
     pub fn pruned_per_row(&self, in_features: i64) -> i64 {
         match *self {
-            Pattern::Unstructured(s) => (in_features as f64 * s).floor() as i64,
+            Pattern::Unstructured(s) => pruned_per_row(in_features, s),
             Pattern::NM { n, m } => in_features / m * (m - n),
         }
+    }
+}
+
+/// How many of `in_features` weights a row loses at unstructured `sparsity`: floor(in_features
+/// x sparsity), computed as a person computes it from the decimal they wrote. The sparsity is read
+/// as its shortest round-trip decimal ("0.58", as Python's `repr` and Rust's `Display` write it,
+/// not the binary 0.57999999999999996) and the product is exact integer arithmetic, so 100 x 0.58
+/// prunes 58 where f64 multiplication gives 57.999... and floors to 57. `sparsity` is in [0, 1).
+pub fn pruned_per_row(in_features: i64, sparsity: f64) -> i64 {
+    if in_features <= 0 || sparsity <= 0.0 {
+        return 0;
+    }
+    // Display never uses an exponent; a value in (0, 1) prints as "0.<digits>".
+    let text = format!("{sparsity}");
+    let digits = text.split_once('.').map_or("", |(_, frac)| frac);
+    // At most 17 significant digits, so the numerator fits a u64 once leading zeros are dropped.
+    let numerator: u128 = digits.trim_start_matches('0').parse().unwrap_or(0);
+    let product = in_features as u128 * numerator; // < 2^63 * 10^17 < 2^120
+    match 10u128.checked_pow(digits.len() as u32) {
+        Some(denominator) => (product / denominator) as i64,
+        None => 0, // 10^39 and up exceed the product
     }
 }
 
@@ -68,17 +89,18 @@ fn check_scores(scores: &Tensor) -> Result<(i64, i64)> {
     Ok((s[0], s[1]))
 }
 
-/// Row-major float32 copy of the scores with -0.0 folded into 0.0; errors on NaN.
+/// Row-major float32 copy of the scores with -0.0 folded into 0.0; errors on NaN or infinity
+/// (an infinite activation norm makes a whole column +inf, and every row would keep it).
 fn cpu_scores(scores: &Tensor) -> Result<Vec<f32>> {
     let flat = scores.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?;
     let mut v = Vec::<f32>::try_from(&flat)?;
-    let mut has_nan = false;
+    let mut finite = true;
     for x in v.iter_mut() {
-        has_nan |= x.is_nan();
+        finite &= x.is_finite();
         *x += 0.0;
     }
-    if has_nan {
-        return Err(Error::NonFinite { arg: "scores", what: "NaN" });
+    if !finite {
+        return Err(Error::NonFinite { arg: "scores", what: "NaN or infinity" });
     }
     Ok(v)
 }
@@ -171,7 +193,7 @@ fn cpu_mask(rows: i64, cols: i64, fill: impl FnOnce(&mut [bool])) -> Result<Tens
 
 /// Stable ascending sort along the last dim: ties keep column order, the same total order as `rank`.
 fn ascending_order(scores: &Tensor) -> Result<Tensor> {
-    crate::tensor_check::require_no_nan(scores, "scores")?;
+    crate::tensor_check::require_finite(scores, "scores")?;
     Ok(scores.f_to_kind(Kind::Float)?.f_add_scalar(0.0)?.f_sort_stable(true, -1, false)?.1)
 }
 
@@ -303,6 +325,39 @@ mod tests {
         assert!(matches!(Pattern::nm(0, 4), Err(Error::InvalidPattern { .. })));
         assert!(Pattern::nm(2, 4).unwrap().check_fits(6).is_err());
         assert_eq!(Pattern::nm(2, 4).unwrap().pruned_per_row(8), 4);
+    }
+
+    #[test]
+    fn pruned_per_row_reads_the_sparsity_as_its_decimal() {
+        // f64: 100 * 0.58 = 57.99999999999999, 100 * 0.29 = 28.999999999999996.
+        assert_eq!(pruned_per_row(100, 0.58), 58);
+        assert_eq!(pruned_per_row(100, 0.29), 29);
+        assert_eq!(pruned_per_row(100, 0.57), 57);
+        assert_eq!(pruned_per_row(4096, 0.0), 0);
+        assert_eq!(pruned_per_row(3, 0.5), 1);
+        assert_eq!(pruned_per_row(1 << 40, 1e-30), 0);
+        assert_eq!(pruned_per_row(10, 0.999_999_999_999_999_9), 9);
+        // Every ratio p/q written with up to four decimals, on widths from 1 to 20000: exact
+        // integer arithmetic on the digits is the reference.
+        for scale in [100u64, 1000, 10000] {
+            for p in (0..scale).step_by(7) {
+                let sparsity: f64 = format!("0.{p:0width$}", width = scale.ilog10() as usize).parse().unwrap();
+                for cols in [1u64, 7, 64, 100, 576, 1536, 4096, 11008, 14336, 19999] {
+                    assert_eq!(pruned_per_row(cols as i64, sparsity) as u64, cols * p / scale, "{cols} x {sparsity}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn infinite_or_nan_scores_are_refused_on_both_paths() {
+        for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+            let scores = Tensor::from_slice(&[1.0f32, bad, 2.0, 3.0]).view([1, 4]);
+            assert!(matches!(unstructured_mask(&scores, 0.5), Err(Error::NonFinite { .. })));
+            assert!(matches!(nm_mask(&scores, 2, 4), Err(Error::NonFinite { .. })));
+            assert!(matches!(unstructured_by_sort(&scores, 2), Err(Error::NonFinite { .. })));
+            assert!(matches!(nm_by_sort(&scores, 2, 4), Err(Error::NonFinite { .. })));
+        }
     }
 
     #[test]

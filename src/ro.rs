@@ -54,9 +54,10 @@ pub fn masked_mse(out: &Tensor, target: &Tensor, token_mask: Option<&Tensor>) ->
     match token_mask {
         None => Ok(diff.f_mean(Kind::Float)?),
         Some(m) => {
-            let keep = m.f_unsqueeze(-1)?.f_to_kind(Kind::Float)?;
-            let count = keep.f_sum(Kind::Float)?.f_mul_scalar(diff.size()[2] as f64)?.f_clamp_min(1.0)?;
-            Ok(diff.f_mul(&keep)?.f_sum(Kind::Float)?.f_div(&count)?)
+            // masked_fill, not a product: padding may hold inf, and inf * 0 is NaN.
+            let padding = m.f_logical_not()?.f_unsqueeze(-1)?;
+            let count = m.f_sum(Kind::Float)?.f_mul_scalar(diff.size()[2] as f64)?.f_clamp_min(1.0)?;
+            Ok(diff.f_masked_fill(&padding, 0.0)?.f_sum(Kind::Float)?.f_div(&count)?)
         }
     }
 }
@@ -66,7 +67,7 @@ pub fn regional_norm(out: &Tensor, token_mask: Option<&Tensor>) -> Result<Tensor
     let out = out.f_to_kind(Kind::Float)?;
     let out = match token_mask {
         None => out,
-        Some(m) => out.f_mul(&m.f_unsqueeze(-1)?.f_to_kind(Kind::Float)?)?,
+        Some(m) => out.f_masked_fill(&m.f_logical_not()?.f_unsqueeze(-1)?, 0.0)?,
     };
     Ok(out.f_square()?.f_sum(Kind::Float)?.f_sqrt()?)
 }

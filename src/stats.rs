@@ -2,7 +2,7 @@
 //! (gradients) whatever the input dtype, so half-precision models do not lose the small terms.
 
 use crate::error::{Error, Result};
-use crate::tensor_check::{require_bool, require_float, require_rank, require_same_device, require_shape};
+use crate::tensor_check::{require_bool, require_finite, require_float, require_rank, require_same_device, require_shape};
 use tch::{Kind, Tensor};
 
 /// Per-feature input norms of one linear layer, fed one batch at a time.
@@ -66,14 +66,20 @@ impl ActivationStats {
         Ok(())
     }
 
-    /// float32 tensor [in_features] on the device of the data.
+    /// float32 tensor [in_features] on the device of the data. NonFinite when an activation
+    /// was infinite or NaN (or the norm overflows float32): such a norm would make whole input
+    /// columns win or lose in every row.
     pub fn norm(&self) -> Result<Tensor> {
         match &self.sum_sq {
             None => Err(Error::InvalidArgument {
                 arg: "ActivationStats",
                 reason: "norm() called before any update(); feed at least one batch".into(),
             }),
-            Some(acc) => Ok(acc.f_div_scalar(self.nsamples as f64)?.f_sqrt()?.f_to_kind(Kind::Float)?),
+            Some(acc) => {
+                let norm = acc.f_div_scalar(self.nsamples as f64)?.f_sqrt()?.f_to_kind(Kind::Float)?;
+                require_finite(&norm, "activation norms")?;
+                Ok(norm)
+            }
         }
     }
 }
@@ -121,14 +127,19 @@ impl GradientStats {
         Ok(())
     }
 
-    /// float32 tensor of `shape`: sqrt(sum of squares / nsamples).
+    /// float32 tensor of `shape`: sqrt(sum of squares / nsamples). NonFinite when a gradient
+    /// was infinite or NaN, or the sum of squares overflowed float32.
     pub fn rms(&self) -> Result<Tensor> {
         match &self.sum_sq {
             None => Err(Error::InvalidArgument {
                 arg: "GradientStats",
                 reason: "rms() called before any update(); feed at least one gradient".into(),
             }),
-            Some(acc) => Ok(acc.f_div_scalar(self.nsamples as f64)?.f_sqrt()?),
+            Some(acc) => {
+                let rms = acc.f_div_scalar(self.nsamples as f64)?.f_sqrt()?;
+                require_finite(&rms, "gradients")?;
+                Ok(rms)
+            }
         }
     }
 }
@@ -164,6 +175,28 @@ mod tests {
         st.update(&Tensor::from_slice(&[4.0f32]).view([1, 1])).unwrap();
         let r = f64::try_from(st.rms().unwrap().view([-1]).get(0)).unwrap();
         assert!((r - 12.5f64.sqrt()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn infinite_or_nan_statistics_are_refused() {
+        for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+            let x = Tensor::from_slice(&[1.0f32, bad]).view([1, 1, 2]);
+            let mut act = ActivationStats::new(2).unwrap();
+            act.update(&x, None).unwrap();
+            assert!(matches!(act.norm(), Err(Error::NonFinite { .. })), "{bad}");
+            let mut grad = GradientStats::new(vec![1, 2]).unwrap();
+            grad.update(&x.view([1, 2])).unwrap();
+            assert!(matches!(grad.rms(), Err(Error::NonFinite { .. })), "{bad}");
+        }
+        // float32 squares overflow although each gradient is finite.
+        let mut grad = GradientStats::new(vec![1, 1]).unwrap();
+        grad.update(&Tensor::from_slice(&[1e30f32]).view([1, 1])).unwrap();
+        assert!(matches!(grad.rms(), Err(Error::NonFinite { .. })));
+        // A padded token's infinity is not a statistic.
+        let x = Tensor::from_slice(&[1.0f32, f32::INFINITY]).view([1, 2, 1]);
+        let mut act = ActivationStats::new(1).unwrap();
+        act.update(&x, Some(&Tensor::from_slice(&[true, false]).view([1, 2]))).unwrap();
+        assert_eq!(f64::try_from(act.norm().unwrap().get(0)).unwrap(), 1.0);
     }
 
     #[test]

@@ -52,13 +52,6 @@ pub fn require_shape(t: &Tensor, arg: &'static str, expected: &[i64], what: &str
     Ok(())
 }
 
-pub fn require_no_nan(t: &Tensor, arg: &'static str) -> Result<()> {
-    if bool::try_from(t.f_isnan()?.f_any()?)? {
-        return Err(Error::NonFinite { arg, what: "NaN" });
-    }
-    Ok(())
-}
-
 pub fn require_finite(t: &Tensor, arg: &'static str) -> Result<()> {
     if !bool::try_from(t.f_isfinite()?.f_all()?)? {
         return Err(Error::NonFinite { arg, what: "NaN or infinity" });

@@ -3,6 +3,8 @@ against. Ties follow wandapp's documented rule: at equal score the lower column 
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 
 LINEARS = (
@@ -11,9 +13,15 @@ LINEARS = (
 )
 
 
+def pruned_per_row(in_features: int, sparsity: float) -> int:
+    """floor(in_features x sparsity) in exact rational arithmetic on the decimal the user wrote
+    (``repr`` gives back the shortest decimal of a float: 0.58, not 0.57999...)."""
+    return int(in_features * Fraction(repr(float(sparsity))))
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     s = scores.float() + 0.0
-    k = int(s.shape[1] * sparsity)
+    k = pruned_per_row(s.shape[1], sparsity)
     order = torch.sort(s, dim=1, stable=True).indices
     keep = torch.ones_like(s, dtype=torch.bool)
     for row in range(s.shape[0]):

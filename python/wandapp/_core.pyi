@@ -9,7 +9,7 @@ import torch
 
 __all__ = [
     "ActivationStats", "GradientStats", "MASK_FORMAT", "MASK_FORMAT_VERSION", "__version__", "apply_mask_",
-    "load_masks", "magnitude_score", "mask_hash", "nm_mask", "prune_block_", "rgs_score", "save_masks",
+    "load_masks", "magnitude_score", "mask_hash", "nm_mask", "prune_block_", "pruned_per_row", "rgs_score", "save_masks",
     "unstructured_mask", "wanda_score",
 ]
 
@@ -17,6 +17,7 @@ __version__: str
 MASK_FORMAT: str
 MASK_FORMAT_VERSION: str
 
+def pruned_per_row(in_features: int, sparsity: float) -> int: ...
 def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor: ...
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor: ...
 def magnitude_score(weight: torch.Tensor) -> torch.Tensor: ...

@@ -28,6 +28,16 @@ class Pattern:
     def __str__(self) -> str:
         return f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:g}"
 
+    def pruned_per_row(self, in_features: int) -> int:
+        """Weights a row of ``in_features`` loses: (m - n) per group of m, or floor(in_features x
+        sparsity) with the sparsity read as its decimal (the core's rule, shared with the masks)."""
+        if self.nm:
+            n, m = self.nm
+            return in_features // m * (m - n)
+        from wandapp.kernels import pruned_per_row
+
+        return pruned_per_row(in_features, self.sparsity)
+
 
 def parse_sparsity(value: Union[float, str]) -> Pattern:
     """Accepts a float in [0, 1) (unstructured, per output row) or an "N:M" string; a string
@@ -67,13 +77,15 @@ class PruneConfig:
         alpha: weight of the regional gradient in the RGS score (paper: 100).
         ro_rounds: K, rounds of prune -> regional optimization per block (paper: 5).
         ro_samples: M, calibration sequences RO trains on, drawn with ``seed`` (paper: 32);
-            None = min(32, nsamples).
+            None = min(32, the sequences used).
         ro_lr: RMSprop learning rate of RO (paper: 3e-7, tuned for 7B models; wandapp's
             default was measured on SmolLM2-135M, see bench/results/ro_lr.md).
         ro_holdout: sequences held out of RO to guard it: a round that makes their block
             error worse or non-finite is rolled back. 0 guards on the training sequences.
         seed: seeds every random choice (RO sample choice and order).
-        nsamples: calibration sequences taken from the loader (paper: 128).
+        nsamples: calibration sequences taken from the loader (paper: 128). None = every
+            sequence the loader yields, up to 128 (the report's ``nsamples`` says how many);
+            a number asks for exactly that many (CalibrationError if the loader has fewer).
         device: where a block runs; None = the model's device.
         offload: where captured activations wait between blocks; None = CPU when the
             model is on CUDA, else the model's device.
@@ -86,7 +98,7 @@ class PruneConfig:
     ro_lr: float = DEFAULT_RO_LR
     ro_holdout: int = 8
     seed: int = 0
-    nsamples: int = 128
+    nsamples: Optional[int] = None
     device: Union[str, torch.device, None] = None
     offload: Union[str, torch.device, None] = None
     progress: bool = True
@@ -105,7 +117,7 @@ class PruneConfig:
         need(isinstance(self.ro_lr, (int, float)) and self.ro_lr > 0, "ro_lr", "must be a number > 0")
         need(is_int(self.ro_holdout) and self.ro_holdout >= 0, "ro_holdout", "must be an integer >= 0")
         need(is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
-        need(is_int(self.nsamples) and self.nsamples >= 1, "nsamples", "must be an integer >= 1")
+        need(self.nsamples is None or (is_int(self.nsamples) and self.nsamples >= 1), "nsamples", "must be None or an integer >= 1")
         need(isinstance(self.progress, bool), "progress", "must be True or False")
         for field in ("device", "offload"):
             value = getattr(self, field)
@@ -120,9 +132,9 @@ class PruneConfig:
         """The paper's settings: alpha 100, K=5 rounds, M=32, lr 3e-7, N=128."""
         return cls(**{**dict(alpha=100.0, ro_rounds=5, ro_samples=32, ro_lr=3e-7, nsamples=128), **overrides})
 
-    @property
-    def ro_samples_used(self) -> int:
-        return min(32, self.nsamples) if self.ro_samples is None else self.ro_samples
+    def ro_samples_for(self, nsamples: int) -> int:
+        """M for a run on ``nsamples`` calibration sequences."""
+        return min(32, nsamples) if self.ro_samples is None else self.ro_samples
 
     def replace(self, **overrides: Any) -> "PruneConfig":
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}

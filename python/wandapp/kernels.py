@@ -3,6 +3,8 @@
 Masks are bool tensors, True = keep. Scores are float32. Every row of a weight (an output
 feature) competes on its own. Ties are broken by column index: at equal score the lower
 column counts as smaller (unstructured drops it first; N:M keeps the higher one).
+Unstructured sparsity s drops ``pruned_per_row(in_features, s)`` = floor(in_features x s) of
+each row, with s read as the decimal it prints as (100 x 0.58 prunes 58).
 
 >>> import torch, wandapp
 >>> scores = torch.tensor([[3.0, 1.0, 1.0, 2.0]])
@@ -10,6 +12,8 @@ column counts as smaller (unstructured drops it first; N:M keeps the higher one)
 tensor([[ True, False, False,  True]])
 >>> wandapp.kernels.nm_mask(scores, 2, 4)
 tensor([[ True, False, False,  True]])
+>>> wandapp.kernels.pruned_per_row(100, 0.58)
+58
 """
 
 from wandapp._core import (
@@ -19,6 +23,7 @@ from wandapp._core import (
     magnitude_score,
     mask_hash,
     nm_mask,
+    pruned_per_row,
     rgs_score,
     unstructured_mask,
     wanda_score,
@@ -31,6 +36,7 @@ __all__ = [
     "magnitude_score",
     "mask_hash",
     "nm_mask",
+    "pruned_per_row",
     "rgs_score",
     "unstructured_mask",
     "wanda_score",

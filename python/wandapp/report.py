@@ -9,11 +9,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from wandapp._optional import require
+from wandapp.config import Pattern
+
 
 @dataclass
 class LayerReport:
     shape: list[int]
     sparsity: float  # fraction of zeros in the mask
+    pruned_per_row: int  # the rule's count (Pattern.pruned_per_row); every row of the mask drops exactly this many
     mask_hash: str  # wandapp.kernels.mask_hash: sha256 of shape + packed bits
 
 
@@ -45,14 +49,16 @@ class PruneReport:
     _packed: dict[str, tuple[list[int], np.ndarray]] = field(default_factory=dict, repr=False)
 
     # -- building -----------------------------------------------------------------------
-    def record_masks(self, names: list[str], masks: list[torch.Tensor]) -> dict[str, LayerReport]:
+    def record_masks(self, names: list[str], masks: list[torch.Tensor], pattern: Pattern) -> dict[str, LayerReport]:
         from wandapp.kernels import mask_hash
 
         layers = {}
         for name, mask in zip(names, masks):
             cpu = mask.detach().to("cpu")
             self._packed[name] = (list(cpu.shape), np.packbits(cpu.numpy().reshape(-1)))
-            layers[name] = LayerReport(list(cpu.shape), 1.0 - cpu.float().mean().item(), mask_hash(cpu))
+            layers[name] = LayerReport(
+                list(cpu.shape), 1.0 - cpu.float().mean().item(), pattern.pruned_per_row(cpu.shape[1]), mask_hash(cpu)
+            )
         return layers
 
     # -- reading ------------------------------------------------------------------------
@@ -119,8 +125,7 @@ class PruneReport:
     def plot(self, path: str | None = None) -> Any:
         """Per-block MSE against the dense block, before RO and after the final prune
         (needs matplotlib). Returns the figure; saves it when ``path`` is given."""
-        import matplotlib
-
+        matplotlib = require("matplotlib", "PruneReport.plot")
         if path is not None:
             matplotlib.use("Agg")
         import matplotlib.pyplot as plt

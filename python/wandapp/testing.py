@@ -19,10 +19,13 @@ def _linears(model: Any) -> list[tuple[str, torch.Tensor]]:
 
 
 def assert_sparsity(model: Any, sparsity: float) -> None:
-    """Every row of every block linear has at least floor(in * sparsity) zeros (a pruned row
-    has exactly that many unless a kept weight is itself zero). Names the first offender."""
+    """Every row of every block linear has at least ``pruned_per_row(in, sparsity)`` zeros
+    (floor(in x sparsity), the sparsity read as its decimal: the count pruning uses; a pruned
+    row has exactly that many unless a kept weight is itself zero). Names the first offender."""
+    from wandapp.kernels import pruned_per_row
+
     for name, w in _linears(model):
-        need = int(w.shape[1] * sparsity)
+        need = pruned_per_row(w.shape[1], sparsity)
         zeros = (w == 0).sum(dim=1)
         bad = torch.nonzero(zeros < need)
         if bad.numel():
