@@ -42,7 +42,7 @@ def test_every_method_and_pattern_gives_exact_counts_and_finite_logits(method, s
             n, m = (int(v) for v in sparsity.split(":"))
             assert torch.all(mask.view(rows, -1, m).sum(dim=2) == n), name
         else:
-            assert torch.all((~mask).sum(dim=1) == int(cols * sparsity)), name
+            assert torch.all((~mask).sum(dim=1) == reference.pruned_per_row(cols, sparsity)), name
     assert_masks_equal(model, masks)
     assert torch.isfinite(model(ids[:2]).logits).all()
     assert report.pruned_blocks == [0, 1]
@@ -219,26 +219,6 @@ def test_bad_calibration_data(loader, match):
     with pytest.raises(wandapp.CalibrationError, match=match):
         wandapp.prune(model, loader, nsamples=16, progress=False)
     assert untouched(model, before)
-
-
-def test_non_finite_activations(ids):
-    model = tiny_model("llama")
-    ids = ids.clamp(max=126)
-    ids[3, 5] = 127  # the only place token 127 occurs
-    with torch.no_grad():
-        model.model.embed_tokens.weight[127] = float("nan")
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(wandapp.NonFiniteError, match="sequence 3"):
-        wandapp.prune(model, ids, **FAST)
-    assert all(torch.equal(p, before[n]) or torch.isnan(p).any() for n, p in model.state_dict().items())
-    assert all(torch.equal(m.weight, before[n + ".weight"]) for n, m in model.named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear))
-
-
-def test_model_on_several_devices(ids):
-    model = tiny_model("llama")
-    model.lm_head.to("meta")
-    with pytest.raises(wandapp.DeviceMismatchError, match="several devices"):
-        wandapp.prune(model, ids, **FAST)
 
 
 def test_unsupported_model(ids):

@@ -7,6 +7,9 @@
 # torch first: the extension links against the libtorch inside the torch wheel and has no rpath.
 import torch  # noqa: F401
 
+import importlib
+from typing import Any
+
 from wandapp import _core, kernels
 from wandapp.config import PruneConfig
 from wandapp.errors import (
@@ -30,6 +33,20 @@ from wandapp.prune import prune
 from wandapp.report import PruneReport
 
 __version__: str = _core.__version__
+
+#: Submodules reachable as ``wandapp.<name>`` after ``import wandapp``, imported on first use so
+#: that their optional dependencies (peft, matplotlib...) load only when a feature needs them.
+SUBMODULES = ("cli", "config", "data", "eval", "kernels", "lora", "masks", "models", "report", "testing")
+
+
+def __getattr__(name: str) -> Any:
+    if name in SUBMODULES:
+        return importlib.import_module(f"wandapp.{name}")
+    raise AttributeError(f"module 'wandapp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *SUBMODULES})
 
 __all__ = [
     "CalibrationError",

@@ -1,5 +1,6 @@
 """Catching the first block's inputs (with every keyword argument the model passes its decoder
-layers), keeping activations on the offload device, and running one block for the core."""
+layers) in one checked dense pass, keeping activations on the offload device, and running one
+block for the core."""
 
 from __future__ import annotations
 
@@ -46,54 +47,100 @@ def next_block_inputs(samples: list[Sample], outputs: list[torch.Tensor]) -> lis
 
 
 class _Captured(Exception):
-    """Stops the model's forward once every block type has shown its arguments."""
+    """Stops the model's forward after its last decoder block (the norm and LM head are not needed)."""
+
+
+class _FiniteChecks:
+    """Finiteness flags of one sequence's dense forward, on real tokens only, read with one
+    host synchronisation per sequence: (where, flag) in the order the model computed them."""
+
+    def __init__(self) -> None:
+        self.flags: list[tuple[str, torch.Tensor]] = []
+        self.token_mask: torch.Tensor | None = None  # [1, seq] bool on the model's device
+
+    def check(self, where: str, x: torch.Tensor) -> None:
+        real = x if self.token_mask is None or x.dim() != 3 else x[self.token_mask]
+        self.flags.append((where, torch.isfinite(real).all()))
+
+    def first_failure(self) -> str | None:
+        if not self.flags:
+            return None
+        ok = torch.stack([flag for _, flag in self.flags]).cpu()
+        bad = torch.nonzero(~ok)
+        return self.flags[int(bad[0, 0])][0] if bad.numel() else None
 
 
 @torch.no_grad()
 def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offload: torch.device) -> list[Sample]:
-    """Runs the model once per sequence up to the first block of its last attention type (just
-    the first block when all blocks share one type), keeping the first block's input and the
-    arguments each type receives."""
+    """Runs the dense model once per sequence through all its decoder blocks, keeping the first
+    block's input and the arguments each attention type receives at its first block.
+
+    The same pass checks, on real tokens, that every block's input, every linear layer's input
+    and the last block's output are finite: a model that overflows on the user's own data (float16
+    often does) raises NonFiniteError naming the first block and layer, before any weight changes.
+    """
     model = adapter.model
     device = next(model.parameters()).device
-    firsts = adapter.first_of_each_kind()
-    last = max(firsts.values())
+    firsts = {index: kind for kind, index in adapter.first_of_each_kind().items()}
+    last = len(adapter.layers) - 1
     hidden: list[torch.Tensor] = []
     kwargs: dict[str, dict[str, Any]] = {}
+    checks = _FiniteChecks()
 
-    def catcher(kind: str, index: int):
-        def catch(_module: nn.Module, args: tuple, given: dict[str, Any]) -> None:
+    def on_block_input(index: int):
+        def hook(_module: nn.Module, args: tuple, given: dict[str, Any]) -> None:
+            x = args[0] if args else given["hidden_states"]
+            checks.check(f"the input of block {index}", x)
             if index == 0:
-                hidden.append(args[0] if args else given["hidden_states"])
-            kept = {k: v for k, v in given.items() if k not in _DROPPED_KWARGS and k != "hidden_states"}
-            kwargs[kind] = move({**kept, "use_cache": False}, offload)
-            if index == last:
-                raise _Captured
+                hidden.append(x)
+            if index in firsts:
+                kept = {k: v for k, v in given.items() if k not in _DROPPED_KWARGS and k != "hidden_states"}
+                kwargs[firsts[index]] = move({**kept, "use_cache": False}, offload)
 
-        return catch
+        return hook
 
+    def on_linear_input(where: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            checks.check(where, args[0])
+
+        return hook
+
+    def on_last_output(_module: nn.Module, _args: tuple, output: Any) -> None:
+        checks.check(f"the output of block {last}", output[0] if isinstance(output, tuple) else output)
+        raise _Captured
+
+    handles = [layer.register_forward_pre_hook(on_block_input(i), with_kwargs=True) for i, layer in enumerate(adapter.layers)]
+    handles += [
+        linear.register_forward_pre_hook(on_linear_input(f"the input of {name} (block {i})"))
+        for i in range(len(adapter.layers))
+        for name, linear in adapter.linears(i)
+    ]
+    handles.append(adapter.layers[last].register_forward_hook(on_last_output))
     samples = []
-    handles = [adapter.layers[i].register_forward_pre_hook(catcher(kind, i), with_kwargs=True) for kind, i in firsts.items()]
     try:
-        for seq in sequences:
+        for i, seq in enumerate(sequences):
             attention_mask = None if seq.attention_mask is None else seq.attention_mask.to(device, torch.long)
+            token_mask = seq.token_mask()
+            checks.flags.clear()
+            checks.token_mask = None if token_mask is None else token_mask.to(device)
             try:
                 model(input_ids=seq.input_ids.to(device), attention_mask=attention_mask, use_cache=False)
             except _Captured:
-                samples.append(Sample(hidden.pop().to(offload), dict(kwargs), seq.token_mask()))
-                kwargs.clear()
+                pass
             else:
                 raise RuntimeError(f"the model returned without calling decoder block {last}")
+            where = checks.first_failure()
+            if where is not None:
+                raise NonFiniteError(
+                    f"the dense model overflows on calibration sequence {i}: {where} holds NaN or infinity (on real "
+                    f"tokens) before any pruning. Load the model in bfloat16 or float32 (float16 overflows easily), "
+                    "or check the input ids"
+                )
+            samples.append(Sample(hidden.pop().to(offload), dict(kwargs), token_mask))
+            kwargs.clear()
     finally:
         for handle in handles:
             handle.remove()
-    for i, s in enumerate(samples):
-        real = s.hidden if s.token_mask is None else s.hidden[s.token_mask.to(s.hidden.device)]
-        if not torch.isfinite(real).all():
-            raise NonFiniteError(
-                f"calibration sequence {i} gives NaN or infinite activations at the first block; "
-                "check the input ids and the model's dtype (float16 overflows easily: try bfloat16 or float32)"
-            )
     return samples
 
 

@@ -15,16 +15,13 @@ from typing import Any, Mapping
 
 import torch
 
-from wandapp.errors import InvalidArgumentError, MissingDependencyError
+from wandapp._optional import require
+from wandapp.errors import InvalidArgumentError
 from wandapp.masks import apply_masks
 
 
 def _require_peft_model(model: Any) -> None:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise MissingDependencyError('LoRA support needs peft: pip install "wandapp[lora]"') from None
-    if not isinstance(model, PeftModel):
+    if not isinstance(model, require("peft", "LoRA support").PeftModel):
         raise InvalidArgumentError(f"expected a peft PeftModel (from get_peft_model), got {type(model).__name__}")
 
 

@@ -11,11 +11,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wandapp import _core
-from wandapp.adapters import DecoderAdapter, resolve
+from wandapp.adapters import DecoderAdapter, require_materialized, resolve
 from wandapp.capture import BlockRunner, Sample, capture_first_block, next_block_inputs
 from wandapp.config import Pattern, PruneConfig, parse_method, parse_sparsity
-from wandapp.data import collect_sequences
-from wandapp.errors import CalibrationError, DeviceMismatchError, PruneError, PruneInterrupted, SparsityError
+from wandapp.data import Sequence, collect_sequences
+from wandapp.errors import CalibrationError, DeviceMismatchError, InvalidArgumentError, PruneError, PruneInterrupted, SparsityError
 from wandapp.report import BlockReport, PruneReport
 
 
@@ -32,17 +32,28 @@ def prune(
 
     Args:
         model: a loaded LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM.
-        calib_loader: any iterable (a DataLoader, a list) of LongTensor [batch, seq] or of
-            dicts with ``input_ids`` and an optional ``attention_mask``; padding never enters
-            a statistic. The first ``config.nsamples`` sequences are used.
-        sparsity: a float in [0, 1) (that fraction of every output row) or "N:M" ("2:4").
+        calib_loader: any iterable (a DataLoader, a list, a tokenized ``datasets.Dataset``)
+            whose items are token ids [batch, seq] or [seq] (tensor, array or list), dicts or
+            BatchEncodings with ``input_ids`` and an optional ``attention_mask``, or
+            ``(input_ids,)`` / ``(input_ids, attention_mask)`` tuples (a TensorDataset). Padding
+            (mask 0) never enters a statistic; any other layout is a CalibrationError. With
+            ``nsamples=None`` (the default) every sequence up to 128 is used.
+        sparsity: a float in [0, 1) (floor(in_features x sparsity) of every output row, the
+            sparsity read as its decimal: see ``wandapp.kernels.pruned_per_row``) or "N:M" ("2:4").
         method: "magnitude", "wanda", "rgs" (regional gradients, no RO) or "wanda++" (RGS + RO).
         config: a :class:`PruneConfig`; keyword ``overrides`` replace its fields.
 
-    Returns a :class:`PruneReport`. Everything is validated before any weight changes. If a
-    block fails (or Ctrl-C), that block is restored bit for bit and :class:`PruneError`
-    (``PruneInterrupted`` for Ctrl-C) carries the partial report: earlier blocks are pruned,
-    that one and later ones untouched.
+    Returns a :class:`PruneReport` whose ``config`` holds the values used (``nsamples`` and
+    ``ro_samples`` resolved). The caller's grad mode (``no_grad``, ``inference_mode``) does not
+    matter and is unchanged on return.
+
+    Raises, before any weight changes: SparsityError, InvalidArgumentError (bad settings, or
+    weights that are inference tensors), CalibrationError (data), UnsupportedModelError (model
+    type, or weights on ``meta`` / offloaded by accelerate), DeviceMismatchError, NonFiniteError
+    (the dense model overflows on the calibration data: names the first block and layer). If a
+    block fails later (or Ctrl-C), that block is restored bit for bit and :class:`PruneError`
+    (``PruneInterrupted`` for Ctrl-C) carries the partial report and the cause: earlier blocks
+    are pruned, that one and later ones untouched.
 
     Example::
 
@@ -53,20 +64,42 @@ def prune(
     pattern = parse_sparsity(sparsity)
     method = parse_method(method)
     adapter = resolve(model)
+    require_materialized(model)
+    _require_ordinary_tensors(model)
     _check_pattern_fits(adapter, pattern)
     model_device = _single_device(model)
     device = torch.device(cfg.device) if cfg.device is not None else model_device
     offload = torch.device(cfg.offload) if cfg.offload is not None else (
         torch.device("cpu") if model_device.type == "cuda" else model_device
     )
-    if method == "wanda++" and cfg.ro_rounds > 0 and cfg.ro_samples_used > cfg.nsamples:
-        raise CalibrationError(f"ro_samples={cfg.ro_samples} exceeds nsamples={cfg.nsamples}; lower ro_samples or add data")
-    sequences = collect_sequences(calib_loader, cfg.nsamples)
-    vocab = model.get_input_embeddings().num_embeddings
-    for i, seq in enumerate(sequences):
-        if int(seq.input_ids.min()) < 0 or int(seq.input_ids.max()) >= vocab:
-            raise CalibrationError(f"calibration sequence {i} has token ids outside [0, {vocab}); was it tokenized for this model?")
+    # wandapp owns its autograd: the caller's no_grad or inference_mode does not reach the
+    # gradient pass or RO, and its grad mode is back as it was on return.
+    with torch.inference_mode(False), torch.enable_grad():
+        sequences = collect_sequences(calib_loader, cfg.nsamples)
+        cfg = cfg.replace(nsamples=len(sequences), ro_samples=cfg.ro_samples_for(len(sequences)))
+        if method == "wanda++" and cfg.ro_rounds > 0 and cfg.ro_samples > len(sequences):
+            raise CalibrationError(
+                f"ro_samples={cfg.ro_samples} needs that many calibration sequences, but the run has {len(sequences)}; "
+                f"lower ro_samples (or leave it None), or pass more data"
+            )
+        vocab = model.get_input_embeddings().num_embeddings
+        for i, seq in enumerate(sequences):
+            if int(seq.input_ids.min()) < 0 or int(seq.input_ids.max()) >= vocab:
+                raise CalibrationError(f"calibration sequence {i} has token ids outside [0, {vocab}); was it tokenized for this model?")
+        return _prune_blocks(adapter, sequences, method, pattern, cfg, device, offload)
 
+
+def _prune_blocks(
+    adapter: DecoderAdapter,
+    sequences: list[Sequence],
+    method: str,
+    pattern: Pattern,
+    cfg: PruneConfig,
+    device: torch.device,
+    offload: torch.device,
+) -> PruneReport:
+    """The block loop: capture once, then prune each block on the previous one's outputs."""
+    model = adapter.model
     was_training = model.training
     model.eval()
     try:
@@ -123,7 +156,7 @@ def _prune_one_block(
             nm=pattern.nm,
             alpha=cfg.alpha,
             ro_rounds=cfg.ro_rounds if method == "wanda++" else 0,
-            ro_samples=cfg.ro_samples_used,
+            ro_samples=cfg.ro_samples,
             ro_holdout=cfg.ro_holdout,
             ro_lr=cfg.ro_lr,
             seed=cfg.seed + index,
@@ -145,7 +178,7 @@ def _prune_one_block(
 
     block = report.blocks[index]
     block.status = "pruned"
-    block.layers = report.record_masks(names, result["masks"])
+    block.layers = report.record_masks(names, result["masks"], pattern)
     block.mse_before_ro = result["mse_before_ro"]
     block.mse_final = result["mse_final"]
     block.ro_losses = [r["loss"] for r in result["rounds"]]
@@ -179,6 +212,19 @@ def _check_pattern_fits(adapter: DecoderAdapter, pattern: Pattern) -> None:
     for name, linear in adapter.all_linears():
         if linear.in_features % m:
             raise SparsityError(f"{n}:{m} needs in_features divisible by {m}, but {name} has {linear.in_features}")
+
+
+def _require_ordinary_tensors(model: nn.Module) -> None:
+    """Inference tensors (made inside ``torch.inference_mode()``) cannot be changed in place or
+    trained outside it, and pruning does both."""
+    made = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_inference()]
+    if made:
+        raise InvalidArgumentError(
+            f"{len(made)} of the model's parameters or buffers (e.g. {made[:3]}) are inference tensors: the model was "
+            "loaded or built inside torch.inference_mode(). wandapp changes weights in place and (rgs, wanda++) takes "
+            "their gradients, which PyTorch forbids for inference tensors. Load the model outside inference_mode "
+            "(calling wandapp.prune inside inference_mode or no_grad is fine)"
+        )
 
 
 def _single_device(model: nn.Module) -> torch.device:
