@@ -58,6 +58,9 @@ def layouts():
         "DataLoader over dicts": DataLoader([{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(4)], batch_size=3),
         "1-D rows": [{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(4)],
         "numpy arrays": [{"input_ids": ids.numpy(), "attention_mask": mask.numpy()}],
+        "zip of numpy rows": list(zip(ids.numpy(), mask.numpy())),
+        "zip of list rows": list(zip(ids.tolist(), mask.tolist())),
+        "numpy pairs": [(ids.numpy(), mask.numpy())],
         "python lists": [{"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": ids.tolist()}],
         "dict with labels and text": [{"input_ids": ids, "attention_mask": mask, "labels": ids, "text": ["..."] * 4}],
     }
@@ -92,6 +95,7 @@ def test_unpadded_rows_of_a_datasets_dataset_equal_the_same_rows_as_tensors():
         ([(padded_batch()[0], padded_batch()[0])], "other than 0 and 1"),
         ([{"input_ids": padded_batch()[0], "position_ids": torch.arange(48).expand(4, 48)}], "position_ids"),
         ([{"input_ids": padded_batch()[0], "inputs_embeds": torch.zeros(4, 48, 64)}], "inputs_embeds"),
+        ([{"input_ids": padded_batch()[0], "cu_seq_lens_q": torch.tensor([0, 20, 48])}], "cu_seq_lens_q"),
         ([{"input_ids": padded_batch()[0], "attention_mask": torch.ones(4, 1, 48, 48)}], "does not match"),
         ([{"input_ids": padded_batch()[0], "attention_mask": torch.ones(4, 47)}], "does not match"),
         # DataLoader's default collate of token-id lists: one tensor per position, transposed.

@@ -117,24 +117,23 @@ def test_non_finite_embeddings_name_the_sequence(ids):
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda"])
-def test_infinity_on_padding_only_is_not_an_overflow(method):
-    """Padded positions never enter a check, a statistic or the block error, so garbage there
-    (simulated: infinities written into the last block's padded MLP activations) refuses nothing."""
-    model = tiny_model("llama")
-    ids = calib_ids(n=4, seqlen=16)
+@pytest.mark.parametrize("method", METHODS)
+def test_infinity_on_padding_only_changes_nothing(method):
+    """A padding token whose embedding is infinite (right padding: real tokens never attend to
+    it) enters no check, statistic, gradient or block error: the masks equal those of the same
+    model with a finite padding embedding."""
+    ids = calib_ids(n=4, seqlen=16).clamp(max=126)
     mask = torch.ones_like(ids)
-    mask[:, 12:] = 0
-
-    def poison_padding(_module, args):
-        x = args[0].clone()
-        x[:, 12:] = float("inf")
-        return (x,)
-
-    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(poison_padding)
-    report = wandapp.prune(model, [{"input_ids": ids, "attention_mask": mask}], method=method, progress=False)
+    ids[:, 12:], mask[:, 12:] = 127, 0
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    expected = wandapp.prune(tiny_model("llama"), batches, sparsity="2:4", method=method, **FAST).masks
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[127] = float("inf")
+    report = wandapp.prune(model, batches, sparsity="2:4", method=method, **FAST)
     assert report.pruned_blocks == [0, 1]
-    assert all(torch.isfinite(torch.tensor([b.mse_final for b in report.blocks])))
+    for name in expected:
+        assert torch.equal(report.masks[name], expected[name]), name
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -182,6 +181,17 @@ def test_calibration_ids_made_in_inference_mode_are_fine():
     with torch.inference_mode():
         ids = calib_ids()
     wandapp.prune(tiny_model("llama"), ids, method="wanda++", **FAST)
+
+
+def test_buffers_outside_the_blocks_made_in_inference_mode_are_fine(ids):
+    """Dynamic RoPE recomputes its inv_freq buffer in the forward: run inside inference_mode, it
+    becomes an inference tensor, which pruning never writes."""
+    model = tiny_model("llama", max_position_embeddings=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with torch.inference_mode():
+        model(calib_ids(n=1, seqlen=40))
+    assert model.model.rotary_emb.inv_freq.is_inference()
+    report = wandapp.prune(model, calib_ids(n=8, seqlen=8), method="wanda++", **FAST)
+    assert report.pruned_blocks == [0, 1]
 
 
 def test_a_model_made_in_inference_mode_is_refused_before_any_work(ids):

@@ -41,9 +41,18 @@ class Sample:
     token_mask: torch.Tensor | None  # [1, seq] bool, True on real tokens; None without padding
 
 
+def without_padding(hidden: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """``hidden`` [1, seq, dim] with padded positions set to 0. Real tokens never read them
+    (causal and padding masks give them attention weight exactly 0), but an inf or NaN there would
+    still turn a weight's gradient (0 x inf) or a product into NaN; zeros keep them harmless."""
+    if token_mask is None:
+        return hidden
+    return hidden.masked_fill(~token_mask.to(hidden.device).unsqueeze(-1), 0)
+
+
 def next_block_inputs(samples: list[Sample], outputs: list[torch.Tensor]) -> list[Sample]:
     """This block's outputs become the next block's inputs; arguments and padding stay."""
-    return [Sample(out, s.kwargs, s.token_mask) for out, s in zip(outputs, samples)]
+    return [Sample(without_padding(out, s.token_mask), s.kwargs, s.token_mask) for out, s in zip(outputs, samples)]
 
 
 class _Captured(Exception):
@@ -136,7 +145,7 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
                     f"tokens) before any pruning. Load the model in bfloat16 or float32 (float16 overflows easily), "
                     "or check the input ids"
                 )
-            samples.append(Sample(hidden.pop().to(offload), dict(kwargs), token_mask))
+            samples.append(Sample(without_padding(hidden.pop(), token_mask).to(offload), dict(kwargs), token_mask))
             kwargs.clear()
     finally:
         for handle in handles:

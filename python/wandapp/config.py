@@ -26,7 +26,7 @@ class Pattern:
     nm: tuple[int, int] | None = None
 
     def __str__(self) -> str:
-        return f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:g}"
+        return f"{self.nm[0]}:{self.nm[1]}" if self.nm else repr(self.sparsity)  # the decimal as written
 
     def pruned_per_row(self, in_features: int) -> int:
         """Weights a row of ``in_features`` loses: (m - n) per group of m, or floor(in_features x

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from wandapp.errors import CalibrationError
@@ -31,15 +32,19 @@ class Sequence:
         """[1, seq] bool, True on real tokens; None when nothing is padding."""
         if self.attention_mask is None or bool(self.attention_mask.all()):
             return None
-        return self.attention_mask
+        return self.attention_mask.bool()
 
 
 #: Sequences wandapp takes from a loader when ``PruneConfig.nsamples`` is None (the paper's N).
 DEFAULT_MAX_SAMPLES = 128
 
 #: Arguments of a causal LM's forward that change what it computes but that wandapp does not
-#: replay: a batch carrying one is refused rather than pruned as if it were absent.
-_REFUSED_KEYS = ("position_ids", "inputs_embeds", "past_key_values", "cache_position")
+#: replay (positions, embeddings, caches, packed-sequence boundaries from
+#: DataCollatorWithFlattening): a batch carrying one is refused rather than pruned as if it were absent.
+_REFUSED_KEYS = (
+    "position_ids", "inputs_embeds", "past_key_values", "cache_position",
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
+)
 
 _LAYOUTS = (
     "yield LongTensor [batch, seq], dicts (or a tokenizer's BatchEncoding) with 'input_ids' and an "
@@ -89,10 +94,21 @@ def _from_sequence(item: tuple | list, index: int) -> tuple[Any, Any]:
     if len(item) == 2:
         return item[0], item[1]
     raise CalibrationError(
-        f"calibration batch {index} is a {type(item).__name__} of {len(item)} tensors; wandapp reads (input_ids,) and "
-        "(input_ids, attention_mask) but cannot tell what the others are. Yield dicts "
-        "{'input_ids': ..., 'attention_mask': ...} instead"
+        f"calibration batch {index} is a {type(item).__name__} of {len(item)} arrays; wandapp reads (input_ids,) and "
+        "(input_ids, attention_mask) but cannot tell what the others are (a DataLoader collating lists of token ids "
+        "also yields one tensor per position). Yield dicts {'input_ids': ..., 'attention_mask': ...} of tensors instead"
     )
+
+
+def _is_positional(item: Any) -> bool:
+    """A batch of positional arrays rather than one array of token ids: a list whose first element
+    is a tensor or numpy array (a DataLoader over a TensorDataset), or a tuple of arrays or lists
+    (``zip(ids, masks)``). A list of lists stays a batch of token-id rows."""
+    if not isinstance(item, (tuple, list)) or not item:
+        return False
+    if isinstance(item[0], (torch.Tensor, np.ndarray)):
+        return True
+    return isinstance(item, tuple) and all(isinstance(v, (list, tuple)) for v in item)
 
 
 def _as_batch(item: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -100,7 +116,7 @@ def _as_batch(item: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | None]
     any supported layout; anything else is a CalibrationError (nothing is silently dropped)."""
     if isinstance(item, dict) or hasattr(item, "keys"):
         ids, mask = _from_mapping(item, index)
-    elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+    elif _is_positional(item):
         ids, mask = _from_sequence(item, index)
     else:  # a tensor, an array, or a list of token ids
         ids, mask = item, None

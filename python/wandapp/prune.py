@@ -65,7 +65,7 @@ def prune(
     method = parse_method(method)
     adapter = resolve(model)
     require_materialized(model)
-    _require_ordinary_tensors(model)
+    _require_ordinary_tensors(adapter)
     _check_pattern_fits(adapter, pattern)
     model_device = _single_device(model)
     device = torch.device(cfg.device) if cfg.device is not None else model_device
@@ -214,16 +214,18 @@ def _check_pattern_fits(adapter: DecoderAdapter, pattern: Pattern) -> None:
             raise SparsityError(f"{n}:{m} needs in_features divisible by {m}, but {name} has {linear.in_features}")
 
 
-def _require_ordinary_tensors(model: nn.Module) -> None:
-    """Inference tensors (made inside ``torch.inference_mode()``) cannot be changed in place or
-    trained outside it, and pruning does both."""
-    made = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_inference()]
+def _require_ordinary_tensors(adapter: DecoderAdapter) -> None:
+    """The decoder blocks' weights and saved state must not be inference tensors (made inside
+    ``torch.inference_mode()``): pruning changes them in place, restores them on failure and
+    (rgs, wanda++) takes their gradients, all of which PyTorch forbids for inference tensors."""
+    tensors = {**dict(adapter.layers.named_parameters()), **adapter.layers.state_dict(keep_vars=True)}
+    made = [f"{adapter.prefix}.{name}" for name, t in tensors.items() if t.is_inference()]
     if made:
         raise InvalidArgumentError(
-            f"{len(made)} of the model's parameters or buffers (e.g. {made[:3]}) are inference tensors: the model was "
-            "loaded or built inside torch.inference_mode(). wandapp changes weights in place and (rgs, wanda++) takes "
-            "their gradients, which PyTorch forbids for inference tensors. Load the model outside inference_mode "
-            "(calling wandapp.prune inside inference_mode or no_grad is fine)"
+            f"{len(made)} weights of the decoder blocks (e.g. {made[:3]}) are inference tensors, created inside "
+            "torch.inference_mode(); wandapp changes them in place and takes their gradients, which PyTorch forbids. "
+            "Load the model outside inference_mode, or replace them with ordinary tensors (clone() outside "
+            "inference_mode). Calling wandapp.prune inside inference_mode or no_grad is fine"
         )
 
 

@@ -17,8 +17,8 @@ from wandapp.config import Pattern
 class LayerReport:
     shape: list[int]
     sparsity: float  # fraction of zeros in the mask
-    pruned_per_row: int  # the rule's count (Pattern.pruned_per_row); every row of the mask drops exactly this many
     mask_hash: str  # wandapp.kernels.mask_hash: sha256 of shape + packed bits
+    pruned_per_row: int  # what the sparsity asks of every row (Pattern.pruned_per_row), which selection prunes
 
 
 @dataclass
@@ -57,7 +57,7 @@ class PruneReport:
             cpu = mask.detach().to("cpu")
             self._packed[name] = (list(cpu.shape), np.packbits(cpu.numpy().reshape(-1)))
             layers[name] = LayerReport(
-                list(cpu.shape), 1.0 - cpu.float().mean().item(), pattern.pruned_per_row(cpu.shape[1]), mask_hash(cpu)
+                list(cpu.shape), 1.0 - cpu.float().mean().item(), mask_hash(cpu), pattern.pruned_per_row(cpu.shape[1])
             )
         return layers
 
