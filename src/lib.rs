@@ -16,6 +16,15 @@ mod bindings;
 
 pub use error::{Error, Result};
 
+/// The torch version this build links against (build.rs).
+pub const TORCH_VERSION: &str = env!("WANDAPP_TORCH_VERSION");
+
+/// The same version as a marker in the shared library's bytes: when the dynamic loader refuses
+/// the library (another torch is installed), Python finds this string in the file to say which
+/// torch it was built for.
+#[used]
+static TORCH_VERSION_MARKER: &str = concat!("wandapp-built-for-torch=", env!("WANDAPP_TORCH_VERSION"), ";");
+
 /// The compiled module `wandapp._core`; `bindings` holds its contents.
 #[cfg(feature = "python")]
 #[pyo3::pymodule]

@@ -7,10 +7,14 @@
 # torch first: the extension links against the libtorch inside the torch wheel and has no rpath.
 import torch  # noqa: F401
 
-import importlib
-from typing import Any
+import importlib as _importlib
+from typing import Any as _Any
 
-from wandapp import _core, kernels
+from wandapp._torch_check import load_core
+
+_core = load_core()
+
+from wandapp import kernels  # noqa: E402
 from wandapp.config import PruneConfig
 from wandapp.errors import (
     CalibrationError,
@@ -33,20 +37,6 @@ from wandapp.prune import prune
 from wandapp.report import PruneReport
 
 __version__: str = _core.__version__
-
-#: Submodules reachable as ``wandapp.<name>`` after ``import wandapp``, imported on first use so
-#: that their optional dependencies (peft, matplotlib...) load only when a feature needs them.
-SUBMODULES = ("cli", "config", "data", "eval", "kernels", "lora", "masks", "models", "report", "testing")
-
-
-def __getattr__(name: str) -> Any:
-    if name in SUBMODULES:
-        return importlib.import_module(f"wandapp.{name}")
-    raise AttributeError(f"module 'wandapp' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *SUBMODULES})
 
 __all__ = [
     "CalibrationError",
@@ -72,3 +62,17 @@ __all__ = [
     "prune",
     "save_masks",
 ]
+
+#: Submodules reachable as ``wandapp.<name>`` after ``import wandapp``, imported on first use so
+#: that their optional dependencies (peft, matplotlib...) load only when a feature needs them.
+_LAZY_SUBMODULES = ("cli", "data", "eval", "lora", "models", "testing")
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _LAZY_SUBMODULES:
+        return _importlib.import_module(f"wandapp.{name}")
+    raise AttributeError(f"module 'wandapp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*__all__, *_LAZY_SUBMODULES})
