@@ -19,11 +19,11 @@ from wandapp.models import load_demo_model
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def write_results(name: str, lines: list[str]) -> None:
-    """Prints a results table and writes it to bench/results/<name>."""
+def write_results(name: str, lines: list[str], directory: str = RESULTS) -> None:
+    """Prints a results table and writes it to <directory>/<name> (default bench/results)."""
     print("\n".join(lines))
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, name), "w") as f:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, name), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 

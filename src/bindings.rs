@@ -215,8 +215,9 @@ impl PyGradientStats {
     }
 }
 
-/// A Python object with `__len__`, `forward(i)`, `linear_inputs(i)`, `target(i)` and
-/// `token_mask(i)`. The first exception it raises is kept and re-raised unchanged.
+/// A Python object with `__len__`, `batches(indices)`, and `forward`, `linear_inputs`, `target`
+/// and `token_mask` taking a list of indices (one batch). The first exception it raises is kept
+/// and re-raised unchanged.
 struct PyBlock<'py> {
     obj: Bound<'py, PyAny>,
     len: usize,
@@ -224,17 +225,23 @@ struct PyBlock<'py> {
 }
 
 impl<'py> PyBlock<'py> {
-    fn call(&self, method: &str, i: usize) -> Result<Bound<'py, PyAny>> {
+    fn call(&self, method: &str, batch: &[usize]) -> Result<Bound<'py, PyAny>> {
         let py = self.obj.py();
-        py.check_signals().and_then(|_| self.obj.call_method1(method, (i,))).map_err(|e| {
+        py.check_signals().and_then(|_| self.obj.call_method1(method, (batch.to_vec(),))).map_err(|e| {
             let message = e.to_string();
             self.error.borrow_mut().get_or_insert(e);
             Error::Callback(message)
         })
     }
 
-    fn tensor(&self, method: &'static str, i: usize) -> Result<Tensor> {
-        tensor_arg(&self.call(method, i)?, method)
+    fn tensor(&self, method: &'static str, batch: &[usize]) -> Result<Tensor> {
+        tensor_arg(&self.call(method, batch)?, method)
+    }
+
+    fn list<T: FromPyObject<'py>>(&self, method: &'static str, batch: &[usize], what: &str) -> Result<Vec<T>> {
+        self.call(method, batch)?
+            .extract()
+            .map_err(|_| Error::InvalidArgument { arg: method, reason: format!("must return a list of {what}") })
     }
 }
 
@@ -243,25 +250,33 @@ impl Block for PyBlock<'_> {
         self.len
     }
 
-    fn forward(&self, i: usize) -> Result<Tensor> {
-        self.tensor("forward", i)
+    fn batches(&self, indices: &[usize]) -> Result<Vec<Vec<usize>>> {
+        let batches: Vec<Vec<usize>> = self.list("batches", indices, "lists of indices")?;
+        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        let mut wanted = indices.to_vec();
+        wanted.sort_unstable();
+        if seen != wanted || batches.iter().any(Vec::is_empty) {
+            return Err(Error::InvalidArgument { arg: "block.batches", reason: "must split the given indices into non-empty lists".into() });
+        }
+        Ok(batches)
     }
 
-    fn linear_inputs(&self, i: usize) -> Result<Vec<Tensor>> {
-        let list = self.call("linear_inputs", i)?;
-        let items: Vec<Bound<'_, PyAny>> = list.extract().map_err(|_| Error::InvalidArgument {
-            arg: "block.linear_inputs",
-            reason: "must return a list of tensors".into(),
-        })?;
+    fn forward(&self, batch: &[usize]) -> Result<Tensor> {
+        self.tensor("forward", batch)
+    }
+
+    fn linear_inputs(&self, batch: &[usize]) -> Result<Vec<Tensor>> {
+        let items: Vec<Bound<'_, PyAny>> = self.list("linear_inputs", batch, "tensors")?;
         items.iter().map(|x| tensor_arg(x, "linear_inputs")).collect()
     }
 
-    fn target(&self, i: usize) -> Result<Tensor> {
-        self.tensor("target", i)
+    fn target(&self, batch: &[usize]) -> Result<Tensor> {
+        self.tensor("target", batch)
     }
 
-    fn token_mask(&self, i: usize) -> Result<Option<Tensor>> {
-        let m = self.call("token_mask", i)?;
+    fn token_mask(&self, batch: &[usize]) -> Result<Option<Tensor>> {
+        let m = self.call("token_mask", batch)?;
         if m.is_none() {
             return Ok(None);
         }
@@ -334,6 +349,7 @@ fn prune_block_<'py>(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("TORCH_VERSION", crate::TORCH_VERSION)?;
     m.add("MASK_FORMAT", io::FORMAT)?;
     m.add("MASK_FORMAT_VERSION", io::FORMAT_VERSION)?;
     m.add_function(wrap_pyfunction!(pruned_per_row, m)?)?;

@@ -9,21 +9,28 @@ use crate::score::{magnitude_score, rgs_score, wanda_score};
 use crate::stats::{ActivationStats, GradientStats};
 use tch::Tensor;
 
-/// A decoder block over its captured calibration sequences.
+/// A decoder block over its captured calibration sequences, addressed by index. Methods take a
+/// batch of indices (one element of `batches`, or a single sequence) and return tensors with
+/// that many rows in the leading dimension.
 pub trait Block {
     /// Number of calibration sequences.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Block output [1, seq, hidden] for sequence `i`; tracks gradients when grad mode is on.
-    fn forward(&self, i: usize) -> Result<Tensor>;
-    /// The input [1, seq, in] of each linear layer (in the order of the weights) for sequence `i`.
-    fn linear_inputs(&self, i: usize) -> Result<Vec<Tensor>>;
-    /// The dense block's output for sequence `i` (the RO target).
-    fn target(&self, i: usize) -> Result<Tensor>;
-    /// [1, seq] bool, True on real tokens; None when the sequence has no padding.
-    fn token_mask(&self, i: usize) -> Result<Option<Tensor>>;
+    /// Partition of `indices` into batches that may run in one call (same length, no padding).
+    /// The default runs each sequence alone.
+    fn batches(&self, indices: &[usize]) -> Result<Vec<Vec<usize>>> {
+        Ok(indices.iter().map(|&i| vec![i]).collect())
+    }
+    /// Block output [b, seq, hidden]; tracks gradients when grad mode is on.
+    fn forward(&self, batch: &[usize]) -> Result<Tensor>;
+    /// The input [b, seq, in] of each linear layer (in the order of the weights).
+    fn linear_inputs(&self, batch: &[usize]) -> Result<Vec<Tensor>>;
+    /// The dense block's output [b, seq, hidden] (the RO target).
+    fn target(&self, batch: &[usize]) -> Result<Tensor>;
+    /// [b, seq] bool, True on real tokens; None when no sequence of the batch has padding.
+    fn token_mask(&self, batch: &[usize]) -> Result<Option<Tensor>>;
     /// Backpropagates `loss`; an implementation that holds a lock the autograd engine needs
     /// (the GIL) releases it here.
     fn backward(&self, loss: &Tensor) -> Result<()> {
@@ -84,8 +91,8 @@ fn gradient_rms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Tensor>> {
     for i in 0..block.len() {
         tracking.zero_grads();
         tch::with_grad(|| -> Result<()> {
-            let mask = block.token_mask(i)?;
-            block.backward(&regional_norm(&block.forward(i)?, mask.as_ref())?)?;
+            let mask = block.token_mask(&[i])?;
+            block.backward(&regional_norm(&block.forward(&[i])?, mask.as_ref())?)?;
             Ok(())
         })?;
         for (st, w) in stats.iter_mut().zip(weights) {
@@ -100,15 +107,16 @@ fn gradient_rms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Tensor>> {
 fn activation_norms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Tensor>> {
     let _guard = tch::no_grad_guard();
     let mut stats = weights.iter().map(|w| ActivationStats::new(w.size()[1])).collect::<Result<Vec<_>>>()?;
-    for i in 0..block.len() {
-        let inputs = block.linear_inputs(i)?;
+    let all: Vec<usize> = (0..block.len()).collect();
+    for batch in block.batches(&all)? {
+        let inputs = block.linear_inputs(&batch)?;
         if inputs.len() != weights.len() {
             return Err(Error::InvalidArgument {
                 arg: "block.linear_inputs",
                 reason: format!("returned {} tensors for {} weights", inputs.len(), weights.len()),
             });
         }
-        let mask = block.token_mask(i)?;
+        let mask = block.token_mask(&batch)?;
         for (st, x) in stats.iter_mut().zip(&inputs) {
             st.update(x, mask.as_ref())?;
         }
@@ -191,6 +199,8 @@ mod tests {
         w2: Tensor,
         xs: Vec<Tensor>,
         targets: Vec<Tensor>,
+        /// Sequences per batch in `batches` (1: one by one, the trait's default).
+        batch_size: usize,
     }
 
     /// Uniform in [-scale, scale) from the crate's own generator: cargo runs tests on parallel
@@ -207,10 +217,13 @@ mod tests {
             let w1 = uniform(&mut rng, &[16, 8], 0.5);
             let w2 = uniform(&mut rng, &[8, 16], 0.5);
             let xs: Vec<Tensor> = (0..12).map(|_| uniform(&mut rng, &[1, 5, 8], 1.7)).collect();
-            let mut b = ToyBlock { w1, w2, xs, targets: vec![] };
+            let mut b = ToyBlock { w1, w2, xs, targets: vec![], batch_size: 1 };
             let _g = tch::no_grad_guard();
-            b.targets = (0..b.xs.len()).map(|i| b.forward(i).unwrap()).collect();
+            b.targets = (0..b.xs.len()).map(|i| b.forward(&[i]).unwrap()).collect();
             b
+        }
+        fn inputs(&self, batch: &[usize]) -> Tensor {
+            Tensor::cat(&batch.iter().map(|&i| self.xs[i].shallow_clone()).collect::<Vec<_>>(), 0)
         }
         fn weights(&self) -> Vec<Tensor> {
             vec![self.w1.shallow_clone(), self.w2.shallow_clone()]
@@ -221,16 +234,21 @@ mod tests {
         fn len(&self) -> usize {
             self.xs.len()
         }
-        fn forward(&self, i: usize) -> Result<Tensor> {
-            Ok(self.xs[i].matmul(&self.w1.tr()).relu().matmul(&self.w2.tr()))
+        fn batches(&self, indices: &[usize]) -> Result<Vec<Vec<usize>>> {
+            Ok(indices.chunks(self.batch_size).map(<[usize]>::to_vec).collect())
         }
-        fn linear_inputs(&self, i: usize) -> Result<Vec<Tensor>> {
-            Ok(vec![self.xs[i].shallow_clone(), self.xs[i].matmul(&self.w1.tr()).relu()])
+        fn forward(&self, batch: &[usize]) -> Result<Tensor> {
+            Ok(self.inputs(batch).matmul(&self.w1.tr()).relu().matmul(&self.w2.tr()))
         }
-        fn target(&self, i: usize) -> Result<Tensor> {
-            Ok(self.targets[i].shallow_clone())
+        fn linear_inputs(&self, batch: &[usize]) -> Result<Vec<Tensor>> {
+            let x = self.inputs(batch);
+            let hidden = x.matmul(&self.w1.tr()).relu();
+            Ok(vec![x, hidden])
         }
-        fn token_mask(&self, _: usize) -> Result<Option<Tensor>> {
+        fn target(&self, batch: &[usize]) -> Result<Tensor> {
+            Ok(Tensor::cat(&batch.iter().map(|&i| self.targets[i].shallow_clone()).collect::<Vec<_>>(), 0))
+        }
+        fn token_mask(&self, _: &[usize]) -> Result<Option<Tensor>> {
             Ok(None)
         }
     }
@@ -282,6 +300,24 @@ mod tests {
             let _ = b.xs[3].get(0).get(2).fill_(f64::INFINITY);
             let err = prune_block_(&b, &b.weights(), &plan(method, 1e-3)).unwrap_err();
             assert!(matches!(err, Error::NonFinite { .. }), "{method:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn batches_change_only_the_summation_order() {
+        for method in [Method::Wanda, Method::WandaPlusPlus] {
+            let one = ToyBlock::new(6);
+            let expected = prune_block_(&one, &one.weights(), &plan(method, 1e-3)).unwrap();
+            for batch_size in [2, 5, 12] {
+                let mut b = ToyBlock::new(6);
+                b.batch_size = batch_size;
+                let got = prune_block_(&b, &b.weights(), &plan(method, 1e-3)).unwrap();
+                for (x, y) in expected.masks.iter().zip(&got.masks) {
+                    assert!(x.equal(y), "{method:?} batch {batch_size}");
+                }
+                let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * a.abs().max(1e-12);
+                assert!(close(expected.mse_before_ro, got.mse_before_ro) && close(expected.mse_final, got.mse_final));
+            }
         }
     }
 

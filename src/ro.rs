@@ -72,14 +72,38 @@ pub fn regional_norm(out: &Tensor, token_mask: Option<&Tensor>) -> Result<Tensor
     Ok(out.f_square()?.f_sum(Kind::Float)?.f_sqrt()?)
 }
 
-/// Mean block-output MSE against the dense outputs over `samples`, without autograd.
+/// Sum over a batch [b, seq, hidden] of each sequence's MSE over its real tokens (float32). A
+/// batch of one is exactly `masked_mse`, so one-by-one runs keep their bits.
+pub fn summed_mse(out: &Tensor, target: &Tensor, token_mask: Option<&Tensor>) -> Result<Tensor> {
+    if out.size()[0] == 1 {
+        return masked_mse(out, target, token_mask);
+    }
+    let diff = out.f_to_kind(Kind::Float)?.f_sub(&target.f_to_kind(Kind::Float)?)?.f_square()?;
+    let per_sequence = match token_mask {
+        None => diff.f_mean_dim(&[1i64, 2][..], false, Kind::Float)?,
+        Some(m) => {
+            let padding = m.f_logical_not()?.f_unsqueeze(-1)?;
+            let count = m.f_sum_dim_intlist(&[1i64][..], false, Kind::Float)?.f_mul_scalar(diff.size()[2] as f64)?.f_clamp_min(1.0)?;
+            diff.f_masked_fill(&padding, 0.0)?.f_sum_dim_intlist(&[1i64, 2][..], false, Kind::Float)?.f_div(&count)?
+        }
+    };
+    Ok(per_sequence.f_sum(Kind::Float)?)
+}
+
+/// Mean block-output MSE against the dense outputs over `samples`, without autograd, in the
+/// block's batches; read back once (no host synchronisation per batch).
 pub fn block_mse(block: &dyn Block, samples: &[usize]) -> Result<f64> {
     let _guard = tch::no_grad_guard();
-    let mut total = 0.0;
-    for &i in samples {
-        let mask = block.token_mask(i)?;
-        total += f64::try_from(masked_mse(&block.forward(i)?, &block.target(i)?, mask.as_ref())?)?;
+    let mut total: Option<Tensor> = None;
+    for batch in block.batches(samples)? {
+        let mask = block.token_mask(&batch)?;
+        let mse = summed_mse(&block.forward(&batch)?, &block.target(&batch)?, mask.as_ref())?.f_to_kind(Kind::Double)?;
+        total = Some(match total {
+            None => mse,
+            Some(t) => t.f_add(&mse)?,
+        });
     }
+    let total = total.map_or(Ok(0.0), |t| f64::try_from(t))?;
     Ok(total / samples.len().max(1) as f64)
 }
 
@@ -188,18 +212,24 @@ pub fn guarded_round(
 
     let mut opt = MaskedRmsprop::new(weights, masks, settings.lr)?;
     let tracking = GradTracking::enable(weights);
-    let mut loss_sum = 0.0;
+    // Summed on the device and read once per round: no host synchronisation per step.
+    let mut loss_sum: Option<Tensor> = None;
     for &i in &order {
         tracking.zero_grads();
         let loss = tch::with_grad(|| -> Result<Tensor> {
-            let mask = block.token_mask(i)?;
-            let loss = masked_mse(&block.forward(i)?, &block.target(i)?, mask.as_ref())?;
+            let mask = block.token_mask(&[i])?;
+            let loss = masked_mse(&block.forward(&[i])?, &block.target(&[i])?, mask.as_ref())?;
             block.backward(&loss)?;
             Ok(loss)
         })?;
-        loss_sum += f64::try_from(loss.f_detach()?)?;
+        let loss = loss.f_detach()?.f_to_kind(Kind::Double)?;
+        loss_sum = Some(match loss_sum {
+            None => loss,
+            Some(sum) => sum.f_add(&loss)?,
+        });
         opt.step(weights)?;
     }
+    let loss_sum = loss_sum.map_or(Ok(0.0), |t| f64::try_from(t))?;
     tracking.zero_grads();
     drop(tracking);
 

@@ -91,7 +91,7 @@ def test_unpadded_rows_of_a_datasets_dataset_equal_the_same_rows_as_tensors():
 @pytest.mark.parametrize(
     "loader,match",
     [
-        (DataLoader(TensorDataset(*padded_batch(), padded_batch()[0]), batch_size=2), "3 tensors"),
+        (DataLoader(TensorDataset(*padded_batch(), padded_batch()[0]), batch_size=2), "3 arrays"),
         ([(padded_batch()[0], padded_batch()[0])], "other than 0 and 1"),
         ([{"input_ids": padded_batch()[0], "position_ids": torch.arange(48).expand(4, 48)}], "position_ids"),
         ([{"input_ids": padded_batch()[0], "inputs_embeds": torch.zeros(4, 48, 64)}], "inputs_embeds"),

@@ -51,6 +51,15 @@ class DecoderAdapter:
     def all_linears(self) -> list[tuple[str, nn.Linear]]:
         return [pair for i in range(len(self.layers)) for pair in self.linears(i)]
 
+    def sequence_bytes(self, seqlen: int, dtype: torch.dtype) -> int:
+        """A rough upper bound of the device memory one sequence of ``seqlen`` tokens takes in a
+        block's forward (hidden and MLP activations, recorded linear inputs, and the attention
+        scores of the eager implementation), used to size batches."""
+        config = self.model.config
+        width = 8 * config.hidden_size + 4 * getattr(config, "intermediate_size", 4 * config.hidden_size)
+        scores = config.num_attention_heads * seqlen * 4 if getattr(config, "_attn_implementation", "eager") == "eager" else 0
+        return seqlen * (width * torch.finfo(dtype).bits // 8 + scores)
+
     @staticmethod
     def call(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """Runs a decoder layer with the keyword arguments the model itself passed to it."""

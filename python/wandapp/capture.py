@@ -41,6 +41,13 @@ class Sample:
     token_mask: torch.Tensor | None  # [1, seq] bool, True on real tokens; None without padding
 
 
+def stash(t: torch.Tensor, offload: torch.device, pin: bool) -> torch.Tensor:
+    """``t`` moved to where activations wait between blocks; in page-locked memory when ``pin``
+    (CPU offload for a CUDA block), so that copies back to the device can run asynchronously."""
+    t = t.to(offload)
+    return t.pin_memory() if pin else t
+
+
 def without_padding(hidden: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """``hidden`` [1, seq, dim] with padded positions set to 0. Real tokens never read them
     (causal and padding masks give them attention weight exactly 0), but an inf or NaN there would
@@ -52,7 +59,7 @@ def without_padding(hidden: torch.Tensor, token_mask: torch.Tensor | None) -> to
 
 def next_block_inputs(samples: list[Sample], outputs: list[torch.Tensor]) -> list[Sample]:
     """This block's outputs become the next block's inputs; arguments and padding stay."""
-    return [Sample(without_padding(out, s.token_mask), s.kwargs, s.token_mask) for out, s in zip(outputs, samples)]
+    return [Sample(out, s.kwargs, s.token_mask) for out, s in zip(outputs, samples)]
 
 
 class _Captured(Exception):
@@ -80,7 +87,7 @@ class _FiniteChecks:
 
 
 @torch.no_grad()
-def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offload: torch.device) -> list[Sample]:
+def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offload: torch.device, pin: bool = False) -> list[Sample]:
     """Runs the dense model once per sequence through all its decoder blocks, keeping the first
     block's input and the arguments each attention type receives at its first block.
 
@@ -145,7 +152,7 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
                     f"tokens) before any pruning. Load the model in bfloat16 or float32 (float16 overflows easily), "
                     "or check the input ids"
                 )
-            samples.append(Sample(without_padding(hidden.pop(), token_mask).to(offload), dict(kwargs), token_mask))
+            samples.append(Sample(stash(without_padding(hidden.pop(), token_mask), offload, pin), dict(kwargs), token_mask))
             kwargs.clear()
     finally:
         for handle in handles:
@@ -153,41 +160,87 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
     return samples
 
 
-class BlockRunner:
-    """The ``Block`` the core drives: the HuggingFace layer, run unchanged on ``device``."""
+def _expand_batch(value: Any, size: int) -> Any:
+    """Arguments captured for one sequence, for a batch of ``size`` sequences that share them
+    (same length, no padding): tensors with a leading batch dimension of 1 are expanded (no copy)."""
+    if isinstance(value, torch.Tensor):
+        return value.expand(size, *value.shape[1:]) if value.dim() >= 1 and value.shape[0] == 1 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_expand_batch(v, size) for v in value)
+    if isinstance(value, dict):
+        return {k: _expand_batch(v, size) for k, v in value.items()}
+    return value
 
-    def __init__(self, adapter: DecoderAdapter, index: int, samples: list[Sample], device: torch.device):
+
+class BlockRunner:
+    """The ``Block`` the core drives: the HuggingFace layer, run unchanged on ``device``, on
+    batches of calibration sequences given by index.
+
+    ``batches`` groups sequences of one length without padding into batches of up to
+    ``batch_size`` (their captured arguments are then identical); a padded sequence runs alone.
+    The core runs per-sequence quantities (regional gradients, RO steps) one index at a time.
+    """
+
+    def __init__(self, adapter: DecoderAdapter, index: int, samples: list[Sample], device: torch.device, batch_size: int = 1):
         self.layer = adapter.layers[index]
         self.kind = adapter.kinds[index]
         self.linears = [module for _, module in adapter.linears(index)]
         self.samples = samples
         self.device = device
+        self.batch_size = batch_size
         self.targets: list[torch.Tensor] = []
-        self._recorded: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def forward(self, i: int) -> torch.Tensor:
-        s = self.samples[i]
-        return DecoderAdapter.call(self.layer, s.hidden.to(self.device), move(s.kwargs[self.kind], self.device))
+    def batches(self, indices: list[int]) -> list[list[int]]:
+        out: list[list[int]] = []
+        open_batches: dict[tuple[int, ...], list[int]] = {}
+        for i in indices:
+            s = self.samples[i]
+            if self.batch_size == 1 or s.token_mask is not None:
+                out.append([i])
+                continue
+            batch = open_batches.setdefault(tuple(s.hidden.shape), [])
+            batch.append(i)
+            if len(batch) == self.batch_size:
+                out.append(open_batches.pop(tuple(s.hidden.shape)))
+        return out + [b for b in open_batches.values() if b]
 
-    def linear_inputs(self, i: int) -> list[torch.Tensor]:
+    def forward(self, indices: list[int]) -> torch.Tensor:
+        """The block's output [len(indices), seq, hidden] (with autograd when grad mode is on)."""
+        first = self.samples[indices[0]]
+        kwargs = move(first.kwargs[self.kind], self.device)
+        if len(indices) == 1:
+            hidden = first.hidden.to(self.device, non_blocking=True)
+        else:
+            hidden = torch.cat([self.samples[i].hidden.to(self.device, non_blocking=True) for i in indices])
+            kwargs = _expand_batch(kwargs, len(indices))
+        return DecoderAdapter.call(self.layer, hidden, kwargs)
+
+    def linear_inputs(self, indices: list[int]) -> list[torch.Tensor]:
         with self._recording() as recorded:
-            self.forward(i)
+            self.forward(indices)
         return recorded
 
-    def target(self, i: int) -> torch.Tensor:
-        return self.targets[i].to(self.device)
+    def target(self, indices: list[int]) -> torch.Tensor:
+        return torch.cat([self.targets[i].to(self.device, non_blocking=True) for i in indices])
 
-    def token_mask(self, i: int) -> torch.Tensor | None:
-        mask = self.samples[i].token_mask
+    def token_mask(self, indices: list[int]) -> torch.Tensor | None:
+        """[len(indices), seq] bool, or None: only a sequence that runs alone has padding."""
+        mask = self.samples[indices[0]].token_mask
         return None if mask is None else mask.to(self.device)
 
     @torch.no_grad()
-    def outputs(self) -> list[torch.Tensor]:
-        """The block's output for every sample, on the offload device."""
-        return [self.forward(i).to(self.samples[i].hidden.device) for i in range(len(self))]
+    def outputs(self, pin: bool = False) -> list[torch.Tensor]:
+        """The block's output for every sample, padding zeroed, on the offload device (pinned
+        when ``pin``)."""
+        outputs: list[torch.Tensor] = [torch.empty(0)] * len(self)
+        for batch in self.batches(list(range(len(self)))):
+            for i, out in zip(batch, self.forward(batch).split(1)):
+                s = self.samples[i]
+                outputs[i] = stash(without_padding(out, s.token_mask), s.hidden.device, pin)
+        return outputs
 
     @contextmanager
     def _recording(self) -> Iterator[list[torch.Tensor]]:

@@ -86,6 +86,12 @@ class PruneConfig:
         nsamples: calibration sequences taken from the loader (paper: 128). None = every
             sequence the loader yields, up to 128 (the report's ``nsamples`` says how many);
             a number asks for exactly that many (CalibrationError if the loader has fewer).
+        batch_size: calibration sequences per forward call where the method allows it
+            (activation statistics, dense targets, block outputs and error; regional gradients and
+            RO steps stay one sequence per backward). Only sequences of one length without padding
+            share a batch. None = 1 on CPU; on CUDA as many as fit in half the free device memory
+            (estimated from the block's shape), at most 64. Batching changes float summation
+            order only (README: GPU).
         device: where a block runs; None = the model's device.
         offload: where captured activations wait between blocks; None = CPU when the
             model is on CUDA, else the model's device.
@@ -99,6 +105,7 @@ class PruneConfig:
     ro_holdout: int = 8
     seed: int = 0
     nsamples: Optional[int] = None
+    batch_size: Optional[int] = None
     device: Union[str, torch.device, None] = None
     offload: Union[str, torch.device, None] = None
     progress: bool = True
@@ -118,6 +125,7 @@ class PruneConfig:
         need(is_int(self.ro_holdout) and self.ro_holdout >= 0, "ro_holdout", "must be an integer >= 0")
         need(is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
         need(self.nsamples is None or (is_int(self.nsamples) and self.nsamples >= 1), "nsamples", "must be None or an integer >= 1")
+        need(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1), "batch_size", "must be None or an integer >= 1")
         need(isinstance(self.progress, bool), "progress", "must be True or False")
         for field in ("device", "offload"):
             value = getattr(self, field)

@@ -1,0 +1,134 @@
+"""The GPU check, in one command: the CUDA test subset with CPU-vs-CUDA parity, then a
+LLaMA-2-7B-shaped model (random bfloat16 weights built on the GPU, no download) pruned at 2:4 by
+wanda and by wanda++ with the paper's calibration size, side by side.
+
+    python bench/gpu.py                 # on the GPU machine (one H200: about 8 minutes)
+    python bench/gpu.py --smoke         # the same code paths on CPU at a toy shape, < 1 minute
+
+Prints and writes bench/results/gpu.md (``--smoke``: gpu-smoke.md under ``--out``). What is
+timed and what is extrapolated is labelled in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import RESULTS, machine, write_results  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: LLaMA-2-7B's shape (hidden, intermediate, heads, blocks) and the paper's calibration size.
+FULL = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+            num_hidden_layers=32, vocab_size=32000, nsamples=128, seqlen=2048)
+TOY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+           num_hidden_layers=2, vocab_size=128, nsamples=8, seqlen=32)
+
+
+def run_tests(device: str) -> tuple[str, list[str]]:
+    """The device-parametrized pytest subset; returns (summary line, failing test ids)."""
+    env = {**os.environ, "WANDAPP_TEST_DEVICE": device}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "tests/test_device.py"]
+    if device == "cuda":  # and the CUDA-parametrized kernel tests
+        cmd += ["tests/test_kernels.py", "-k", "cuda or test_device"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    failed = [line for line in lines if line.startswith("FAILED")]
+    return (lines[-1] if lines else done.stderr.strip()[-300:]), failed
+
+
+def build_model(shape: dict, blocks: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """A random LlamaForCausalLM of ``shape`` with ``blocks`` blocks, built directly on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in shape.items() if k not in ("nsamples", "seqlen")})
+    config.num_hidden_layers = blocks
+    config.max_position_embeddings = max(shape["seqlen"], 64)
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def prune_timed(method: str, shape: dict, blocks: int, device: str, dtype: torch.dtype, calib: torch.Tensor) -> dict:
+    import wandapp
+
+    model = build_model(shape, blocks, device, dtype)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    report = wandapp.prune(model, calib, sparsity="2:4", method=method, config=wandapp.PruneConfig.paper(nsamples=len(calib), ro_samples=min(32, len(calib))), progress=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else max(b.peak_memory_bytes for b in report.blocks)
+    per_block = [b.seconds for b in report.blocks]
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return dict(seconds=seconds, per_block=sum(per_block) / len(per_block), peak=peak, blocks=blocks)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="toy shape on CPU: proves the script before GPU time is spent")
+    ap.add_argument("--blocks", type=int, default=None, help="blocks to prune (default: 8 on the GPU, all 2 in --smoke)")
+    ap.add_argument("--out", default=RESULTS, help="directory for the results file")
+    args = ap.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/gpu.py needs CUDA; use --smoke to run the same code paths on CPU")
+    shape = TOY if args.smoke else FULL
+    blocks = args.blocks or (shape["num_hidden_layers"] if args.smoke else 8)
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+
+    started = time.perf_counter()
+    summary, failed = run_tests(device)
+    print(f"tests on {device}: {summary}", flush=True)
+    calib = torch.randint(0, shape["vocab_size"], (shape["nsamples"], shape["seqlen"]), generator=torch.Generator().manual_seed(0))
+    runs = {method: prune_timed(method, shape, blocks, device, dtype, calib) for method in ("wanda", "wanda++")}
+
+    total = shape["num_hidden_layers"]
+    label = "timed" if blocks == total else f"extrapolated from {blocks} timed blocks (x {total / blocks:g})"
+    lines = [
+        f"# GPU check ({'smoke, ' if args.smoke else ''}{where})",
+        "",
+        f"`python bench/gpu.py{' --smoke' if args.smoke else ''}{f' --blocks {args.blocks}' if args.blocks else ''}`; {machine()}; "
+        f"{time.perf_counter() - started:.0f} s in all.",
+        "",
+        f"Tests (`WANDAPP_TEST_DEVICE={device} pytest tests/test_device.py`{' + CUDA kernel tests' if device == 'cuda' else ''}): {summary}",
+        *[f"- {line}" for line in failed],
+        "",
+        f"Pruning at 2:4, LlamaConfig hidden {shape['hidden_size']}, intermediate {shape['intermediate_size']}, "
+        f"{shape['num_attention_heads']} heads, {total} blocks ({blocks} pruned), {str(dtype).replace('torch.', '')} random weights; "
+        f"calibration {shape['nsamples']} x {shape['seqlen']} random tokens; PruneConfig.paper() (K=5, M=min(32, sequences)), "
+        "batch_size automatic.",
+        "",
+        f"| method | s/block | s for {blocks} blocks | s for all {total} blocks ({label}) | "
+        f"{'peak process RSS GiB' if args.smoke else 'peak GPU memory GiB (max_memory_allocated)'} |",
+        "|---|---|---|---|---|",
+    ]
+    for method, r in runs.items():
+        lines.append(
+            f"| {method} | {r['per_block']:.2f} | {r['seconds']:.1f} | {r['seconds'] * total / blocks:.1f} | {r['peak'] / 2**30:.2f} |"
+        )
+    lines += ["", f"wanda++ / wanda time: {runs['wanda++']['seconds'] / runs['wanda']['seconds']:.2f}x (same run, same shape)."]
+    write_results("gpu-smoke.md" if args.smoke else "gpu.md", lines, args.out)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
