@@ -67,23 +67,34 @@ class _Captured(Exception):
 
 
 class _FiniteChecks:
-    """Finiteness flags of one sequence's dense forward, on real tokens only, read with one
-    host synchronisation per sequence: (where, flag) in the order the model computed them."""
+    """Finiteness flags of the dense pass, on real tokens only, kept on the device and read with
+    one host synchronisation after the last sequence. Every sequence runs the same hooks in the
+    same order, so the k-th flag of any sequence is at the place named ``places[k]``."""
 
     def __init__(self) -> None:
-        self.flags: list[tuple[str, torch.Tensor]] = []
+        self.places: list[str] = []
+        self.current: list[torch.Tensor] = []
+        self.per_sequence: list[torch.Tensor] = []
         self.token_mask: torch.Tensor | None = None  # [1, seq] bool on the model's device
+
+    def start(self, token_mask: torch.Tensor | None) -> None:
+        self.current, self.token_mask = [], token_mask
 
     def check(self, where: str, x: torch.Tensor) -> None:
         real = x if self.token_mask is None or x.dim() != 3 else x[self.token_mask]
-        self.flags.append((where, torch.isfinite(real).all()))
+        if not self.per_sequence:
+            self.places.append(where)
+        self.current.append(torch.isfinite(real).all())
 
-    def first_failure(self) -> str | None:
-        if not self.flags:
+    def finish(self) -> None:
+        self.per_sequence.append(torch.stack(self.current))
+
+    def first_failure(self) -> tuple[int, str] | None:
+        """(sequence, place) of the first non-finite value, or None."""
+        if not self.per_sequence:
             return None
-        ok = torch.stack([flag for _, flag in self.flags]).cpu()
-        bad = torch.nonzero(~ok)
-        return self.flags[int(bad[0, 0])][0] if bad.numel() else None
+        bad = torch.nonzero(~torch.stack(self.per_sequence).cpu())
+        return (int(bad[0, 0]), self.places[int(bad[0, 1])]) if bad.numel() else None
 
 
 @torch.no_grad()
@@ -134,29 +145,29 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
     handles.append(adapter.layers[last].register_forward_hook(on_last_output))
     samples = []
     try:
-        for i, seq in enumerate(sequences):
+        for seq in sequences:
             attention_mask = None if seq.attention_mask is None else seq.attention_mask.to(device, torch.long)
             token_mask = seq.token_mask()
-            checks.flags.clear()
-            checks.token_mask = None if token_mask is None else token_mask.to(device)
+            checks.start(None if token_mask is None else token_mask.to(device))
             try:
                 model(input_ids=seq.input_ids.to(device), attention_mask=attention_mask, use_cache=False)
             except _Captured:
                 pass
             else:
                 raise RuntimeError(f"the model returned without calling decoder block {last}")
-            where = checks.first_failure()
-            if where is not None:
-                raise NonFiniteError(
-                    f"the dense model overflows on calibration sequence {i}: {where} holds NaN or infinity (on real "
-                    f"tokens) before any pruning. Load the model in bfloat16 or float32 (float16 overflows easily), "
-                    "or check the input ids"
-                )
+            checks.finish()
             samples.append(Sample(stash(without_padding(hidden.pop(), token_mask), offload, pin), dict(kwargs), token_mask))
             kwargs.clear()
     finally:
         for handle in handles:
             handle.remove()
+    failure = checks.first_failure()
+    if failure is not None:
+        raise NonFiniteError(
+            f"the dense model overflows on calibration sequence {failure[0]}: {failure[1]} holds NaN or infinity (on real "
+            "tokens) before any pruning. Load the model in bfloat16 or float32 (float16 overflows easily), "
+            "or check the input ids"
+        )
     return samples
 
 
