@@ -14,11 +14,10 @@ torch versions without a manifest, the nearest older one is used (set
 
 from __future__ import annotations
 
+import importlib
 from importlib import metadata
+from types import ModuleType
 from typing import Any, Mapping
-
-import maturin
-from maturin import build_sdist, get_requires_for_build_sdist, get_requires_for_build_wheel  # noqa: F401
 
 #: (major, minor) of torch -> the Cargo manifest of the tch release built for it.
 MANIFESTS = {(2, 11): "torch-2.11/Cargo.toml", (2, 13): "Cargo.toml"}
@@ -43,23 +42,41 @@ def manifest_for(torch: tuple[int, int] | None) -> str:
     return MANIFESTS[max(older) if older else min(MANIFESTS)]
 
 
+def _maturin() -> ModuleType:
+    """maturin's own backend, imported when a hook runs (the build requires it; reading the
+    manifest choice does not)."""
+    return importlib.import_module("maturin")
+
+
 def _settings(config_settings: Mapping[str, Any] | None) -> dict[str, Any]:
-    args = maturin.get_maturin_pep517_args(config_settings)
+    args = _maturin().get_maturin_pep517_args(config_settings)
     if not any(a in ("-m", "--manifest-path") or a.startswith("--manifest-path=") for a in args):
         args = [*args, "--manifest-path", manifest_for(installed_torch())]
     return {**(config_settings or {}), "maturin.build-args": args}
 
 
 def build_wheel(wheel_directory: str, config_settings: Mapping[str, Any] | None = None, metadata_directory: str | None = None) -> str:
-    return maturin.build_wheel(wheel_directory, _settings(config_settings), metadata_directory)
+    return _maturin().build_wheel(wheel_directory, _settings(config_settings), metadata_directory)
 
 
 def build_editable(wheel_directory: str, config_settings: Mapping[str, Any] | None = None, metadata_directory: str | None = None) -> str:
-    return maturin.build_editable(wheel_directory, _settings(config_settings), metadata_directory)
+    return _maturin().build_editable(wheel_directory, _settings(config_settings), metadata_directory)
 
 
 def prepare_metadata_for_build_wheel(metadata_directory: str, config_settings: Mapping[str, Any] | None = None) -> str:
-    return maturin.prepare_metadata_for_build_wheel(metadata_directory, _settings(config_settings))
+    return _maturin().prepare_metadata_for_build_wheel(metadata_directory, _settings(config_settings))
+
+
+def build_sdist(sdist_directory: str, config_settings: Mapping[str, Any] | None = None) -> str:
+    return _maturin().build_sdist(sdist_directory, config_settings)
+
+
+def get_requires_for_build_wheel(config_settings: Mapping[str, Any] | None = None) -> list[str]:
+    return _maturin().get_requires_for_build_wheel(config_settings)
+
+
+def get_requires_for_build_sdist(config_settings: Mapping[str, Any] | None = None) -> list[str]:
+    return _maturin().get_requires_for_build_sdist(config_settings)
 
 
 prepare_metadata_for_build_editable = prepare_metadata_for_build_wheel
