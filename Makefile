@@ -71,4 +71,4 @@ lint: setup ## clippy (warnings are errors) and the .pyi stub against the compil
 	$(PY) -m mypy.stubtest wandapp._core
 
 clean:
-	rm -rf target $(VENV) .venv-torch2.11
+	rm -rf target $(VENV) .venv-torch*
