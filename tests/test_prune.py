@@ -286,3 +286,12 @@ def test_batching_changes_only_the_summation_order(method, ids):
             assert torch.equal(got.masks[name], one.masks[name]), (batch_size, name)
         for a, b in zip(one.blocks, got.blocks):
             assert a.mse_final == pytest.approx(b.mse_final, rel=1e-4)
+
+
+def test_batches_of_one_token_sequences():
+    """Sequences of length 1: the 1-D cache position has no batch dimension and is not expanded."""
+    ids = calib_ids(n=8, seqlen=1)
+    one = wandapp.prune(tiny_model("llama"), ids, sparsity=0.5, method="wanda", batch_size=1, progress=False)
+    four = wandapp.prune(tiny_model("llama"), ids, sparsity=0.5, method="wanda", batch_size=4, progress=False)
+    for name in one.masks:
+        assert torch.equal(one.masks[name], four.masks[name]), name

@@ -173,9 +173,11 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
 
 def _expand_batch(value: Any, size: int) -> Any:
     """Arguments captured for one sequence, for a batch of ``size`` sequences that share them
-    (same length, no padding): tensors with a leading batch dimension of 1 are expanded (no copy)."""
+    (same length, no padding): tensors of rank 2 or more with a leading batch dimension of 1
+    (position ids, position embeddings, attention masks) are expanded, without a copy; 1-D ones
+    (cache positions) have no batch dimension and stay."""
     if isinstance(value, torch.Tensor):
-        return value.expand(size, *value.shape[1:]) if value.dim() >= 1 and value.shape[0] == 1 else value
+        return value.expand(size, *value.shape[1:]) if value.dim() >= 2 and value.shape[0] == 1 else value
     if isinstance(value, (tuple, list)):
         return type(value)(_expand_batch(v, size) for v in value)
     if isinstance(value, dict):
