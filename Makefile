@@ -1,8 +1,9 @@
 # The commands people run. `make help` lists them.
 SHELL := /bin/bash
 VENV ?= .venv
-# The torch to build against; `make test-torch-2.11` checks the other supported one.
-TORCH ?= 2.13.0
+# The torch to build against: 2.13.0, or the version a .venv-torchX.Y venv is named after
+# (`make test-torch-2.11` checks the other supported one).
+TORCH ?= $(if $(filter .venv-torch%,$(VENV)),$(patsubst .venv-torch%,%.0,$(VENV)),2.13.0)
 PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/wandapp
 export PIP_CACHE_DIR ?= $(CACHE)/pip
@@ -37,7 +38,7 @@ $(STAMP): $(PY) pyproject.toml Cargo.toml torch-2.11/Cargo.toml build.rs build_b
 	cd /tmp && $(abspath $(PY)) -c "import wandapp, torch; print('wandapp', wandapp.__version__, 'for torch', torch.__version__, 'installed in $(VENV)')"
 	touch $@
 
-build: ## rebuild the Rust extension in place after changing src/ (release)
+build: ## rebuild the Rust extension of the editable .venv in place after changing src/ (release)
 	rm -f python/wandapp/_core*.so
 	$(PY) -m maturin develop --release --skip-install --manifest-path $(MANIFEST)
 
@@ -58,8 +59,8 @@ test: setup test-rust test-python test-torch-2.11 ## everything CI runs: torch 2
 demo: setup ## the main job: prune the embedded SmolLM2 with magnitude, wanda, wanda++ at 2:4
 	$(VENV)/bin/wandapp demo
 
-wheel: setup ## build a release wheel for the venv's torch into dist/ (abi3: Python 3.10-3.13)
-	$(PY) -m maturin build --release --out dist --manifest-path $(MANIFEST)
+wheel: setup ## build a release wheel for the venv's torch into dist/torch-$(TORCH)/ (abi3: Python 3.10-3.13)
+	$(PY) -m maturin build --release --out dist/torch-$(TORCH) --manifest-path $(MANIFEST)
 
 bench: setup ## kernel, quality and LoRA benchmarks (tables in bench/results; bench/ro_lr.py is separate)
 	$(PY) bench/kernels.py

@@ -1,15 +1,20 @@
-//! Records which torch the extension is compiled against (`WANDAPP_TORCH_VERSION`), read from the
-//! same Python interpreter torch-sys asks (`python` inside a virtualenv, else `python3`), so that
+//! Records which torch the extension is compiled against (`WANDAPP_TORCH_VERSION`), so that
 //! `import wandapp` under another torch can name both versions instead of failing in the loader.
+//! The interpreter asked is the one maturin builds for (`PYO3_PYTHON`), else the one torch-sys
+//! asks (`python` inside a virtualenv, else `python3`).
 
 use std::env;
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
-    println!("cargo:rerun-if-changed=build.rs");
-    let python = if env::var_os("VIRTUAL_ENV").is_some() { "python" } else { "python3" };
-    let version = Command::new(python)
+    for var in ["PYO3_PYTHON", "VIRTUAL_ENV"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    // Relative to the crate root, as cargo reads it (this file serves two manifests).
+    println!("cargo:rerun-if-changed={}", file!());
+    let python = env::var("PYO3_PYTHON")
+        .unwrap_or_else(|_| if env::var_os("VIRTUAL_ENV").is_some() { "python".into() } else { "python3".into() });
+    let version = Command::new(&python)
         .args(["-c", "import importlib.metadata as m; print(m.version('torch').split('+')[0])"])
         .output()
         .ok()

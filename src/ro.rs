@@ -72,6 +72,26 @@ pub fn regional_norm(out: &Tensor, token_mask: Option<&Tensor>) -> Result<Tensor
     Ok(out.f_square()?.f_sum(Kind::Float)?.f_sqrt()?)
 }
 
+/// A float64 sum of scalars kept on their device and read back once, so that a loop adding one
+/// value per step does not wait for the device at every step.
+#[derive(Default)]
+struct DeviceSum(Option<Tensor>);
+
+impl DeviceSum {
+    fn add(&mut self, value: &Tensor) -> Result<()> {
+        let value = value.f_detach()?.f_to_kind(Kind::Double)?;
+        self.0 = Some(match self.0.take() {
+            None => value,
+            Some(sum) => sum.f_add(&value)?,
+        });
+        Ok(())
+    }
+
+    fn read(self) -> Result<f64> {
+        Ok(self.0.map_or(Ok(0.0), f64::try_from)?)
+    }
+}
+
 /// Sum over a batch [b, seq, hidden] of each sequence's MSE over its real tokens (float32). A
 /// batch of one is exactly `masked_mse`, so one-by-one runs keep their bits.
 pub fn summed_mse(out: &Tensor, target: &Tensor, token_mask: Option<&Tensor>) -> Result<Tensor> {
@@ -94,17 +114,12 @@ pub fn summed_mse(out: &Tensor, target: &Tensor, token_mask: Option<&Tensor>) ->
 /// block's batches; read back once (no host synchronisation per batch).
 pub fn block_mse(block: &dyn Block, samples: &[usize]) -> Result<f64> {
     let _guard = tch::no_grad_guard();
-    let mut total: Option<Tensor> = None;
+    let mut total = DeviceSum::default();
     for batch in block.batches(samples)? {
         let mask = block.token_mask(&batch)?;
-        let mse = summed_mse(&block.forward(&batch)?, &block.target(&batch)?, mask.as_ref())?.f_to_kind(Kind::Double)?;
-        total = Some(match total {
-            None => mse,
-            Some(t) => t.f_add(&mse)?,
-        });
+        total.add(&summed_mse(&block.forward(&batch)?, &block.target(&batch)?, mask.as_ref())?)?;
     }
-    let total = total.map_or(Ok(0.0), |t| f64::try_from(t))?;
-    Ok(total / samples.len().max(1) as f64)
+    Ok(total.read()? / samples.len().max(1) as f64)
 }
 
 /// Marks `weights` as requiring gradients for as long as it lives, then restores each flag.
@@ -213,7 +228,7 @@ pub fn guarded_round(
     let mut opt = MaskedRmsprop::new(weights, masks, settings.lr)?;
     let tracking = GradTracking::enable(weights);
     // Summed on the device and read once per round: no host synchronisation per step.
-    let mut loss_sum: Option<Tensor> = None;
+    let mut loss_sum = DeviceSum::default();
     for &i in &order {
         tracking.zero_grads();
         let loss = tch::with_grad(|| -> Result<Tensor> {
@@ -222,14 +237,10 @@ pub fn guarded_round(
             block.backward(&loss)?;
             Ok(loss)
         })?;
-        let loss = loss.f_detach()?.f_to_kind(Kind::Double)?;
-        loss_sum = Some(match loss_sum {
-            None => loss,
-            Some(sum) => sum.f_add(&loss)?,
-        });
+        loss_sum.add(&loss)?;
         opt.step(weights)?;
     }
-    let loss_sum = loss_sum.map_or(Ok(0.0), |t| f64::try_from(t))?;
+    let loss_sum = loss_sum.read()?;
     tracking.zero_grads();
     drop(tracking);
 

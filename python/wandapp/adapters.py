@@ -51,14 +51,17 @@ class DecoderAdapter:
     def all_linears(self) -> list[tuple[str, nn.Linear]]:
         return [pair for i in range(len(self.layers)) for pair in self.linears(i)]
 
-    def sequence_bytes(self, seqlen: int, dtype: torch.dtype) -> int:
-        """A rough upper bound of the device memory one sequence of ``seqlen`` tokens takes in a
-        block's forward (hidden and MLP activations, recorded linear inputs, and the attention
-        scores of the eager implementation), used to size batches."""
+    def token_bytes(self, seqlen: int, dtype: torch.dtype) -> int:
+        """A rough upper bound of the device memory one token of a ``seqlen``-token sequence takes
+        in a block's forward: hidden and MLP activations, the recorded linear inputs, their float64
+        squares in the activation statistics, and the eager attention's scores. Sizes batches."""
         config = self.model.config
-        width = 8 * config.hidden_size + 4 * getattr(config, "intermediate_size", 4 * config.hidden_size)
+        hidden = config.hidden_size
+        intermediate = getattr(config, "intermediate_size", 4 * hidden)
+        activations = (8 * hidden + 4 * intermediate) * torch.finfo(dtype).bits // 8
+        statistics = 16 * max(hidden, intermediate)  # float64 copy and square of the widest input
         scores = config.num_attention_heads * seqlen * 4 if getattr(config, "_attn_implementation", "eager") == "eager" else 0
-        return seqlen * (width * torch.finfo(dtype).bits // 8 + scores)
+        return activations + statistics + scores
 
     @staticmethod
     def call(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -19,14 +19,15 @@ from wandapp.errors import NonFiniteError
 _DROPPED_KWARGS = ("cache", "past_key_values", "past_key_value")
 
 
-def move(value: Any, device: torch.device) -> Any:
-    """Moves tensors (also inside tuples, lists and dicts) to ``device``."""
+def move(value: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Moves tensors (also inside tuples, lists and dicts) to ``device``; ``non_blocking`` only
+    for copies onto an accelerator (a copy to the host must finish before it is read)."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return value.to(device, non_blocking=non_blocking)
     if isinstance(value, (tuple, list)):
-        return type(value)(move(v, device) for v in value)
+        return type(value)(move(v, device, non_blocking) for v in value)
     if isinstance(value, dict):
-        return {k: move(v, device) for k, v in value.items()}
+        return {k: move(v, device, non_blocking) for k, v in value.items()}
     return value
 
 
@@ -42,10 +43,12 @@ class Sample:
 
 
 def stash(t: torch.Tensor, offload: torch.device, pin: bool) -> torch.Tensor:
-    """``t`` moved to where activations wait between blocks; in page-locked memory when ``pin``
-    (CPU offload for a CUDA block), so that copies back to the device can run asynchronously."""
-    t = t.to(offload)
-    return t.pin_memory() if pin else t
+    """``t`` moved to where activations wait between blocks. With ``pin`` (CPU offload for a
+    CUDA block) the copy lands in page-locked memory without waiting, so that the caller
+    synchronises once for many copies, and copies back to the device run asynchronously."""
+    if not pin:
+        return t.to(offload)
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 def without_padding(hidden: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -161,6 +164,8 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
     finally:
         for handle in handles:
             handle.remove()
+    if pin:
+        torch.cuda.synchronize()
     failure = checks.first_failure()
     if failure is not None:
         raise NonFiniteError(
@@ -202,6 +207,7 @@ class BlockRunner:
         self.device = device
         self.batch_size = batch_size
         self.targets: list[torch.Tensor] = []
+        self._arguments: dict[Any, dict[str, Any]] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -223,7 +229,7 @@ class BlockRunner:
     def forward(self, indices: list[int]) -> torch.Tensor:
         """The block's output [len(indices), seq, hidden] (with autograd when grad mode is on)."""
         first = self.samples[indices[0]]
-        kwargs = move(first.kwargs[self.kind], self.device)
+        kwargs = self._device_arguments(first)
         if len(indices) == 1:
             hidden = first.hidden.to(self.device, non_blocking=True)
         else:
@@ -231,12 +237,22 @@ class BlockRunner:
             kwargs = _expand_batch(kwargs, len(indices))
         return DecoderAdapter.call(self.layer, hidden, kwargs)
 
+    def _device_arguments(self, sample: Sample) -> dict[str, Any]:
+        """The sample's block arguments on the device, copied once per block: sequences of one
+        length without padding share them (as batching assumes), a padded one has its own."""
+        key = tuple(sample.hidden.shape) if sample.token_mask is None else id(sample)
+        if key not in self._arguments:
+            self._arguments[key] = move(sample.kwargs[self.kind], self.device, non_blocking=True)
+        return self._arguments[key]
+
     def linear_inputs(self, indices: list[int]) -> list[torch.Tensor]:
         with self._recording() as recorded:
             self.forward(indices)
         return recorded
 
     def target(self, indices: list[int]) -> torch.Tensor:
+        if len(indices) == 1:
+            return self.targets[indices[0]].to(self.device, non_blocking=True)
         return torch.cat([self.targets[i].to(self.device, non_blocking=True) for i in indices])
 
     def token_mask(self, indices: list[int]) -> torch.Tensor | None:
@@ -253,6 +269,8 @@ class BlockRunner:
             for i, out in zip(batch, self.forward(batch).split(1)):
                 s = self.samples[i]
                 outputs[i] = stash(without_padding(out, s.token_mask), s.hidden.device, pin)
+        if pin:
+            torch.cuda.synchronize(self.device)
         return outputs
 
     @contextmanager

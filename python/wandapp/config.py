@@ -90,7 +90,8 @@ class PruneConfig:
             (activation statistics, dense targets, block outputs and error; regional gradients and
             RO steps stay one sequence per backward). Only sequences of one length without padding
             share a batch. None = 1 on CPU; on CUDA as many as fit in half the free device memory
-            (estimated from the block's shape), at most 64. Batching changes float summation
+            (estimated from the block's shape), at most 16384 tokens and 64 sequences per call.
+            Batching changes float summation
             order only (README: GPU).
         device: where a block runs; None = the model's device.
         offload: where captured activations wait between blocks; None = CPU when the

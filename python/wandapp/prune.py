@@ -217,14 +217,20 @@ def _check_pattern_fits(adapter: DecoderAdapter, pattern: Pattern) -> None:
             raise SparsityError(f"{n}:{m} needs in_features divisible by {m}, but {name} has {linear.in_features}")
 
 
+#: Tokens per forward call beyond which batching gains nothing (the matrix products are full).
+MAX_BATCH_TOKENS = 16384
+
+
 def _auto_batch_size(adapter: DecoderAdapter, samples: list[Sample], device: torch.device) -> int:
     """1 on CPU (no gain, and results stay bit-identical to a one-by-one run); on CUDA as many of
-    the longest sequence as fit in half the free device memory, at most 64."""
+    the longest sequence as fit in half the free device memory, at most MAX_BATCH_TOKENS tokens
+    and 64 sequences."""
     if device.type != "cuda":
         return 1
     free, _ = torch.cuda.mem_get_info(device)
     longest = max(s.hidden.shape[1] for s in samples)
-    return max(1, min(64, int(0.5 * free) // adapter.sequence_bytes(longest, samples[0].hidden.dtype)))
+    fits = int(0.5 * free) // (longest * adapter.token_bytes(longest, samples[0].hidden.dtype))
+    return max(1, min(64, MAX_BATCH_TOKENS // longest, fits))
 
 
 def _require_ordinary_tensors(adapter: DecoderAdapter) -> None:
