@@ -55,15 +55,24 @@ fn to_py(py: Python<'_>, t: Tensor) -> PyResult<PyObject> {
     Ok(unsafe { PyObject::from_owned_ptr(py, ptr as *mut pyo3::ffi::PyObject) })
 }
 
-/// How many weights each row of `in_features` loses at unstructured `sparsity`: floor(in_features
-/// x sparsity) with the sparsity read as the decimal it prints as (100 x 0.58 = 58, not 57).
-/// The one rule behind the masks, the report and `wandapp.testing.assert_sparsity`.
+/// The pattern of the Python arguments `sparsity` and `nm` (an (n, m) tuple wins when given).
+fn pattern_arg(sparsity: f64, nm: Option<(i64, i64)>) -> Result<Pattern> {
+    match nm {
+        Some((n, m)) => Pattern::nm(n, m),
+        None => Pattern::unstructured(sparsity),
+    }
+}
+
+/// How many weights each row of `in_features` loses: with `nm`, (m - n) per group of m; else
+/// floor(in_features x sparsity) with the sparsity read as the decimal it prints as (100 x 0.58 =
+/// 58, not 57). The one rule behind the masks, the report and `wandapp.testing.assert_sparsity`.
 #[pyfunction]
-fn pruned_per_row(in_features: i64, sparsity: f64) -> PyResult<i64> {
+#[pyo3(signature = (in_features, sparsity = 0.5, nm = None))]
+fn pruned_per_row(in_features: i64, sparsity: f64, nm: Option<(i64, i64)>) -> PyResult<i64> {
     if in_features < 0 {
         return Err(Error::InvalidArgument { arg: "in_features", reason: format!("must be >= 0, got {in_features}") }.into());
     }
-    Ok(Pattern::unstructured(sparsity)?.pruned_per_row(in_features))
+    Ok(pattern_arg(sparsity, nm)?.pruned_per_row(in_features))
 }
 
 /// Per-row unstructured keep-mask (True = keep): every row of `scores` drops exactly
@@ -309,13 +318,9 @@ fn prune_block_<'py>(
     ro_lr: f64,
     seed: u64,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let pattern = match nm {
-        Some((n, m)) => Pattern::nm(n, m)?,
-        None => Pattern::unstructured(sparsity)?,
-    };
     let plan = Plan {
         method: Method::parse(method)?,
-        pattern,
+        pattern: pattern_arg(sparsity, nm)?,
         alpha,
         ro: RoSettings { rounds: ro_rounds, samples: ro_samples, holdout: ro_holdout, lr: ro_lr, seed },
     };

@@ -211,6 +211,11 @@ mod tests {
         Tensor::from_slice(&values).view(shape)
     }
 
+    /// The per-sequence tensors [1, ...] of `batch`, concatenated along the batch dimension.
+    fn stack_rows(rows: &[Tensor], batch: &[usize]) -> Tensor {
+        Tensor::cat(&batch.iter().map(|&i| rows[i].shallow_clone()).collect::<Vec<_>>(), 0)
+    }
+
     impl ToyBlock {
         fn new(seed: u64) -> Self {
             let mut rng = SplitMix64::new(seed);
@@ -223,7 +228,7 @@ mod tests {
             b
         }
         fn inputs(&self, batch: &[usize]) -> Tensor {
-            Tensor::cat(&batch.iter().map(|&i| self.xs[i].shallow_clone()).collect::<Vec<_>>(), 0)
+            stack_rows(&self.xs, batch)
         }
         fn weights(&self) -> Vec<Tensor> {
             vec![self.w1.shallow_clone(), self.w2.shallow_clone()]
@@ -246,7 +251,7 @@ mod tests {
             Ok(vec![x, hidden])
         }
         fn target(&self, batch: &[usize]) -> Result<Tensor> {
-            Ok(Tensor::cat(&batch.iter().map(|&i| self.targets[i].shallow_clone()).collect::<Vec<_>>(), 0))
+            Ok(stack_rows(&self.targets, batch))
         }
         fn token_mask(&self, _: &[usize]) -> Result<Option<Tensor>> {
             Ok(None)

@@ -238,6 +238,9 @@ def test_pruned_per_row_is_exact_over_widths_and_ratios():
             mismatches_of_plain_float += int(width * ratio) != exact
     assert mismatches_of_plain_float > 0  # the float rule really is wrong on these inputs
     assert wandapp.kernels.pruned_per_row(100, 0.58) == 58
+    for n, m in ((2, 4), (4, 8), (1, 4)):
+        for width in (8, 64, 4096, 11008):
+            assert wandapp.kernels.pruned_per_row(width, nm=(n, m)) == width // m * (m - n), (width, n, m)
     with pytest.raises(wandapp.SparsityError):
         wandapp.kernels.pruned_per_row(100, 1.0)
 

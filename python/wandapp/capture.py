@@ -42,6 +42,12 @@ class Sample:
     token_mask: torch.Tensor | None  # [1, seq] bool, True on real tokens; None without padding
 
 
+def pinned_offload(offload: torch.device, device: torch.device) -> bool:
+    """Whether activations waiting on ``offload`` for blocks on ``device`` go to page-locked
+    memory: CPU offload for a CUDA block, so that copies to the device run asynchronously."""
+    return offload.type == "cpu" and device.type == "cuda"
+
+
 def stash(t: torch.Tensor, offload: torch.device, pin: bool) -> torch.Tensor:
     """``t`` moved to where activations wait between blocks. With ``pin`` (CPU offload for a
     CUDA block) the copy lands in page-locked memory without waiting, so that the caller
@@ -206,6 +212,7 @@ class BlockRunner:
         self.samples = samples
         self.device = device
         self.batch_size = batch_size
+        self.pin = pinned_offload(samples[0].hidden.device, device)
         self.targets: list[torch.Tensor] = []
         self._arguments: dict[Any, dict[str, Any]] = {}
 
@@ -216,14 +223,14 @@ class BlockRunner:
         out: list[list[int]] = []
         open_batches: dict[tuple[int, ...], list[int]] = {}
         for i in indices:
-            s = self.samples[i]
-            if self.batch_size == 1 or s.token_mask is not None:
+            key = self._sharing_key(self.samples[i])
+            if self.batch_size == 1 or key is None:
                 out.append([i])
                 continue
-            batch = open_batches.setdefault(tuple(s.hidden.shape), [])
+            batch = open_batches.setdefault(key, [])
             batch.append(i)
             if len(batch) == self.batch_size:
-                out.append(open_batches.pop(tuple(s.hidden.shape)))
+                out.append(open_batches.pop(key))
         return out + [b for b in open_batches.values() if b]
 
     def forward(self, indices: list[int]) -> torch.Tensor:
@@ -237,10 +244,16 @@ class BlockRunner:
             kwargs = _expand_batch(kwargs, len(indices))
         return DecoderAdapter.call(self.layer, hidden, kwargs)
 
+    @staticmethod
+    def _sharing_key(sample: Sample) -> tuple[int, ...] | None:
+        """Sequences of one shape without padding have identical block arguments (positions
+        0..seq-1, the plain causal mask): they may share a batch and one device copy of their
+        arguments. None for a padded sequence, whose arguments are its own."""
+        return tuple(sample.hidden.shape) if sample.token_mask is None else None
+
     def _device_arguments(self, sample: Sample) -> dict[str, Any]:
-        """The sample's block arguments on the device, copied once per block: sequences of one
-        length without padding share them (as batching assumes), a padded one has its own."""
-        key = tuple(sample.hidden.shape) if sample.token_mask is None else id(sample)
+        """The sample's block arguments on the device, copied once per block per sharing key."""
+        key = self._sharing_key(sample) or id(sample)
         if key not in self._arguments:
             self._arguments[key] = move(sample.kwargs[self.kind], self.device, non_blocking=True)
         return self._arguments[key]
@@ -261,15 +274,15 @@ class BlockRunner:
         return None if mask is None else mask.to(self.device)
 
     @torch.no_grad()
-    def outputs(self, pin: bool = False) -> list[torch.Tensor]:
+    def outputs(self) -> list[torch.Tensor]:
         """The block's output for every sample, padding zeroed, on the offload device (pinned
-        when ``pin``)."""
+        for a CUDA block)."""
         outputs: list[torch.Tensor] = [torch.empty(0)] * len(self)
         for batch in self.batches(list(range(len(self)))):
             for i, out in zip(batch, self.forward(batch).split(1)):
                 s = self.samples[i]
-                outputs[i] = stash(without_padding(out, s.token_mask), s.hidden.device, pin)
-        if pin:
+                outputs[i] = stash(without_padding(out, s.token_mask), s.hidden.device, self.pin)
+        if self.pin:
             torch.cuda.synchronize(self.device)
         return outputs
 

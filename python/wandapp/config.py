@@ -29,14 +29,10 @@ class Pattern:
         return f"{self.nm[0]}:{self.nm[1]}" if self.nm else repr(self.sparsity)  # the decimal as written
 
     def pruned_per_row(self, in_features: int) -> int:
-        """Weights a row of ``in_features`` loses: (m - n) per group of m, or floor(in_features x
-        sparsity) with the sparsity read as its decimal (the core's rule, shared with the masks)."""
-        if self.nm:
-            n, m = self.nm
-            return in_features // m * (m - n)
+        """Weights a row of ``in_features`` loses, by the core's rule (``kernels.pruned_per_row``)."""
         from wandapp.kernels import pruned_per_row
 
-        return pruned_per_row(in_features, self.sparsity)
+        return pruned_per_row(in_features, self.sparsity, self.nm)
 
 
 def parse_sparsity(value: Union[float, str]) -> Pattern:
@@ -91,8 +87,7 @@ class PruneConfig:
             RO steps stay one sequence per backward). Only sequences of one length without padding
             share a batch. None = 1 on CPU; on CUDA as many as fit in half the free device memory
             (estimated from the block's shape), at most 16384 tokens and 64 sequences per call.
-            Batching changes float summation
-            order only (README: GPU).
+            Batching changes float summation order only (README: GPU).
         device: where a block runs; None = the model's device.
         offload: where captured activations wait between blocks; None = CPU when the
             model is on CUDA, else the model's device.

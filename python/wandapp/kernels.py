@@ -4,7 +4,8 @@ Masks are bool tensors, True = keep. Scores are float32. Every row of a weight (
 feature) competes on its own. Ties are broken by column index: at equal score the lower
 column counts as smaller (unstructured drops it first; N:M keeps the higher one).
 Unstructured sparsity s drops ``pruned_per_row(in_features, s)`` = floor(in_features x s) of
-each row, with s read as the decimal it prints as (100 x 0.58 prunes 58).
+each row, with s read as the decimal it prints as (100 x 0.58 prunes 58); ``nm=(n, m)`` gives
+the N:M count.
 
 >>> import torch, wandapp
 >>> scores = torch.tensor([[3.0, 1.0, 1.0, 2.0]])

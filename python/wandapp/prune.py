@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from wandapp import _core
 from wandapp.adapters import DecoderAdapter, require_materialized, resolve
-from wandapp.capture import BlockRunner, Sample, capture_first_block, next_block_inputs
+from wandapp.capture import BlockRunner, Sample, capture_first_block, next_block_inputs, pinned_offload
 from wandapp.config import Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences
 from wandapp.errors import CalibrationError, DeviceMismatchError, InvalidArgumentError, PruneError, PruneInterrupted, SparsityError
@@ -102,9 +102,8 @@ def _prune_blocks(
     model = adapter.model
     was_training = model.training
     model.eval()
-    pin = offload.type == "cpu" and device.type == "cuda"
     try:
-        samples = capture_first_block(adapter, sequences, offload, pin)
+        samples = capture_first_block(adapter, sequences, offload, pinned_offload(offload, device))
         cfg = cfg.replace(batch_size=cfg.batch_size or _auto_batch_size(adapter, samples, device))
         report = PruneReport(
             model=type(model).__name__,
@@ -147,9 +146,8 @@ def _prune_one_block(
         layer.to(device)
         for p in layer.parameters():
             p.requires_grad_(False)
-        pin = samples[0].hidden.is_pinned()
         runner = BlockRunner(adapter, index, samples, device, cfg.batch_size)
-        runner.targets = runner.outputs(pin)
+        runner.targets = runner.outputs()
         names = [name for name, _ in adapter.linears(index)]
         result = _core.prune_block_(
             runner,
@@ -164,7 +162,7 @@ def _prune_one_block(
             ro_lr=cfg.ro_lr,
             seed=cfg.seed + index,
         )
-        outputs = runner.outputs(pin)
+        outputs = runner.outputs()
     except BaseException as err:
         _restore(layer, snapshot, home, requires_grad)
         report.blocks[index].status = "restored"
@@ -237,8 +235,8 @@ def _require_ordinary_tensors(adapter: DecoderAdapter) -> None:
     """The decoder blocks' weights and saved state must not be inference tensors (made inside
     ``torch.inference_mode()``): pruning changes them in place, restores them on failure and
     (rgs, wanda++) takes their gradients, all of which PyTorch forbids for inference tensors."""
-    tensors = {**dict(adapter.layers.named_parameters()), **adapter.layers.state_dict(keep_vars=True)}
-    made = [f"{adapter.prefix}.{name}" for name, t in tensors.items() if t.is_inference()]
+    # state_dict(keep_vars=True): every parameter and persistent buffer, as tensors (not copies).
+    made = [f"{adapter.prefix}.{name}" for name, t in adapter.layers.state_dict(keep_vars=True).items() if t.is_inference()]
     if made:
         raise InvalidArgumentError(
             f"{len(made)} weights of the decoder blocks (e.g. {made[:3]}) are inference tensors, created inside "
