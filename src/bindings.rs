@@ -339,6 +339,7 @@ fn prune_block_<'py>(
     result.set_item("masks", PyList::new(py, masks)?)?;
     result.set_item("mse_before_ro", outcome.mse_before_ro)?;
     result.set_item("mse_final", outcome.mse_final)?;
+    result.set_item("magnitude_fallback", PyList::new(py, outcome.magnitude_fallback)?)?;
     let rounds = PyList::empty(py);
     for r in outcome.rounds {
         let d = PyDict::new(py);

@@ -25,7 +25,9 @@ pub trait Block {
     }
     /// Block output [b, seq, hidden]; tracks gradients when grad mode is on.
     fn forward(&self, batch: &[usize]) -> Result<Tensor>;
-    /// The input [b, seq, in] of each linear layer (in the order of the weights).
+    /// The input of each weight (in the order of the weights): [b, seq, in] for a layer that
+    /// sees every token (padding is left out with `token_mask`), or [rows, in] for an expert of a
+    /// mixture of experts: the real tokens of the batch routed to it, possibly none.
     fn linear_inputs(&self, batch: &[usize]) -> Result<Vec<Tensor>>;
     /// The dense block's output [b, seq, hidden] (the RO target).
     fn target(&self, batch: &[usize]) -> Result<Tensor>;
@@ -81,6 +83,9 @@ pub struct BlockOutcome {
     pub mse_before_ro: f64,
     /// Block-output MSE after the final prune.
     pub mse_final: f64,
+    /// Per weight: scored by magnitude in the final prune because no calibration token reached
+    /// it (an expert the router never chose); its activation statistics would all be zero.
+    pub magnitude_fallback: Vec<bool>,
     pub rounds: Vec<RoundRecord>,
 }
 
@@ -103,8 +108,9 @@ fn gradient_rms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Tensor>> {
     stats.iter().map(GradientStats::rms).collect()
 }
 
-/// ||X_j|| of every linear layer's input, on the block as it is now.
-fn activation_norms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Tensor>> {
+/// ||X_j|| of every linear layer's input, on the block as it is now; None for a weight that no
+/// token reached.
+fn activation_norms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
     let _guard = tch::no_grad_guard();
     let mut stats = weights.iter().map(|w| ActivationStats::new(w.size()[1])).collect::<Result<Vec<_>>>()?;
     let all: Vec<usize> = (0..block.len()).collect();
@@ -118,31 +124,39 @@ fn activation_norms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Tensor>
         }
         let mask = block.token_mask(&batch)?;
         for (st, x) in stats.iter_mut().zip(&inputs) {
-            st.update(x, mask.as_ref())?;
+            if x.dim() == 2 {
+                st.update_routed(x, batch.len() as i64)?;
+            } else {
+                st.update(x, mask.as_ref())?;
+            }
         }
     }
-    stats.iter().map(ActivationStats::norm).collect()
+    stats.iter().map(|st| if st.saw_tokens() { st.norm().map(Some) } else { Ok(None) }).collect()
 }
 
-/// Scores every weight by the plan's method, selects and applies the masks.
-fn prune_once(block: &dyn Block, weights: &[Tensor], plan: &Plan, grad_rms: Option<&[Tensor]>) -> Result<Vec<Tensor>> {
+/// Scores every weight by the plan's method (by magnitude where no token reached it), selects
+/// and applies the masks; returns them with the fallback flags.
+fn prune_once(block: &dyn Block, weights: &[Tensor], plan: &Plan, grad_rms: Option<&[Tensor]>) -> Result<(Vec<Tensor>, Vec<bool>)> {
     let norms = match plan.method {
         Method::Magnitude => None,
         _ => Some(activation_norms(block, weights)?),
     };
     let mut masks = Vec::with_capacity(weights.len());
+    let mut fallback = Vec::with_capacity(weights.len());
     for (k, w) in weights.iter().enumerate() {
-        let score = match (plan.method, &norms, grad_rms) {
-            (Method::Magnitude, _, _) => magnitude_score(w)?,
-            (Method::Wanda, Some(n), _) => wanda_score(w, &n[k])?,
-            (_, Some(n), Some(g)) => rgs_score(w, &g[k], &n[k], plan.alpha)?,
+        let norm = norms.as_ref().map(|n| n[k].as_ref());
+        let score = match (plan.method, norm, grad_rms) {
+            (Method::Magnitude, _, _) | (_, Some(None), _) => magnitude_score(w)?,
+            (Method::Wanda, Some(Some(n)), _) => wanda_score(w, n)?,
+            (_, Some(Some(n)), Some(g)) => rgs_score(w, &g[k], n, plan.alpha)?,
             _ => unreachable!("the schedule computes what each method needs"),
         };
+        fallback.push(matches!(norm, Some(None)));
         let mask = select(&score, plan.pattern)?;
         apply_mask_(w, &mask)?;
         masks.push(mask);
     }
-    Ok(masks)
+    Ok((masks, fallback))
 }
 
 /// The pruned block's output error, refused when NaN or infinite: a block whose output
@@ -175,16 +189,16 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
     let mut mse_before_ro = None;
     if let Some(split) = &split {
         for r in 0..plan.ro.rounds {
-            let masks = prune_once(block, weights, plan, grad_rms.as_deref())?;
+            let (masks, _) = prune_once(block, weights, plan, grad_rms.as_deref())?;
             if r == 0 {
                 mse_before_ro = Some(finite_block_mse(block, &all)?);
             }
             rounds.push(guarded_round(block, weights, &masks, split, &plan.ro, r)?);
         }
     }
-    let masks = prune_once(block, weights, plan, grad_rms.as_deref())?;
+    let (masks, magnitude_fallback) = prune_once(block, weights, plan, grad_rms.as_deref())?;
     let mse_final = finite_block_mse(block, &all)?;
-    Ok(BlockOutcome { masks, mse_before_ro: mse_before_ro.unwrap_or(mse_final), mse_final, rounds })
+    Ok(BlockOutcome { masks, mse_before_ro: mse_before_ro.unwrap_or(mse_final), mse_final, magnitude_fallback, rounds })
 }
 
 #[cfg(test)]
@@ -323,6 +337,40 @@ mod tests {
                 let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * a.abs().max(1e-12);
                 assert!(close(expected.mse_before_ro, got.mse_before_ro) && close(expected.mse_final, got.mse_final));
             }
+        }
+    }
+
+    /// The toy block as a mixture of one expert that no token reaches: its second weight gets
+    /// routed inputs with no rows.
+    struct IdleExpert(ToyBlock);
+
+    impl Block for IdleExpert {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn forward(&self, batch: &[usize]) -> Result<Tensor> {
+            self.0.forward(batch)
+        }
+        fn linear_inputs(&self, batch: &[usize]) -> Result<Vec<Tensor>> {
+            let x = self.0.inputs(batch);
+            Ok(vec![x, Tensor::zeros([0, 16], (Kind::Float, tch::Device::Cpu))])
+        }
+        fn target(&self, batch: &[usize]) -> Result<Tensor> {
+            self.0.target(batch)
+        }
+        fn token_mask(&self, batch: &[usize]) -> Result<Option<Tensor>> {
+            self.0.token_mask(batch)
+        }
+    }
+
+    #[test]
+    fn a_weight_no_token_reaches_is_pruned_by_magnitude() {
+        for method in [Method::Wanda, Method::Rgs] {
+            let b = IdleExpert(ToyBlock::new(7));
+            let expected = select(&magnitude_score(&b.0.w2).unwrap(), plan(method, 1e-3).pattern).unwrap();
+            let out = prune_block_(&b, &b.0.weights(), &plan(method, 1e-3)).unwrap();
+            assert_eq!(out.magnitude_fallback, vec![false, true], "{method:?}");
+            assert!(out.masks[1].equal(&expected), "{method:?}");
         }
     }
 

@@ -8,11 +8,14 @@ use tch::{Kind, Tensor};
 /// Per-feature input norms of one linear layer, fed one batch at a time.
 ///
 /// `norm()` is SPEC's ||X_j||: sqrt of the mean over sequences of each sequence's sum of
-/// squares of feature j, with padded tokens left out.
+/// squares of feature j, with padded tokens left out. A mixture-of-experts expert sees only the
+/// tokens routed to it (`update_routed`); a sequence that routed none adds zero to its sums.
 pub struct ActivationStats {
     in_features: i64,
     sum_sq: Option<Tensor>,
     nsamples: i64,
+    /// Token rows fed, counted from shapes (padding included): 0 means no token reached it.
+    rows: i64,
 }
 
 impl ActivationStats {
@@ -23,7 +26,7 @@ impl ActivationStats {
                 reason: format!("must be a positive integer, got {in_features}"),
             });
         }
-        Ok(Self { in_features, sum_sq: None, nsamples: 0 })
+        Ok(Self { in_features, sum_sq: None, nsamples: 0, rows: 0 })
     }
 
     pub fn in_features(&self) -> i64 {
@@ -32,6 +35,11 @@ impl ActivationStats {
 
     pub fn nsamples(&self) -> i64 {
         self.nsamples
+    }
+
+    /// Whether any token reached this layer (an expert may receive none).
+    pub fn saw_tokens(&self) -> bool {
+        self.rows > 0
     }
 
     /// Adds a batch `x` of shape [batch, seq, in]; `token_mask` [batch, seq] marks real tokens.
@@ -54,7 +62,28 @@ impl ActivationStats {
             sq = sq.f_masked_fill(&m.f_logical_not()?.f_unsqueeze(-1)?, 0.0)?;
         }
         // Sum over tokens (per sequence), then over sequences.
-        let batch_sum = sq.f_sum_dim_intlist(&[0i64, 1][..], false, Kind::Double)?;
+        self.add(sq.f_sum_dim_intlist(&[0i64, 1][..], false, Kind::Double)?, s[0], s[0] * s[1])
+    }
+
+    /// Adds the `x` [rows, in] routed to one expert from a batch of `sequences` sequences (their
+    /// real tokens only, in any order): every sequence of the batch counts in the mean, also one
+    /// that routed no token here.
+    pub fn update_routed(&mut self, x: &Tensor, sequences: i64) -> Result<()> {
+        require_rank(x, "x", 2)?;
+        require_float(x, "x")?;
+        let s = x.size();
+        if s[1] != self.in_features {
+            return Err(Error::Shape {
+                arg: "x",
+                got: s,
+                expected: format!("[rows, {}] (in_features of this ActivationStats)", self.in_features),
+            });
+        }
+        let sum = x.f_to_kind(Kind::Double)?.f_square()?.f_sum_dim_intlist(&[0i64][..], false, Kind::Double)?;
+        self.add(sum, sequences, s[0])
+    }
+
+    fn add(&mut self, batch_sum: Tensor, sequences: i64, rows: i64) -> Result<()> {
         self.sum_sq = Some(match self.sum_sq.take() {
             None => batch_sum,
             Some(acc) => {
@@ -62,7 +91,8 @@ impl ActivationStats {
                 acc.f_add(&batch_sum)?
             }
         });
-        self.nsamples += s[0];
+        self.nsamples += sequences;
+        self.rows += rows;
         Ok(())
     }
 
@@ -166,6 +196,20 @@ mod tests {
         let mut st = ActivationStats::new(1).unwrap();
         st.update(&x, Some(&mask)).unwrap();
         assert_eq!(f64::try_from(st.norm().unwrap().get(0)).unwrap(), 1.0);
+    }
+
+    #[test]
+    fn routed_rows_count_every_sequence_of_the_batch() {
+        // A batch of two sequences routed rows 1, 2 and 3 to this expert: (1 + 4 + 9) / 2 sequences.
+        let mut st = ActivationStats::new(1).unwrap();
+        st.update_routed(&Tensor::from_slice(&[1.0f32, 2.0, 3.0]).view([3, 1]), 2).unwrap();
+        let n = f64::try_from(st.norm().unwrap().get(0)).unwrap();
+        assert!((n - (14.0f64 / 2.0).sqrt()).abs() < 1e-6);
+        assert!(st.saw_tokens());
+        let mut idle = ActivationStats::new(1).unwrap();
+        idle.update_routed(&Tensor::zeros([0, 1], (Kind::Float, tch::Device::Cpu)), 4).unwrap();
+        assert!(!idle.saw_tokens());
+        assert_eq!(f64::try_from(idle.norm().unwrap().get(0)).unwrap(), 0.0);
     }
 
     #[test]

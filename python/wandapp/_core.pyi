@@ -71,6 +71,7 @@ class _BlockResult(TypedDict):
     masks: list[torch.Tensor]
     mse_before_ro: float
     mse_final: float
+    magnitude_fallback: list[bool]
     rounds: list[_RoundResult]
 
 def prune_block_(

@@ -1,34 +1,70 @@
-"""The only file that knows HuggingFace attribute names: where the decoder blocks are, which
-linear layers each holds, and how to call one."""
+"""The only file that knows how HuggingFace models are built: where the decoder blocks are, which
+weight matrices each holds (linear layers and fused mixture-of-experts parameters), and how to
+call a block. Found from the model's structure, not from a list of names, so every decoder-only
+``*ForCausalLM`` is read the same way; the replay check (capture.py) then proves on the user's
+own model that blocks run as pruning will run them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 from torch import nn
 
-from wandapp.errors import UnsupportedModelError
+from wandapp.errors import InvalidArgumentError, UnsupportedModelError
 
-#: model_type -> the causal-LM class wandapp is tested on.
-SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+#: ``targets`` / ``ignore`` as users write them (peft's ``target_modules`` rule): a string is a
+#: regular expression matched against the whole name; a list holds names or name suffixes.
+NamePatterns = Union[str, Sequence[str], None]
 
-#: The seven linear layers of a block, in the order the core receives their weights.
-LINEAR_NAMES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+_EXPERT_NAME = re.compile(r"^(?P<module>.*)\.(?P<param>[^.\[\]]+)\[(?P<expert>\d+)\]$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight matrix [out_features, in_features] that wandapp prunes row by row: an
+    ``nn.Linear``'s weight, or expert ``expert``'s slice of a fused experts parameter
+    ([experts, out, in], or [experts, in, out] when ``transposed``)."""
+
+    name: str  # "model.layers.0.mlp.down_proj" or "model.layers.0.mlp.experts.down_proj[3]"
+    module: nn.Module
+    param_name: str  # "weight" for a linear layer; "gate_up_proj", "down_proj"... for experts
+    expert: int | None = None
+    transposed: bool = False
+
+    @property
+    def pattern_name(self) -> str:
+        """The name ``targets`` and ``ignore`` match: the module, or the fused parameter."""
+        return self.name if self.expert is None else self.name.rsplit("[", 1)[0]
+
+    def weight(self) -> torch.Tensor:
+        """The matrix [out, in], a view sharing the parameter's storage."""
+        param = getattr(self.module, self.param_name)
+        if self.expert is None:
+            return param
+        matrix = param[self.expert]
+        return matrix.t() if self.transposed else matrix
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight().shape[1])
+
+
+def fused_experts(module: nn.Module) -> list[str]:
+    """Names of ``module``'s fused expert parameters (3-D, one slice per expert: transformers 5's
+    ``*Experts`` modules), or [] when it holds none."""
+    count = getattr(module, "num_experts", None)
+    if not isinstance(count, int):
+        return []
+    return [name for name, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.shape[0] == count]
 
 
 @dataclass
 class DecoderAdapter:
-    """A supported model's decoder blocks and their names in ``model.named_modules()``."""
+    """A causal LM's decoder blocks, their names in ``model.named_modules()``, and the weight
+    matrices of each block that this run prunes (``targets`` / ``ignore`` applied)."""
 
     model: nn.Module
     layers: nn.ModuleList
@@ -36,6 +72,7 @@ class DecoderAdapter:
     #: Each block's attention type (config.layer_types, e.g. "full_attention" or
     #: "sliding_attention"). Blocks of one type take the same keyword arguments (attention mask).
     kinds: list[str]
+    selected: list[list[Target]] = field(default_factory=list)
 
     def first_of_each_kind(self) -> dict[str, int]:
         """The first block of each attention type: where the model's arguments for it are caught."""
@@ -44,20 +81,24 @@ class DecoderAdapter:
             firsts.setdefault(kind, index)
         return firsts
 
-    def linears(self, index: int) -> list[tuple[str, nn.Linear]]:
-        layer = self.layers[index]
-        return [(f"{self.prefix}.{index}.{name}", layer.get_submodule(name)) for name in LINEAR_NAMES]
+    def targets(self, index: int) -> list[Target]:
+        """Block ``index``'s matrices to prune, in module order (the order the core receives)."""
+        return self.selected[index]
 
-    def all_linears(self) -> list[tuple[str, nn.Linear]]:
-        return [pair for i in range(len(self.layers)) for pair in self.linears(i)]
+    def all_targets(self) -> list[Target]:
+        return [t for block in self.selected for t in block]
+
+    def experts_modules(self, index: int) -> list[nn.Module]:
+        """Block ``index``'s modules holding fused expert parameters (pruned ones or not)."""
+        return [m for m in self.layers[index].modules() if fused_experts(m)]
 
     def token_bytes(self, seqlen: int, dtype: torch.dtype) -> int:
         """A rough upper bound of the device memory one token of a ``seqlen``-token sequence takes
         in a block's forward: hidden and MLP activations, the recorded linear inputs, their float64
         squares in the activation statistics, and the eager attention's scores. Sizes batches."""
-        config = self.model.config
+        config = _text_config(self.model)
         hidden = config.hidden_size
-        intermediate = getattr(config, "intermediate_size", 4 * hidden)
+        intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
         activations = (8 * hidden + 4 * intermediate) * torch.finfo(dtype).bits // 8
         statistics = 16 * max(hidden, intermediate)  # float64 copy and square of the widest input
         scores = config.num_attention_heads * seqlen * 4 if getattr(config, "_attn_implementation", "eager") == "eager" else 0
@@ -102,34 +143,119 @@ def require_materialized(model: nn.Module) -> None:
         )
 
 
-def resolve(model: Any) -> DecoderAdapter:
-    """Finds the decoder blocks, or raises UnsupportedModelError naming what was found."""
+def _text_config(model: nn.Module) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _decoder_layers(model: nn.Module, found: str) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks: the outermost list of modules of one class that hold
+    weights to prune, preferring one of config.num_hidden_layers blocks."""
+    depth = getattr(_text_config(model), "num_hidden_layers", None)
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and len({type(block) for block in module}) == 1
+        and any(isinstance(m, nn.Linear) or fused_experts(m) for m in module[0].modules())
+    ]
+    if not candidates:
+        raise UnsupportedModelError(f"{found} has no list of decoder blocks holding linear layers; pass the *ForCausalLM model itself")
+    return next(((n, m) for n, m in candidates if len(m) == depth), candidates[0])
+
+
+def _block_matrices(layer: nn.Module, prefix: str, found: str) -> list[Target]:
+    """Every linear layer and fused expert slice of one block, routers excepted, in module order.
+    A router is a linear layer of a mixture-of-experts block with one output per expert or a
+    single output (a shared-expert gate): it decides where tokens go and is never pruned."""
+    modules = list(layer.named_modules())
+    counts = {m.num_experts for _, m in modules if fused_experts(m)}
+    counts |= {len(m) for name, m in modules if isinstance(m, nn.ModuleList) and name.endswith("experts")}
+    out: list[Target] = []
+    for name, module in modules:
+        full = f"{prefix}.{name}"
+        if hasattr(module, "base_layer") or (isinstance(module, nn.Linear) and type(module) is not nn.Linear):
+            raise UnsupportedModelError(
+                f"{found}: {full} is a {type(module).__name__}, not torch.nn.Linear "
+                "(quantized or adapter-wrapped models cannot be pruned; prune before adding LoRA)"
+            )
+        if type(module) is nn.Linear:
+            if counts and module.out_features in counts | {1}:
+                continue
+            out.append(Target(full, module, "weight"))
+        for param in fused_experts(module):
+            transposed = bool(getattr(module, "is_transposed", False))
+            out.extend(Target(f"{full}.{param}[{e}]", module, param, e, transposed) for e in range(module.num_experts))
+    return out
+
+
+def _matches(name: str, patterns: NamePatterns) -> bool:
+    """peft's ``target_modules`` rule: a string is a regular expression for the whole name; a
+    list matches a name equal to an entry or ending with "." + an entry."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns or ())
+
+
+def _select(blocks: list[list[Target]], targets: NamePatterns, ignore: NamePatterns, found: str) -> list[list[Target]]:
+    """Applies ``targets`` (None: every matrix) and ``ignore``; refuses a pattern matching nothing."""
+    names = {t.pattern_name for block in blocks for t in block}
+    for field_name, patterns in (("targets", targets), ("ignore", ignore)):
+        entries: list[NamePatterns] = [patterns] if isinstance(patterns, str) else [[p] for p in patterns or ()]
+        for entry in entries:
+            if not any(_matches(n, entry) for n in names):
+                shown = entry if isinstance(entry, str) else entry[0]
+                raise InvalidArgumentError(
+                    f"{field_name} entry {shown!r} matches no prunable weight of {found} "
+                    f"(e.g. {sorted(names)[:4]}; routers, norms, embeddings and the LM head are never pruned)"
+                )
+    chosen = [
+        [t for t in block if (targets is None or _matches(t.pattern_name, targets)) and not _matches(t.pattern_name, ignore)]
+        for block in blocks
+    ]
+    if not any(chosen):
+        raise InvalidArgumentError(f"targets={targets!r} with ignore={ignore!r} leave nothing to prune in {found}")
+    return chosen
+
+
+def resolve(model: Any, targets: NamePatterns = None, ignore: NamePatterns = None) -> DecoderAdapter:
+    """Finds the decoder blocks and the matrices to prune, or raises UnsupportedModelError
+    naming what was found; InvalidArgumentError when ``targets``/``ignore`` match nothing."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     found = f"{type(model).__name__} (model_type={model_type!r})"
-    if model_type not in SUPPORTED:
-        raise UnsupportedModelError(
-            f"wandapp prunes {', '.join(SUPPORTED.values())}; got {found}. "
-            "Load a LLaMA-family causal LM with transformers' AutoModelForCausalLM."
-        )
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise UnsupportedModelError(f"{found} has no decoder layers at model.model.layers; pass the *ForCausalLM model itself")
+    if not isinstance(model, nn.Module) or config is None or not hasattr(model, "get_input_embeddings"):
+        raise UnsupportedModelError(f"wandapp prunes transformers causal LMs (AutoModelForCausalLM); got {found}")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{found} is an encoder-decoder model; wandapp prunes decoder-only causal LMs")
+    prefix, layers = _decoder_layers(model, found)
     # The model indexes config.layer_types by block, so a list longer than the blocks (a model
     # cut down for an experiment) is fine; a shorter one cannot run.
-    kinds = list(getattr(config, "layer_types", None) or ["full_attention"] * len(layers))[: len(layers)]
+    kinds = list(getattr(_text_config(model), "layer_types", None) or ["full_attention"] * len(layers))[: len(layers)]
     if len(kinds) < len(layers):
         raise UnsupportedModelError(f"{found}: config.layer_types names {len(kinds)} blocks but the model has {len(layers)}")
-    for i, layer in enumerate(layers):
-        for name in LINEAR_NAMES:
-            try:
-                module = layer.get_submodule(name)
-            except AttributeError:
-                raise UnsupportedModelError(f"{found}: block {i} has no {name}") from None
-            if type(module) is not nn.Linear:
-                raise UnsupportedModelError(
-                    f"{found}: block {i} {name} is a {type(module).__name__}, not torch.nn.Linear "
-                    "(quantized or adapter-wrapped models cannot be pruned; prune before adding LoRA)"
-                )
-    prefix = next(name for name, module in model.named_modules() if module is layers)
-    return DecoderAdapter(model=model, layers=layers, prefix=prefix, kinds=kinds)
+    blocks = [_block_matrices(layer, f"{prefix}.{i}", found) for i, layer in enumerate(layers)]
+    return DecoderAdapter(model, layers, prefix, kinds, _select(blocks, targets, ignore, found))
+
+
+def matrix(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The weight matrix a mask name refers to (a module with a ``weight``, or
+    ``module.param[expert]`` for a fused expert slice), or None when the model has no such one."""
+    match = _EXPERT_NAME.match(name)
+    try:
+        if match is None:
+            weight = getattr(model.get_submodule(name), "weight", None)
+            return weight if isinstance(weight, torch.Tensor) else None
+        module = model.get_submodule(match["module"])
+    except AttributeError:
+        return None
+    if match["param"] not in fused_experts(module) or int(match["expert"]) >= module.num_experts:
+        return None
+    return Target(name, module, match["param"], int(match["expert"]), bool(getattr(module, "is_transposed", False))).weight()
+
+
+def iter_matrices(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, matrix [out, in]) of every matrix of the decoder blocks that wandapp would prune."""
+    for target in resolve(model).all_targets():
+        yield target.name, target.weight()

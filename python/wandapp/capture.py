@@ -4,7 +4,7 @@ block for the core."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -13,7 +13,8 @@ from torch import nn
 
 from wandapp.adapters import DecoderAdapter
 from wandapp.data import Sequence
-from wandapp.errors import NonFiniteError
+from wandapp.errors import NonFiniteError, UnsupportedModelError
+from wandapp.experts import routed_inputs
 
 # The cache would grow with every call; blocks are replayed without one.
 _DROPPED_KWARGS = ("cache", "past_key_values", "past_key_value")
@@ -106,6 +107,60 @@ class _FiniteChecks:
         return (int(bad[0, 0]), self.places[int(bad[0, 1])]) if bad.numel() else None
 
 
+def replay_tolerance(dtype: torch.dtype) -> float:
+    """The replay check's bound on ||replayed - model|| / ||the block's change of the hidden
+    state|| (real tokens): 1e-3, or 4 ulps of a half-precision dtype. Replaying is the same
+    computation, so on CPU the error is exactly 0; wrong arguments give errors of order 1."""
+    return max(1e-3, 4 * torch.finfo(dtype).eps)
+
+
+class _Replay:
+    """The replay check: runs one calibration sequence through the blocks one by one, exactly as
+    pruning will (each block called alone with the arguments caught for its attention type, on
+    the previous replayed output with padding zeroed), beside the model's own forward, and
+    compares every block's output with the hidden state the model passes on. Errors stay on the
+    device until ``first_mismatch`` reads them once."""
+
+    def __init__(self, adapter: DecoderAdapter, token_mask: torch.Tensor | None) -> None:
+        self.adapter = adapter
+        self.token_mask = token_mask
+        self.kwargs: dict[str, dict[str, Any]] = {}
+        self.hidden: torch.Tensor | None = None
+        self.model_input: torch.Tensor | None = None
+        self.running = False  # the block hooks ignore the replay's own block calls
+        self.errors: list[torch.Tensor] = []
+
+    def real(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() if self.token_mask is None else x[self.token_mask].float()
+
+    def block_input(self, index: int, x: torch.Tensor) -> None:
+        """At the model's call of block ``index`` with input ``x``: checks the replayed output
+        of the block before, then replays block ``index``."""
+        if index > 0:
+            self.compare(x)
+        else:
+            self.hidden = without_padding(x, self.token_mask)
+        self.model_input = x
+        self.running = True
+        try:
+            out = DecoderAdapter.call(self.adapter.layers[index], self.hidden, self.kwargs[self.adapter.kinds[index]])
+        finally:
+            self.running = False
+        self.hidden = without_padding(out, self.token_mask)
+
+    def compare(self, model_output: torch.Tensor) -> None:
+        assert self.hidden is not None and self.model_input is not None
+        expected = self.real(model_output)
+        change = torch.linalg.vector_norm(expected - self.real(self.model_input))
+        error = torch.linalg.vector_norm(self.real(self.hidden) - expected)
+        self.errors.append(error / change.clamp_min(torch.finfo(torch.float32).tiny))
+
+    def first_mismatch(self, tolerance: float) -> tuple[int, float] | None:
+        """(block, relative error) of the first block whose replay differs, or None."""
+        errors = torch.stack(self.errors).cpu().tolist()
+        return next(((i, e) for i, e in enumerate(errors) if not e <= tolerance), None)
+
+
 @torch.no_grad()
 def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offload: torch.device, pin: bool = False) -> list[Sample]:
     """Runs the dense model once per sequence through all its decoder blocks, keeping the first
@@ -114,6 +169,9 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
     The same pass checks, on real tokens, that every block's input, every linear layer's input
     and the last block's output are finite: a model that overflows on the user's own data (float16
     often does) raises NonFiniteError naming the first block and layer, before any weight changes.
+    It also replays the longest sequence block by block (``_Replay``) and raises
+    UnsupportedModelError naming the first block whose replay differs from the model's forward
+    by more than ``replay_tolerance``: such a model would be pruned on wrong inputs.
     """
     model = adapter.model
     device = next(model.parameters()).device
@@ -122,9 +180,15 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
     hidden: list[torch.Tensor] = []
     kwargs: dict[str, dict[str, Any]] = {}
     checks = _FiniteChecks()
+    lengths = [seq.input_ids.shape[1] if seq.attention_mask is None else int(seq.attention_mask.sum()) for seq in sequences]
+    replayed = lengths.index(max(lengths))
+    replay: _Replay | None = None
+    replay_errors: _Replay | None = None
 
     def on_block_input(index: int):
         def hook(_module: nn.Module, args: tuple, given: dict[str, Any]) -> None:
+            if replay is not None and replay.running:
+                return
             x = args[0] if args else given["hidden_states"]
             checks.check(f"the input of block {index}", x)
             if index == 0:
@@ -132,32 +196,45 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
             if index in firsts:
                 kept = {k: v for k, v in given.items() if k not in _DROPPED_KWARGS and k != "hidden_states"}
                 kwargs[firsts[index]] = move({**kept, "use_cache": False}, offload)
+                if replay is not None:
+                    replay.kwargs[firsts[index]] = {**kept, "use_cache": False}
+            if replay is not None:
+                replay.block_input(index, x)
 
         return hook
 
     def on_linear_input(where: str):
         def hook(_module: nn.Module, args: tuple) -> None:
-            checks.check(where, args[0])
+            if replay is None or not replay.running:
+                checks.check(where, args[0])
 
         return hook
 
     def on_last_output(_module: nn.Module, _args: tuple, output: Any) -> None:
-        checks.check(f"the output of block {last}", output[0] if isinstance(output, tuple) else output)
+        if replay is not None and replay.running:
+            return
+        out = output[0] if isinstance(output, tuple) else output
+        checks.check(f"the output of block {last}", out)
+        if replay is not None:
+            replay.compare(out)
         raise _Captured
 
     handles = [layer.register_forward_pre_hook(on_block_input(i), with_kwargs=True) for i, layer in enumerate(adapter.layers)]
     handles += [
-        linear.register_forward_pre_hook(on_linear_input(f"the input of {name} (block {i})"))
+        target.module.register_forward_pre_hook(on_linear_input(f"the input of {target.name} (block {i})"))
         for i in range(len(adapter.layers))
-        for name, linear in adapter.linears(i)
+        for target in adapter.targets(i)
+        if target.expert is None
     ]
     handles.append(adapter.layers[last].register_forward_hook(on_last_output))
     samples = []
     try:
-        for seq in sequences:
+        for n, seq in enumerate(sequences):
             attention_mask = None if seq.attention_mask is None else seq.attention_mask.to(device, torch.long)
             token_mask = seq.token_mask()
-            checks.start(None if token_mask is None else token_mask.to(device))
+            device_mask = None if token_mask is None else token_mask.to(device)
+            checks.start(device_mask)
+            replay = _Replay(adapter, device_mask) if n == replayed else None
             try:
                 model(input_ids=seq.input_ids.to(device), attention_mask=attention_mask, use_cache=False)
             except _Captured:
@@ -167,6 +244,8 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
             checks.finish()
             samples.append(Sample(stash(without_padding(hidden.pop(), token_mask), offload, pin), dict(kwargs), token_mask))
             kwargs.clear()
+            if replay is not None:
+                replay_errors, replay = replay, None
     finally:
         for handle in handles:
             handle.remove()
@@ -178,6 +257,17 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
             f"the dense model overflows on calibration sequence {failure[0]}: {failure[1]} holds NaN or infinity (on real "
             "tokens) before any pruning. Load the model in bfloat16 or float32 (float16 overflows easily), "
             "or check the input ids"
+        )
+    assert replay_errors is not None
+    tolerance = replay_tolerance(samples[0].hidden.dtype)
+    mismatch = replay_errors.first_mismatch(tolerance)
+    if mismatch is not None:
+        raise UnsupportedModelError(
+            f"replay check failed: decoder block {mismatch[0]} of {type(model).__name__}, called alone with the arguments "
+            f"the model passed to the first block of its attention type ({adapter.kinds[mismatch[0]]!r}), gives an output "
+            f"that differs from the model's own forward on calibration sequence {replayed} (relative error {mismatch[1]:.2e}, "
+            f"tolerance {tolerance:.1e}). The model passes its blocks something wandapp does not capture (per-block "
+            "arguments, or work between blocks), so pruning would use wrong inputs; this architecture is not supported"
         )
     return samples
 
@@ -208,7 +298,7 @@ class BlockRunner:
     def __init__(self, adapter: DecoderAdapter, index: int, samples: list[Sample], device: torch.device, batch_size: int = 1):
         self.layer = adapter.layers[index]
         self.kind = adapter.kinds[index]
-        self.linears = [module for _, module in adapter.linears(index)]
+        self.matrices = adapter.targets(index)
         self.samples = samples
         self.device = device
         self.batch_size = batch_size
@@ -259,7 +349,9 @@ class BlockRunner:
         return self._arguments[key]
 
     def linear_inputs(self, indices: list[int]) -> list[torch.Tensor]:
-        with self._recording() as recorded:
+        """Each matrix's input: [b, seq, in] for a linear layer, [rows, in] for an expert (the
+        real tokens routed to it)."""
+        with self._recording(self.token_mask(indices)) as recorded:
             self.forward(indices)
         return recorded
 
@@ -287,20 +379,22 @@ class BlockRunner:
         return outputs
 
     @contextmanager
-    def _recording(self) -> Iterator[list[torch.Tensor]]:
-        by_layer: dict[int, torch.Tensor] = {}
+    def _recording(self, token_mask: torch.Tensor | None) -> Iterator[list[torch.Tensor]]:
+        by_linear: dict[int, torch.Tensor] = {}
 
         def keeper(k: int):
             def keep(_module: nn.Module, args: tuple) -> None:
-                by_layer[k] = args[0].detach()
+                by_linear[k] = args[0].detach()
 
             return keep
 
-        handles = [linear.register_forward_pre_hook(keeper(k)) for k, linear in enumerate(self.linears)]
+        handles = [t.module.register_forward_pre_hook(keeper(k)) for k, t in enumerate(self.matrices) if t.expert is None]
+        has_experts = any(t.expert is not None for t in self.matrices)
         recorded: list[torch.Tensor] = []
         try:
-            yield recorded
-            recorded.extend(by_layer[k] for k in range(len(self.linears)))
+            with routed_inputs(self.matrices, token_mask) if has_experts else nullcontext(None) as routed:
+                yield recorded
+                recorded.extend(by_linear[k] if t.expert is None else routed(t) for k, t in enumerate(self.matrices))
         finally:
             for h in handles:
                 h.remove()

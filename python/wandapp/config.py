@@ -64,6 +64,14 @@ def parse_method(method: str) -> str:
     return method
 
 
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
 @dataclass
 class PruneConfig:
     """Settings of :func:`wandapp.prune`. Defaults are wandapp's measured choices;
@@ -92,6 +100,15 @@ class PruneConfig:
         offload: where captured activations wait between blocks; None = CPU when the
             model is on CUDA, else the model's device.
         progress: show a tqdm bar over blocks.
+        targets: which weight matrices of the decoder blocks to prune, by name, as peft's
+            ``target_modules``: a string is a regular expression matched against the whole name,
+            a list holds names or name suffixes (``["q_proj", "mlp.experts.down_proj"]``). Names
+            are those of ``model.named_modules()``; a fused experts parameter is named
+            ``<module>.<parameter>`` (all its experts). None = every linear layer and every fused
+            expert parameter of every block; routers, norms, embeddings and the LM head are never
+            pruned. An entry that matches nothing is an InvalidArgumentError.
+        ignore: names left out of ``targets``, by the same rule (e.g. ``["down_proj"]``, or
+            ``r".*\.layers\.0\..*"`` for block 0).
     """
 
     alpha: float = 100.0
@@ -105,6 +122,8 @@ class PruneConfig:
     device: Union[str, torch.device, None] = None
     offload: Union[str, torch.device, None] = None
     progress: bool = True
+    targets: Union[str, list[str], None] = None
+    ignore: Union[str, list[str], None] = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, rule: str) -> None:
@@ -123,6 +142,16 @@ class PruneConfig:
         need(self.nsamples is None or (is_int(self.nsamples) and self.nsamples >= 1), "nsamples", "must be None or an integer >= 1")
         need(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1), "batch_size", "must be None or an integer >= 1")
         need(isinstance(self.progress, bool), "progress", "must be True or False")
+        for field in ("targets", "ignore"):
+            value = getattr(self, field)
+            if isinstance(value, tuple):
+                value = list(value)
+                object.__setattr__(self, field, value)
+            need(
+                value is None or (isinstance(value, str) and _compiles(value)) or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
+                field,
+                "must be None, a regular expression, or a list of module names or name suffixes",
+            )
         for field in ("device", "offload"):
             value = getattr(self, field)
             if value is not None:

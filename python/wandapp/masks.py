@@ -1,4 +1,5 @@
-"""Saving, loading and re-applying masks: {module name: bool keep-mask}.
+"""Saving, loading and re-applying masks: {matrix name: bool keep-mask} (a module name, or
+``<module>.<parameter>[<expert>]`` for an expert's slice of a fused experts parameter).
 
 Files are safetensors written and read by the Rust core (src/io.rs documents the format):
 each mask bit-packed along its rows (1 bit per weight), with a SHA-256 per mask and the
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from wandapp import _core
+from wandapp.adapters import matrix
 from wandapp.errors import MaskMismatchError
 
 
@@ -44,16 +46,16 @@ def load_masks(path: str | os.PathLike[str], with_metadata: bool = False) -> Any
 
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """Zeroes each named module's weight where its mask is False. Checks every name and shape
+    """Zeroes each named weight matrix where its mask is False. Checks every name and shape
     first and raises MaskMismatchError naming the first mismatch, before changing anything."""
-    modules = dict(model.named_modules())
+    weights = {}
     for name, mask in masks.items():
-        module = modules.get(name)
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            raise MaskMismatchError(f"mask {name!r} names no module with a weight in this model (e.g. {next(iter(modules), '')!r})")
+        weight = matrix(model, name)
+        if weight is None:
+            example = next((n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)), "")
+            raise MaskMismatchError(f"mask {name!r} names no module with a weight in this model (e.g. {example!r})")
         if tuple(mask.shape) != tuple(weight.shape):
             raise MaskMismatchError(f"mask {name!r} has shape {tuple(mask.shape)} but the weight is {tuple(weight.shape)}")
+        weights[name] = weight
     for name, mask in masks.items():
-        weight = modules[name].weight
-        _core.apply_mask_(weight, mask.to(weight.device))
+        _core.apply_mask_(weights[name], mask.to(weights[name].device))

@@ -15,6 +15,7 @@ from wandapp.adapters import DecoderAdapter, require_materialized, resolve
 from wandapp.capture import BlockRunner, Sample, capture_first_block, next_block_inputs, pinned_offload
 from wandapp.config import Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences
+from wandapp.experts import eager_experts, unfused
 from wandapp.errors import CalibrationError, DeviceMismatchError, InvalidArgumentError, PruneError, PruneInterrupted, SparsityError
 from wandapp.report import BlockReport, PruneReport
 
@@ -28,10 +29,14 @@ def prune(
     config: PruneConfig | None = None,
     **overrides: Any,
 ) -> PruneReport:
-    """Prunes every linear layer of every decoder block of ``model`` **in place**.
+    """Prunes every linear layer (and every expert of a mixture of experts) of every decoder
+    block of ``model`` **in place**; ``targets`` / ``ignore`` narrow the set.
 
     Args:
-        model: a loaded LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM.
+        model: a loaded decoder-only causal LM (``AutoModelForCausalLM``: Llama, Mistral,
+            Qwen2/3, Gemma, Phi-3, OLMo 2, Granite, Mixtral, Qwen-MoE...; README: supported
+            models). Blocks and their linear layers are found from the model's structure, and a
+            replay check proves before any change that blocks run alone as in the model.
         calib_loader: any iterable (a DataLoader, a list, a tokenized ``datasets.Dataset``)
             whose items are token ids [batch, seq] or [seq] (tensor, array or list), dicts or
             BatchEncodings with ``input_ids`` and an optional ``attention_mask``, or
@@ -47,9 +52,11 @@ def prune(
     ``ro_samples`` resolved). The caller's grad mode (``no_grad``, ``inference_mode``) does not
     matter and is unchanged on return.
 
-    Raises, before any weight changes: SparsityError, InvalidArgumentError (bad settings, or
-    weights that are inference tensors), CalibrationError (data), UnsupportedModelError (model
-    type, or weights on ``meta`` / offloaded by accelerate), DeviceMismatchError, NonFiniteError
+    Raises, before any weight changes: SparsityError, InvalidArgumentError (bad settings,
+    ``targets``/``ignore`` entries that match nothing, or weights that are inference tensors),
+    CalibrationError (data), UnsupportedModelError (no decoder blocks, quantized or
+    adapter-wrapped layers, weights on ``meta`` / offloaded by accelerate, or a failed replay
+    check: a block called alone does not reproduce the model's own forward), DeviceMismatchError, NonFiniteError
     (the dense model overflows on the calibration data: names the first block and layer). If a
     block fails later (or Ctrl-C), that block is restored bit for bit and :class:`PruneError`
     (``PruneInterrupted`` for Ctrl-C) carries the partial report and the cause: earlier blocks
@@ -63,7 +70,7 @@ def prune(
     cfg = (config or PruneConfig()).replace(**overrides)
     pattern = parse_sparsity(sparsity)
     method = parse_method(method)
-    adapter = resolve(model)
+    adapter = resolve(model, cfg.targets, cfg.ignore)
     require_materialized(model)
     _require_ordinary_tensors(adapter)
     _check_pattern_fits(adapter, pattern)
@@ -102,25 +109,27 @@ def _prune_blocks(
     model = adapter.model
     was_training = model.training
     model.eval()
-    try:
-        samples = capture_first_block(adapter, sequences, offload, pinned_offload(offload, device))
-        cfg = cfg.replace(batch_size=cfg.batch_size or _auto_batch_size(adapter, samples, device))
-        report = PruneReport(
-            model=type(model).__name__,
-            method=method,
-            sparsity=str(pattern),
-            config=cfg.to_dict(),
-            nsamples=len(samples),
-            device=str(device),
-            blocks=[BlockReport(index=i, status="untouched") for i in range(len(adapter.layers))],
-        )
-        bar = tqdm(range(len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not cfg.progress, unit="block")
-        for index in bar:
-            samples = _prune_one_block(adapter, index, samples, method, pattern, cfg, device, report)
-            block = report.blocks[index]
-            bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
-    finally:
-        model.train(was_training)
+    experts = [m for i in range(len(adapter.layers)) for m in adapter.experts_modules(i)]
+    with eager_experts(experts):
+        try:
+            samples = capture_first_block(adapter, sequences, offload, pinned_offload(offload, device))
+            cfg = cfg.replace(batch_size=cfg.batch_size or _auto_batch_size(adapter, samples, device))
+            report = PruneReport(
+                model=type(model).__name__,
+                method=method,
+                sparsity=str(pattern),
+                config=cfg.to_dict(),
+                nsamples=len(samples),
+                device=str(device),
+                blocks=[BlockReport(index=i, status="untouched") for i in range(len(adapter.layers))],
+            )
+            bar = tqdm(range(len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not cfg.progress, unit="block")
+            for index in bar:
+                samples = _prune_one_block(adapter, index, samples, method, pattern, cfg, device, report)
+                block = report.blocks[index]
+                bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
+        finally:
+            model.train(was_training)
     return report
 
 
@@ -146,23 +155,23 @@ def _prune_one_block(
         layer.to(device)
         for p in layer.parameters():
             p.requires_grad_(False)
-        runner = BlockRunner(adapter, index, samples, device, cfg.batch_size)
-        runner.targets = runner.outputs()
-        names = [name for name, _ in adapter.linears(index)]
-        result = _core.prune_block_(
-            runner,
-            [module.weight for _, module in adapter.linears(index)],
-            method=method,
-            sparsity=pattern.sparsity,
-            nm=pattern.nm,
-            alpha=cfg.alpha,
-            ro_rounds=cfg.ro_rounds if method == "wanda++" else 0,
-            ro_samples=cfg.ro_samples,
-            ro_holdout=cfg.ro_holdout,
-            ro_lr=cfg.ro_lr,
-            seed=cfg.seed + index,
-        )
-        outputs = runner.outputs()
+        with unfused(adapter.targets(index)) as leaves:
+            runner = BlockRunner(adapter, index, samples, device, cfg.batch_size)
+            runner.targets = runner.outputs()
+            result = _core.prune_block_(
+                runner,
+                [t.weight() if t.expert is None else leaves[t.name] for t in adapter.targets(index)],
+                method=method,
+                sparsity=pattern.sparsity,
+                nm=pattern.nm,
+                alpha=cfg.alpha,
+                ro_rounds=cfg.ro_rounds if method == "wanda++" else 0,
+                ro_samples=cfg.ro_samples,
+                ro_holdout=cfg.ro_holdout,
+                ro_lr=cfg.ro_lr,
+                seed=cfg.seed + index,
+            )
+            outputs = runner.outputs()
     except BaseException as err:
         _restore(layer, snapshot, home, requires_grad)
         report.blocks[index].status = "restored"
@@ -179,7 +188,7 @@ def _prune_one_block(
 
     block = report.blocks[index]
     block.status = "pruned"
-    block.layers = report.record_masks(names, result["masks"], pattern)
+    block.layers = report.record_masks([t.name for t in adapter.targets(index)], result["masks"], pattern, result["magnitude_fallback"])
     block.mse_before_ro = result["mse_before_ro"]
     block.mse_final = result["mse_final"]
     block.ro_losses = [r["loss"] for r in result["rounds"]]
@@ -210,9 +219,9 @@ def _check_pattern_fits(adapter: DecoderAdapter, pattern: Pattern) -> None:
     if pattern.nm is None:
         return
     n, m = pattern.nm
-    for name, linear in adapter.all_linears():
-        if linear.in_features % m:
-            raise SparsityError(f"{n}:{m} needs in_features divisible by {m}, but {name} has {linear.in_features}")
+    for target in adapter.all_targets():
+        if target.in_features % m:
+            raise SparsityError(f"{n}:{m} needs in_features divisible by {m}, but {target.name} has {target.in_features}")
 
 
 #: Tokens per forward call beyond which batching gains nothing (the matrix products are full).

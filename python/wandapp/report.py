@@ -19,6 +19,8 @@ class LayerReport:
     sparsity: float  # fraction of zeros in the mask
     mask_hash: str  # wandapp.kernels.mask_hash: sha256 of shape + packed bits
     pruned_per_row: int  # what the sparsity asks of every row (Pattern.pruned_per_row), which selection prunes
+    #: Scored by magnitude because no calibration token reached it (an expert its router never chose).
+    magnitude_fallback: bool = False
 
 
 @dataclass
@@ -49,27 +51,34 @@ class PruneReport:
     _packed: dict[str, tuple[list[int], np.ndarray]] = field(default_factory=dict, repr=False)
 
     # -- building -----------------------------------------------------------------------
-    def record_masks(self, names: list[str], masks: list[torch.Tensor], pattern: Pattern) -> dict[str, LayerReport]:
+    def record_masks(self, names: list[str], masks: list[torch.Tensor], pattern: Pattern, fallback: list[bool]) -> dict[str, LayerReport]:
         from wandapp.kernels import mask_hash
 
         layers = {}
-        for name, mask in zip(names, masks):
+        for name, mask, by_magnitude in zip(names, masks, fallback):
             cpu = mask.detach().to("cpu")
             self._packed[name] = (list(cpu.shape), np.packbits(cpu.numpy().reshape(-1)))
             layers[name] = LayerReport(
-                list(cpu.shape), 1.0 - cpu.float().mean().item(), mask_hash(cpu), pattern.pruned_per_row(cpu.shape[1])
+                list(cpu.shape), 1.0 - cpu.float().mean().item(), mask_hash(cpu), pattern.pruned_per_row(cpu.shape[1]), by_magnitude
             )
         return layers
 
     # -- reading ------------------------------------------------------------------------
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """{module name (as in model.named_modules()): bool keep-mask on CPU} of pruned layers."""
+        """{name: bool keep-mask [out, in] on CPU} of pruned matrices: a module name (as in
+        ``model.named_modules()``), or ``<module>.<parameter>[<expert>]`` for an expert's slice
+        of a fused experts parameter."""
         out = {}
         for name, (shape, packed) in self._packed.items():
             bits = np.unpackbits(packed, count=int(np.prod(shape))).astype(bool)
             out[name] = torch.from_numpy(bits).reshape(shape)
         return out
+
+    @property
+    def magnitude_fallbacks(self) -> list[str]:
+        """Matrices scored by magnitude because no calibration token reached them (experts)."""
+        return [name for b in self.blocks for name, l in b.layers.items() if l.magnitude_fallback]
 
     @property
     def pruned_blocks(self) -> list[int]:
@@ -116,10 +125,16 @@ class PruneReport:
                 f"{b.index:>5} {b.status:>9} {sp:>8.4f} {fmt(b.mse_before_ro):>13} {fmt(b.mse_final):>10} "
                 f"{ro:>23} {b.seconds:>8.1f} {b.peak_memory_bytes / 2**20:>9.0f}"
             )
+        matrices = sum(len(b.layers) for b in self.blocks)
         rows.append(
-            f"total: {len(self.pruned_blocks)}/{len(self.blocks)} blocks pruned, "
+            f"total: {len(self.pruned_blocks)}/{len(self.blocks)} blocks pruned ({matrices} weight matrices), "
             f"sparsity {self.achieved_sparsity:.4f}, {self.seconds:.1f} s"
         )
+        if self.magnitude_fallbacks:
+            rows.append(
+                f"{len(self.magnitude_fallbacks)} experts received no calibration token and were pruned by magnitude "
+                f"(e.g. {self.magnitude_fallbacks[0]}); see report.magnitude_fallbacks"
+            )
         return "\n".join(rows)
 
     def plot(self, path: str | None = None) -> Any:

@@ -11,11 +11,11 @@ from typing import Any, Mapping
 
 import torch
 
-from wandapp.adapters import resolve
+from wandapp.adapters import iter_matrices, matrix
 
 
 def _linears(model: Any) -> list[tuple[str, torch.Tensor]]:
-    return [(name, module.weight) for name, module in resolve(model).all_linears()]
+    return list(iter_matrices(model))
 
 
 def assert_sparsity(model: Any, sparsity: float) -> None:
@@ -49,11 +49,10 @@ def assert_nm(model: Any, n: int, m: int) -> None:
 
 def assert_masks_equal(model: Any, masks: Mapping[str, torch.Tensor]) -> None:
     """Every masked-out weight is zero (the model respects the masks), for every named mask."""
-    modules = dict(model.named_modules())
     for name, mask in masks.items():
-        if name not in modules:
-            raise AssertionError(f"mask {name!r} names no module of the model")
-        w = modules[name].weight
+        w = matrix(model, name)
+        if w is None:
+            raise AssertionError(f"mask {name!r} names no weight of the model")
         if tuple(w.shape) != tuple(mask.shape):
             raise AssertionError(f"{name}: weight {tuple(w.shape)} vs mask {tuple(mask.shape)}")
         revived = torch.nonzero((w != 0) & ~mask.to(w.device))
