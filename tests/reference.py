@@ -59,6 +59,83 @@ def select(scores: torch.Tensor, sparsity: float | str) -> torch.Tensor:
     return unstructured_mask(scores, sparsity)
 
 
+#: Linear layers of a mixture-of-experts block that route tokens (never pruned).
+ROUTERS = ("mlp.gate", "mlp.router", "mlp.shared_expert_gate")
+
+
+def block_linears(layer) -> list[tuple[str, torch.nn.Linear]]:
+    return [(n, m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n not in ROUTERS]
+
+
+def block_experts(layer):
+    """(name, module) of transformers 5's fused experts modules in a block."""
+    return [(n, m) for n, m in layer.named_modules() if type(m).__name__.endswith("Experts") and hasattr(m, "gate_up_proj")]
+
+
+def expert_matrix(experts, param: str, e: int) -> torch.Tensor:
+    w = getattr(experts, param)[e]
+    return w.t() if getattr(experts, "is_transposed", False) else w
+
+
+def routed_expert_inputs(experts, hidden: torch.Tensor, top_k_index: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+    """Each expert's gate_up and down_proj inputs from the tokens routed to it, recomputed from
+    the experts' weights with transformers' own gate function."""
+    out = {}
+    for e in range(experts.num_experts):
+        rows = hidden[(top_k_index == e).any(dim=-1)]
+        gate_up = rows @ expert_matrix(experts, "gate_up_proj", e).t()
+        if getattr(experts, "has_bias", False):
+            gate_up = gate_up + experts.gate_up_proj_bias[e]
+        out[("gate_up_proj", e)] = rows
+        out[("down_proj", e)] = experts._apply_gate(gate_up)
+    return out
+
+
+def wanda_model(model, sequences: list[torch.Tensor], sparsity: float | str) -> dict:
+    """Wanda on any decoder (dense or mixture of experts), block by block, every block's inputs
+    recomputed with a full model forward. Experts are scored from their routed tokens; one that
+    received none by magnitude. Returns {name: keep-mask}."""
+    masks = {}
+    layers = model.model.layers
+    for index, layer in enumerate(layers):
+        linears = block_linears(layer)
+        experts = block_experts(layer)
+        sums: dict = {}
+
+        def add(key, x):
+            x = x.double().reshape(-1, x.shape[-1])
+            sums[key] = sums.get(key, 0) + (x**2).sum(dim=0)
+
+        hooks = [l.register_forward_pre_hook(lambda m, a, n=n: add(n, a[0])) for n, l in linears]
+        for n, ex in experts:
+            def on_experts(m, a, n=n, ex=ex):
+                for (param, e), x in routed_expert_inputs(ex, a[0], a[1]).items():
+                    if x.shape[0]:
+                        add((n, param, e), x)
+            hooks.append(ex.register_forward_pre_hook(on_experts))
+        with torch.no_grad():
+            for ids in sequences:
+                model(input_ids=ids, use_cache=False)
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for n, l in linears:
+                norm = torch.sqrt(sums[n] / len(sequences)).float()
+                keep = select(l.weight.float().abs() * norm[None, :], sparsity)
+                l.weight.mul_(keep)
+                masks[f"model.layers.{index}.{n}"] = keep
+            for n, ex in experts:
+                for param in ("gate_up_proj", "down_proj"):
+                    for e in range(ex.num_experts):
+                        w = expert_matrix(ex, param, e)
+                        key = (n, param, e)
+                        score = w.float().abs() * torch.sqrt(sums[key] / len(sequences)).float()[None, :] if key in sums else w.float().abs()
+                        keep = select(score, sparsity)
+                        w.mul_(keep)
+                        masks[f"model.layers.{index}.{n}.{param}[{e}]"] = keep
+    return masks
+
+
 def prune_model(model, sequences: list[torch.Tensor], method: str, sparsity: float | str, alpha: float = 100.0) -> dict:
     """Wanda or RGS (no RO), block by block, recomputing every block's inputs with a full model
     forward (so earlier pruned blocks feed later ones). Returns {name: keep-mask}."""

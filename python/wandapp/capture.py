@@ -286,6 +286,14 @@ def _expand_batch(value: Any, size: int) -> Any:
     return value
 
 
+def _per_token(x: torch.Tensor, shape: tuple[int, int], name: str) -> torch.Tensor:
+    """A linear layer's input as [b, seq, in]: some blocks flatten tokens to [b * seq, in]
+    before a layer (Qwen2-MoE's shared expert); the token mask needs them per sequence."""
+    if x.numel() != shape[0] * shape[1] * x.shape[-1]:
+        raise UnsupportedModelError(f"{name} received an input of shape {tuple(x.shape)}, not one row per token of the {shape} batch")
+    return x.reshape(*shape, x.shape[-1])
+
+
 class BlockRunner:
     """The ``Block`` the core drives: the HuggingFace layer, run unchanged on ``device``, on
     batches of calibration sequences given by index.
@@ -353,7 +361,8 @@ class BlockRunner:
         real tokens routed to it)."""
         with self._recording(self.token_mask(indices)) as recorded:
             self.forward(indices)
-        return recorded
+        shape = (len(indices), self.samples[indices[0]].hidden.shape[1])
+        return [x if t.expert is not None else _per_token(x, shape, t.name) for x, t in zip(recorded, self.matrices)]
 
     def target(self, indices: list[int]) -> torch.Tensor:
         if len(indices) == 1:

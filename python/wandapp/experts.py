@@ -37,9 +37,10 @@ def eager_experts(modules: list[nn.Module]) -> Iterator[None]:
 def unfused(targets: list[Target]) -> Iterator[dict[str, torch.Tensor]]:
     """Gives every expert slice among ``targets`` its own leaf tensor [out, in] (yielded by target
     name), so that the core prunes, takes gradients of and optimises each expert as one matrix.
-    While it lasts the fused parameter is rebuilt from the leaves before each forward of its
-    module (autograd reaches the leaves through the stack); on exit the leaves are written back
-    into the original parameter, which is put back in place."""
+    While it lasts, the module's attribute shadows the fused parameter (which stays registered,
+    in its place, untouched) with a stack of the leaves rebuilt before each forward of the module
+    (autograd reaches the leaves through the stack); on exit the leaves are written back into the
+    parameter and the shadow is removed."""
     groups: dict[tuple[int, str], list[Target]] = {}
     for t in targets:
         if t.expert is not None:
@@ -53,7 +54,7 @@ def unfused(targets: list[Target]) -> Iterator[dict[str, torch.Tensor]]:
 
 @contextmanager
 def _unfuse(module: nn.Module, name: str, transposed: bool, members: list[Target]) -> Iterator[dict[str, torch.Tensor]]:
-    original = module._parameters.pop(name)
+    original = module._parameters[name]
     assert original is not None
     # One contiguous leaf [out, in] per expert; the fused layout is rebuilt from them.
     leaves = [(original[e].t() if transposed else original[e]).detach().clone(memory_format=torch.contiguous_format) for e in range(original.shape[0])]
@@ -73,7 +74,6 @@ def _unfuse(module: nn.Module, name: str, transposed: bool, members: list[Target
         with torch.no_grad():
             original.copy_(stacked())
         del module.__dict__[name]
-        module._parameters[name] = original
 
 
 class _SliceCalls(TorchFunctionMode):
