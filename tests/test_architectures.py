@@ -108,6 +108,20 @@ def test_discovery_lists_each_expert_and_no_router(model_type):
     assert all(t.weight().dim() == 2 for t in resolve(model).targets(0))
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_expert_masks_round_trip_through_a_mask_file(model_type, tmp_path):
+    """Wanda only masks, so the saved masks re-applied to the dense model give the pruned one."""
+    model = tiny(model_type)
+    dense = copy.deepcopy(model)
+    report = wandapp.prune(model, ids(), sparsity="2:4", method="wanda", nsamples=8, progress=False)
+    wandapp.save_masks(tmp_path / "masks.safetensors", report.masks, report)
+    masks = wandapp.load_masks(tmp_path / "masks.safetensors")
+    assert set(masks) == set(report.masks) and any(n.endswith("experts.down_proj[3]") for n in masks)
+    wandapp.apply_masks(dense, masks)
+    for (name, a), b in zip(model.named_parameters(), dense.parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_phi3_fused_projections_are_pruned_per_row():
     model = tiny("phi3")
     names = [t.name.split(".", 3)[-1] for t in resolve(model).targets(0)]

@@ -55,9 +55,15 @@ def test_config_flags_reach_the_report(saved_model, tmp_path):
     code = main([
         "prune", "--model", saved_model, "--sparsity", "0.5", "--calib", "persuasion", "--nsamples", "8", "--seqlen", "32",
         "--paper", "--ro-samples", "4", "--ro-holdout", "2", "--alpha", "50", "--ro-rounds", "1", "--offload", "cpu", "--out", out,
+        "--targets", "mlp.down_proj", "q_proj", "--ignore", "model.layers.0.self_attn.q_proj",
     ])
     assert code == 0
-    config = json.load(open(os.path.join(out, "report.json")))["config"]
+    report = json.load(open(os.path.join(out, "report.json")))
+    config = report["config"]
+    assert (config["targets"], config["ignore"]) == (["mlp.down_proj", "q_proj"], ["model.layers.0.self_attn.q_proj"])
+    assert [list(b["layers"]) for b in report["blocks"]] == [
+        ["model.layers.0.mlp.down_proj"], ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    ]
     assert config["ro_lr"] == 3e-7  # from --paper
     assert (config["alpha"], config["ro_samples"], config["ro_holdout"], config["ro_rounds"], config["offload"]) == (50.0, 4, 2, 1, "cpu")
 
