@@ -38,6 +38,49 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.
     return AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).to(dtype).eval()
 
 
+ARCH_BASE = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+
+#: model_type -> config overrides of a tiny random model (README: supported models). Dense first.
+ARCHITECTURES = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma2": {},
+    "gemma3_text": dict(sliding_window=8),
+    "phi3": {},
+    "olmo2": {},
+    "granite": {},
+    "mixtral": MOE,
+    "qwen2_moe": dict(MOE, shared_expert_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[]),
+    "qwen3_moe": dict(MOE, decoder_sparse_step=1, mlp_only_layers=[]),
+    "olmoe": MOE,
+    "gpt_oss": MOE,
+}
+MOE_TYPES = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"}
+
+
+def available(model_type: str) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
+def tiny_architecture(model_type: str, seed: int = 0, **overrides):
+    """A tiny random model of ``model_type`` (ARCHITECTURES), skipped where transformers lacks it."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    if not available(model_type):
+        pytest.skip(f"transformers {__import__('transformers').__version__} has no {model_type}")
+    torch.manual_seed(seed)
+    config = CONFIG_MAPPING[model_type](**{**ARCH_BASE, **ARCHITECTURES[model_type], **overrides})
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 def calib_ids(n: int = 16, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 

@@ -13,7 +13,7 @@ import wandapp
 from wandapp import kernels
 from wandapp.testing import assert_nm
 
-from conftest import calib_ids, tiny_model
+from conftest import calib_ids, tiny_architecture, tiny_model
 
 DEVICE = os.environ.get("WANDAPP_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA device (set WANDAPP_TEST_DEVICE to choose one)")
@@ -70,3 +70,15 @@ def test_blocks_run_on_the_device_while_activations_wait_on_cpu():
     assert report.pruned_blocks == [0, 1] and report.device.startswith(DEVICE)
     assert all(p.device.type == "cpu" for p in model.parameters())  # each block went back home
     assert_nm(model, 2, 4)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "gpt_oss", "gemma3_text"])
+def test_architectures_on_the_device(model_type):
+    """Mixture-of-experts (routed statistics, unfused experts) and mixed attention on the device
+    in bfloat16; the replay check passes there with the device's own summation order."""
+    model = tiny_architecture(model_type).to(DEVICE, torch.bfloat16)
+    ids = calib_ids()
+    report = wandapp.prune(model, ids, sparsity="2:4", method="wanda++", **FAST)
+    assert_nm(model, 2, 4)
+    assert report.pruned_blocks == [0, 1]
+    assert torch.isfinite(model(ids[:2].to(DEVICE)).logits.float()).all()
