@@ -144,7 +144,7 @@ def require_materialized(model: nn.Module) -> None:
 
 
 def _text_config(model: nn.Module) -> Any:
-    config = model.config
+    config: Any = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -202,10 +202,9 @@ def _select(blocks: list[list[Target]], targets: NamePatterns, ignore: NamePatte
     """Applies ``targets`` (None: every matrix) and ``ignore``; refuses a pattern matching nothing."""
     names = {t.pattern_name for block in blocks for t in block}
     for field_name, patterns in (("targets", targets), ("ignore", ignore)):
-        entries: list[NamePatterns] = [patterns] if isinstance(patterns, str) else [[p] for p in patterns or ()]
-        for entry in entries:
-            if not any(_matches(n, entry) for n in names):
-                shown = entry if isinstance(entry, str) else entry[0]
+        entries: list[tuple[str, NamePatterns]] = [(patterns, patterns)] if isinstance(patterns, str) else [(p, [p]) for p in patterns or ()]
+        for shown, probe in entries:
+            if not any(_matches(n, probe) for n in names):
                 raise InvalidArgumentError(
                     f"{field_name} entry {shown!r} matches no prunable weight of {found} "
                     f"(e.g. {sorted(names)[:4]}; routers, norms, embeddings and the LM head are never pruned)"
@@ -250,7 +249,7 @@ def matrix(model: nn.Module, name: str) -> torch.Tensor | None:
         module = model.get_submodule(match["module"])
     except AttributeError:
         return None
-    if match["param"] not in fused_experts(module) or int(match["expert"]) >= module.num_experts:
+    if match["param"] not in fused_experts(module) or int(match["expert"]) >= int(getattr(module, "num_experts")):
         return None
     return Target(name, module, match["param"], int(match["expert"]), bool(getattr(module, "is_transposed", False))).weight()
 

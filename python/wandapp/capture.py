@@ -141,6 +141,7 @@ class _Replay:
         else:
             self.hidden = without_padding(x, self.token_mask)
         self.model_input = x
+        assert self.hidden is not None
         self.running = True
         try:
             out = DecoderAdapter.call(self.adapter.layers[index], self.hidden, self.kwargs[self.adapter.kinds[index]])
@@ -286,6 +287,10 @@ def _expand_batch(value: Any, size: int) -> Any:
     return value
 
 
+def _no_experts(target: Any) -> torch.Tensor:
+    raise AssertionError(f"{target} is an expert slice, but the block has none")
+
+
 def _per_token(x: torch.Tensor, shape: tuple[int, int], name: str) -> torch.Tensor:
     """A linear layer's input as [b, seq, in]: some blocks flatten tokens to [b * seq, in]
     before a layer (Qwen2-MoE's shared expert); the token mask needs them per sequence."""
@@ -401,7 +406,7 @@ class BlockRunner:
         has_experts = any(t.expert is not None for t in self.matrices)
         recorded: list[torch.Tensor] = []
         try:
-            with routed_inputs(self.matrices, token_mask) if has_experts else nullcontext(None) as routed:
+            with routed_inputs(self.matrices, token_mask) if has_experts else nullcontext(_no_experts) as routed:
                 yield recorded
                 recorded.extend(by_linear[k] if t.expert is None else routed(t) for k, t in enumerate(self.matrices))
         finally:

@@ -146,6 +146,7 @@ def routed_inputs(targets: list[Target], token_mask: torch.Tensor | None) -> Ite
 
 
 def _gathered(mode: _SliceCalls, params: list[tuple[nn.Module, str]], target: Target) -> torch.Tensor:
+    assert target.expert is not None
     key = next(k for k, (m, name) in enumerate(params) if m is target.module and name == target.param_name)
     pieces = mode.inputs.get((key, target.expert), [])
     if pieces:
