@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from wandapp._optional import require
+from wandapp.adapters import matrix
 from wandapp.errors import InvalidArgumentError
 from wandapp.masks import apply_masks
 
@@ -57,12 +58,14 @@ def remask_cost(peft_model: Any, masks: Mapping[str, torch.Tensor], eval_ids: to
     _require_peft_model(peft_model)
     unmerged = perplexity(peft_model, eval_ids, seqlen=seqlen, progress=False).perplexity
     work = copy.deepcopy(peft_model)
-    before = {n: m.weight.detach().clone() for n, m in work.get_base_model().named_modules() if n in masks}
+    base = work.get_base_model()
+    before = {n: w.detach().clone() for n in masks if (w := matrix(base, n)) is not None}
     merged = work.merge_and_unload()
-    modules = dict(merged.named_modules())
     kept = total = 0.0
     for name, weight in before.items():
-        delta = (modules[name].weight.float() - weight.float()) ** 2
+        after = matrix(merged, name)
+        assert after is not None  # merging keeps the base model's names
+        delta = (after.float() - weight.float()) ** 2
         total += delta.sum().item()
         kept += delta[masks[name].to(delta.device)].sum().item()
     apply_masks(merged, masks)
