@@ -7,6 +7,7 @@ use crate::io;
 use crate::mask::{self, Pattern};
 use crate::ro::RoSettings;
 use crate::score;
+use crate::sparsegpt;
 use crate::stats::{ActivationStats, GradientStats};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -118,6 +119,27 @@ fn rgs_score(
 ) -> PyResult<PyObject> {
     let (w, g, a) = (tensor_arg(weight, "weight")?, tensor_arg(grad_rms, "grad_rms")?, tensor_arg(act_norm, "act_norm")?);
     to_py(py, score::rgs_score(&w, &g, &a, alpha)?)
+}
+
+/// SparseGPT (Frantar & Alistarh 2023) on one weight [out, in] given the Hessian [in, in] of its
+/// inputs (H = 2/N sum x x^T): the OBS column sweep in blocks of `blocksize` with `percdamp` x
+/// mean(diag H) dampening, per-row unstructured (`sparsity`) or N:M (`nm`) masks chosen as it
+/// sweeps, and the error-compensating update. Changes `weight` in place; returns the keep-mask.
+/// Runs in the Hessian's precision (float32, or float64 when given float64) on its device.
+#[pyfunction]
+#[pyo3(signature = (weight, hessian, *, sparsity = 0.5, nm = None, blocksize = sparsegpt::BLOCK_SIZE, percdamp = sparsegpt::PERCDAMP))]
+fn sparsegpt_prune_(
+    py: Python<'_>,
+    weight: &Bound<'_, PyAny>,
+    hessian: &Bound<'_, PyAny>,
+    sparsity: f64,
+    nm: Option<(i64, i64)>,
+    blocksize: i64,
+    percdamp: f64,
+) -> PyResult<PyObject> {
+    let (w, h, pattern) = (tensor_arg(weight, "weight")?, tensor_arg(hessian, "hessian")?, pattern_arg(sparsity, nm)?);
+    let mask = py.allow_threads(move || sparsegpt::sparsegpt_prune_(&w, &h, pattern, blocksize, percdamp))?;
+    to_py(py, mask)
 }
 
 /// Zeroes `weight` where `mask` is False, in place: same storage, outside autograd.
@@ -365,6 +387,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(wanda_score, m)?)?;
     m.add_function(wrap_pyfunction!(rgs_score, m)?)?;
     m.add_function(wrap_pyfunction!(apply_mask_, m)?)?;
+    m.add_function(wrap_pyfunction!(sparsegpt_prune_, m)?)?;
     m.add_function(wrap_pyfunction!(mask_hash, m)?)?;
     m.add_function(wrap_pyfunction!(save_masks, m)?)?;
     m.add_function(wrap_pyfunction!(load_masks, m)?)?;

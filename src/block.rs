@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::mask::{apply_mask_, select, Pattern};
 use crate::ro::{block_mse, guarded_round, regional_norm, GradTracking, RoSettings, RoundRecord};
 use crate::score::{magnitude_score, rgs_score, wanda_score};
+use crate::sparsegpt::{sparsegpt_prune_, HessianStats, BLOCK_SIZE, PERCDAMP};
 use crate::stats::{ActivationStats, GradientStats};
 use tch::Tensor;
 
@@ -46,6 +47,9 @@ pub enum Method {
     Wanda,
     Rgs,
     WandaPlusPlus,
+    SparseGpt,
+    /// SparseGPT, then regional optimization with its masks fixed.
+    SparseGptRo,
 }
 
 impl Method {
@@ -55,15 +59,21 @@ impl Method {
             "wanda" => Ok(Method::Wanda),
             "rgs" => Ok(Method::Rgs),
             "wanda++" => Ok(Method::WandaPlusPlus),
+            "sparsegpt" => Ok(Method::SparseGpt),
+            "sparsegpt+ro" => Ok(Method::SparseGptRo),
             other => Err(Error::InvalidArgument {
                 arg: "method",
-                reason: format!("unknown method {other:?}; use one of magnitude, wanda, rgs, wanda++"),
+                reason: format!("unknown method {other:?}; use one of magnitude, wanda, rgs, wanda++, sparsegpt, sparsegpt+ro"),
             }),
         }
     }
 
     fn uses_gradients(self) -> bool {
         matches!(self, Method::Rgs | Method::WandaPlusPlus)
+    }
+
+    fn uses_ro(self) -> bool {
+        matches!(self, Method::WandaPlusPlus | Method::SparseGptRo)
     }
 }
 
@@ -108,11 +118,10 @@ fn gradient_rms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Tensor>> {
     stats.iter().map(GradientStats::rms).collect()
 }
 
-/// ||X_j|| of every linear layer's input, on the block as it is now; None for a weight that no
-/// token reached.
-fn activation_norms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+/// Feeds every weight's input, batch by batch on the block as it is now, to `feed(k, x, mask,
+/// sequences)`: x is [b, seq, in] with the batch's token mask, or [rows, in] routed to an expert.
+fn for_each_input(block: &dyn Block, weights: &[Tensor], mut feed: impl FnMut(usize, &Tensor, Option<&Tensor>, i64) -> Result<()>) -> Result<()> {
     let _guard = tch::no_grad_guard();
-    let mut stats = weights.iter().map(|w| ActivationStats::new(w.size()[1])).collect::<Result<Vec<_>>>()?;
     let all: Vec<usize> = (0..block.len()).collect();
     for batch in block.batches(&all)? {
         let inputs = block.linear_inputs(&batch)?;
@@ -123,15 +132,55 @@ fn activation_norms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Option<
             });
         }
         let mask = block.token_mask(&batch)?;
-        for (st, x) in stats.iter_mut().zip(&inputs) {
-            if x.dim() == 2 {
-                st.update_routed(x, batch.len() as i64)?;
-            } else {
-                st.update(x, mask.as_ref())?;
-            }
+        for (k, x) in inputs.iter().enumerate() {
+            feed(k, x, if x.dim() == 2 { None } else { mask.as_ref() }, batch.len() as i64)?;
         }
     }
+    Ok(())
+}
+
+/// ||X_j|| of every linear layer's input, on the block as it is now; None for a weight that no
+/// token reached.
+fn activation_norms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+    let mut stats = weights.iter().map(|w| ActivationStats::new(w.size()[1])).collect::<Result<Vec<_>>>()?;
+    for_each_input(block, weights, |k, x, mask, sequences| {
+        if x.dim() == 2 {
+            stats[k].update_routed(x, sequences)
+        } else {
+            stats[k].update(x, mask)
+        }
+    })?;
     stats.iter().map(|st| if st.saw_tokens() { st.norm().map(Some) } else { Ok(None) }).collect()
+}
+
+/// SparseGPT's Hessian of every weight's input (dense block); None for a weight no token reached.
+fn hessians(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+    let mut stats = weights.iter().map(|w| HessianStats::new(w.size()[1])).collect::<Result<Vec<_>>>()?;
+    for_each_input(block, weights, |k, x, mask, sequences| {
+        if x.dim() == 2 {
+            stats[k].update_routed(x, sequences)
+        } else {
+            stats[k].update(x, mask)
+        }
+    })?;
+    stats.iter().map(|st| if st.saw_tokens() { st.hessian().map(Some) } else { Ok(None) }).collect()
+}
+
+/// SparseGPT on every weight (magnitude where no token reached it): masks and fallback flags.
+fn sparsegpt_once(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Result<(Vec<Tensor>, Vec<bool>)> {
+    let hessians = hessians(block, weights)?;
+    let mut masks = Vec::with_capacity(weights.len());
+    for (w, h) in weights.iter().zip(&hessians) {
+        masks.push(match h {
+            Some(h) => sparsegpt_prune_(w, h, plan.pattern, BLOCK_SIZE, PERCDAMP)?,
+            None => {
+                let mask = select(&magnitude_score(w)?, plan.pattern)?;
+                apply_mask_(w, &mask)?;
+                mask
+            }
+        });
+    }
+    Ok((masks, hessians.iter().map(Option::is_none).collect()))
 }
 
 /// Scores every weight by the plan's method (by magnitude where no token reached it), selects
@@ -178,12 +227,22 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
         return Err(Error::InvalidArgument { arg: "block", reason: "has no calibration sequences".into() });
     }
     let n = block.len();
-    let split = match plan.method {
-        Method::WandaPlusPlus if plan.ro.rounds > 0 => Some(plan.ro.split(n)?),
-        _ => None,
-    };
-    let grad_rms = if plan.method.uses_gradients() { Some(gradient_rms(block, weights)?) } else { None };
+    let split = if plan.method.uses_ro() && plan.ro.rounds > 0 { Some(plan.ro.split(n)?) } else { None };
     let all: Vec<usize> = (0..n).collect();
+    if matches!(plan.method, Method::SparseGpt | Method::SparseGptRo) {
+        let (masks, magnitude_fallback) = sparsegpt_once(block, weights, plan)?;
+        let mut rounds = Vec::new();
+        let mut mse_before_ro = None;
+        if let Some(split) = &split {
+            mse_before_ro = Some(finite_block_mse(block, &all)?);
+            for r in 0..plan.ro.rounds {
+                rounds.push(guarded_round(block, weights, &masks, split, &plan.ro, r)?);
+            }
+        }
+        let mse_final = finite_block_mse(block, &all)?;
+        return Ok(BlockOutcome { masks, mse_before_ro: mse_before_ro.unwrap_or(mse_final), mse_final, magnitude_fallback, rounds });
+    }
+    let grad_rms = if plan.method.uses_gradients() { Some(gradient_rms(block, weights)?) } else { None };
 
     let mut rounds = Vec::new();
     let mut mse_before_ro = None;
@@ -283,7 +342,7 @@ mod tests {
 
     #[test]
     fn every_method_gives_valid_two_four_masks() {
-        for method in [Method::Magnitude, Method::Wanda, Method::Rgs, Method::WandaPlusPlus] {
+        for method in [Method::Magnitude, Method::Wanda, Method::Rgs, Method::WandaPlusPlus, Method::SparseGpt, Method::SparseGptRo] {
             let b = ToyBlock::new(1);
             let out = prune_block_(&b, &b.weights(), &plan(method, 1e-3)).unwrap();
             for (w, m) in b.weights().iter().zip(&out.masks) {
@@ -301,6 +360,21 @@ mod tests {
         let out = prune_block_(&b, &b.weights(), &plan(Method::WandaPlusPlus, 1e-3)).unwrap();
         assert!(out.mse_final < out.mse_before_ro, "{} !< {}", out.mse_final, out.mse_before_ro);
         assert_eq!(out.rounds.len(), 3);
+    }
+
+    #[test]
+    fn sparsegpt_beats_wanda_and_ro_after_it_helps() {
+        let run = |method| {
+            let b = ToyBlock::new(8);
+            prune_block_(&b, &b.weights(), &plan(method, 1e-3)).unwrap()
+        };
+        let (wanda, sparsegpt, with_ro) = (run(Method::Wanda), run(Method::SparseGpt), run(Method::SparseGptRo));
+        assert!(sparsegpt.mse_final < wanda.mse_final, "{} !< {}", sparsegpt.mse_final, wanda.mse_final);
+        assert!(with_ro.mse_final <= with_ro.mse_before_ro && with_ro.rounds.len() == 3);
+        assert!((with_ro.mse_before_ro - sparsegpt.mse_final).abs() <= 1e-12 * sparsegpt.mse_final);
+        for (a, b) in sparsegpt.masks.iter().zip(&with_ro.masks) {
+            assert!(a.equal(b), "RO keeps SparseGPT's masks");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod mask;
 pub mod ro;
 pub mod rng;
 pub mod score;
+pub mod sparsegpt;
 pub mod stats;
 pub mod tensor_check;
 

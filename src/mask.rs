@@ -200,8 +200,16 @@ fn ascending_order(scores: &Tensor) -> Result<Tensor> {
 /// Unstructured keep-mask: every row drops exactly floor(cols * sparsity) of its lowest scores.
 pub fn unstructured_mask(scores: &Tensor, sparsity: f64) -> Result<Tensor> {
     let pattern = Pattern::unstructured(sparsity)?;
+    let (_, cols) = check_scores(scores)?;
+    lowest_k_mask(scores, pattern.pruned_per_row(cols))
+}
+
+/// Keep-mask in which every row drops its `k` lowest scores (0 <= k <= cols).
+pub fn lowest_k_mask(scores: &Tensor, k: i64) -> Result<Tensor> {
     let (rows, cols) = check_scores(scores)?;
-    let k = pattern.pruned_per_row(cols);
+    if !(0..=cols).contains(&k) {
+        return Err(Error::InvalidArgument { arg: "k", reason: format!("must be in [0, {cols}], got {k}") });
+    }
     if scores.device() != Device::Cpu {
         return unstructured_by_sort(scores, k);
     }

@@ -184,3 +184,61 @@ def prune_model(model, sequences: list[torch.Tensor], method: str, sparsity: flo
                 l.weight.mul_(keep)
                 masks[f"model.layers.{index}.{name}"] = keep
     return masks
+
+
+def drop_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask dropping each row's k lowest scores (ties: the lower column first)."""
+    order = torch.sort(scores.float() + 0.0, dim=1, stable=True).indices
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    for row in range(scores.shape[0]):
+        keep[row, order[row, :k]] = False
+    return keep
+
+
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | str, blocksize: int = 128, percdamp: float = 0.01):
+    """IST-DASLab/sparsegpt ``SparseGPT.fasterprune``, transcribed, with the unstructured mask
+    chosen per row (each row of a column block drops floor(end x s) - floor(start x s)) instead
+    of one threshold per block. Returns (pruned weight, keep-mask); does not change its inputs."""
+    W = weight.clone().to(hessian.dtype)
+    H = hessian.clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    H[range(cols), range(cols)] += damp
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    Hinv = torch.linalg.cholesky(H, upper=True)
+    nm = None if not isinstance(sparsity, str) else tuple(int(v) for v in sparsity.split(":"))
+    if nm is not None:
+        blocksize = max(1, blocksize // nm[1]) * nm[1]
+    keep = torch.zeros(rows, cols, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        if nm is None:
+            k = pruned_per_row(i2, sparsity) - pruned_per_row(i1, sparsity)
+            mask1 = drop_lowest(W1**2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2, k)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(count):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if nm is not None and i % nm[1] == 0:
+                tmp = W1[:, i : i + nm[1]] ** 2 / (torch.diag(Hinv1)[i : i + nm[1]].reshape((1, -1))) ** 2
+                mask1[:, i : i + nm[1]] = nm_mask(tmp, *nm)
+            q = w.clone()
+            q[~mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+        keep[:, i1:i2] = mask1
+    return W, keep

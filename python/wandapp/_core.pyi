@@ -9,7 +9,7 @@ import torch
 
 __all__ = [
     "ActivationStats", "GradientStats", "MASK_FORMAT", "MASK_FORMAT_VERSION", "TORCH_VERSION", "__version__", "apply_mask_",
-    "load_masks", "magnitude_score", "mask_hash", "nm_mask", "prune_block_", "pruned_per_row", "rgs_score", "save_masks",
+    "load_masks", "magnitude_score", "mask_hash", "nm_mask", "prune_block_", "pruned_per_row", "rgs_score", "save_masks", "sparsegpt_prune_",
     "unstructured_mask", "wanda_score",
 ]
 
@@ -27,6 +27,15 @@ def rgs_score(
     weight: torch.Tensor, grad_rms: torch.Tensor, act_norm: torch.Tensor, alpha: float = 100.0
 ) -> torch.Tensor: ...
 def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> None: ...
+def sparsegpt_prune_(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    sparsity: float = 0.5,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> torch.Tensor: ...
 def mask_hash(mask: torch.Tensor) -> str: ...
 def save_masks(
     path: str | PathLike[str], masks: list[tuple[str, torch.Tensor]], metadata: dict[str, str]

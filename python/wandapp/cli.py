@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from wandapp.config import METHODS
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 #: PruneConfig fields that `wandapp prune` exposes as --flags (unset: the config's default).
@@ -152,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model and save it with its masks and report")
     _add_model(p)
     p.add_argument("--sparsity", default="2:4", help="a fraction such as 0.5, or N:M such as 2:4")
-    p.add_argument("--method", default="wanda++", choices=["magnitude", "wanda", "rgs", "wanda++"])
+    p.add_argument("--method", default="wanda++", choices=list(METHODS))
     p.add_argument("--calib", default="persuasion", help="calibration text: a string, a file, or a bundled novel name")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)

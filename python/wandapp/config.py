@@ -11,7 +11,9 @@ import torch
 
 from wandapp.errors import InvalidArgumentError, SparsityError
 
-METHODS = ("magnitude", "wanda", "rgs", "wanda++")
+METHODS = ("magnitude", "wanda", "rgs", "wanda++", "sparsegpt", "sparsegpt+ro")
+#: Methods that run regional optimization (RO) after pruning.
+RO_METHODS = ("wanda++", "sparsegpt+ro")
 
 #: Default RO learning rate, chosen by measurement on SmolLM2-135M at 2:4 (bench/ro_lr.py,
 #: bench/results/ro_lr.md). The paper's 3e-7 barely moves the weights of a small model.

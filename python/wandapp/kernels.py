@@ -26,6 +26,7 @@ from wandapp._core import (
     nm_mask,
     pruned_per_row,
     rgs_score,
+    sparsegpt_prune_,
     unstructured_mask,
     wanda_score,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "nm_mask",
     "pruned_per_row",
     "rgs_score",
+    "sparsegpt_prune_",
     "unstructured_mask",
     "wanda_score",
 ]

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from wandapp import _core
 from wandapp.adapters import DecoderAdapter, require_materialized, resolve
 from wandapp.capture import BlockRunner, Sample, capture_first_block, next_block_inputs, pinned_offload
-from wandapp.config import Pattern, PruneConfig, parse_method, parse_sparsity
+from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences
 from wandapp.experts import eager_experts, unfused
 from wandapp.errors import CalibrationError, DeviceMismatchError, InvalidArgumentError, PruneError, PruneInterrupted, SparsityError
@@ -45,7 +45,9 @@ def prune(
             ``nsamples=None`` (the default) every sequence up to 128 is used.
         sparsity: a float in [0, 1) (floor(in_features x sparsity) of every output row, the
             sparsity read as its decimal: see ``wandapp.kernels.pruned_per_row``) or "N:M" ("2:4").
-        method: "magnitude", "wanda", "rgs" (regional gradients, no RO) or "wanda++" (RGS + RO).
+        method: "magnitude", "wanda", "rgs" (regional gradients, no RO), "wanda++" (RGS + RO),
+            "sparsegpt" (Frantar & Alistarh 2023: OBS sweep with weight updates, per row) or
+            "sparsegpt+ro" (SparseGPT, then RO with its masks fixed).
         config: a :class:`PruneConfig`; keyword ``overrides`` replace its fields.
 
     Returns a :class:`PruneReport` whose ``config`` holds the values used (``nsamples`` and
@@ -84,7 +86,7 @@ def prune(
     with torch.inference_mode(False), torch.enable_grad():
         sequences = collect_sequences(calib_loader, cfg.nsamples)
         cfg = cfg.replace(nsamples=len(sequences), ro_samples=cfg.ro_samples_for(len(sequences)))
-        if method == "wanda++" and cfg.ro_rounds > 0 and cfg.ro_samples > len(sequences):
+        if method in RO_METHODS and cfg.ro_rounds > 0 and cfg.ro_samples > len(sequences):
             raise CalibrationError(
                 f"ro_samples={cfg.ro_samples} needs that many calibration sequences, but the run has {len(sequences)}; "
                 f"lower ro_samples (or leave it None), or pass more data"
@@ -165,7 +167,7 @@ def _prune_one_block(
                 sparsity=pattern.sparsity,
                 nm=pattern.nm,
                 alpha=cfg.alpha,
-                ro_rounds=cfg.ro_rounds if method == "wanda++" else 0,
+                ro_rounds=cfg.ro_rounds if method in RO_METHODS else 0,
                 ro_samples=cfg.ro_samples,
                 ro_holdout=cfg.ro_holdout,
                 ro_lr=cfg.ro_lr,
