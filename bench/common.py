@@ -31,6 +31,17 @@ def machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, python {sys.version.split()[0]}"
 
 
+#: A second held-out text, out of the calibration's domain and on every machine: the Python
+#: language reference topics shipped with the interpreter (pydoc_data), sorted by topic name.
+SECOND_TEXT = "the Python language reference (pydoc_data.topics)"
+
+
+def second_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
 class Workbench:
     """The dense demo model loaded once; each run prunes a fresh copy."""
 
@@ -38,16 +49,18 @@ class Workbench:
         self.dense, self.tokenizer = load_demo_model()
         self.calib = data.text_calibration(self.tokenizer, data.CALIBRATION_TEXT, nsamples, seqlen, seed)
         self.eval_ids = data.tokenize(self.tokenizer, data.load_text(data.EVALUATION_TEXT))[:eval_tokens]
+        self.second_ids = data.tokenize(self.tokenizer, second_text())[:eval_tokens]
         self.eval_seqlen = eval_seqlen
         self.nsamples = nsamples
 
-    def ppl(self, model: torch.nn.Module) -> float:
-        return perplexity(model, self.eval_ids, seqlen=self.eval_seqlen, progress=False).perplexity
+    def ppl(self, model: torch.nn.Module, ids: torch.Tensor | None = None) -> float:
+        """Perplexity on the evaluation text (Northanger Abbey), or on ``ids``."""
+        return perplexity(model, self.eval_ids if ids is None else ids, seqlen=self.eval_seqlen, progress=False).perplexity
 
-    def run(self, method: str, sparsity: str | float, **overrides) -> tuple[float, float, wandapp.PruneReport]:
-        """(perplexity, seconds, report) of one pruning run on a copy of the dense model."""
+    def run(self, method: str, sparsity: str | float, **overrides) -> tuple[float, float, wandapp.PruneReport, torch.nn.Module]:
+        """(perplexity, seconds, report, pruned model) of one pruning run on a copy of the dense model."""
         model = copy.deepcopy(self.dense)
         start = time.perf_counter()
         report = wandapp.prune(model, self.calib, sparsity=sparsity, method=method, nsamples=self.nsamples, progress=False, **overrides)
         seconds = time.perf_counter() - start
-        return self.ppl(model), seconds, report
+        return self.ppl(model), seconds, report, model

@@ -27,10 +27,10 @@ def main() -> None:
     args = ap.parse_args()
     bench = Workbench(args.nsamples, args.seqlen, args.eval_tokens, eval_seqlen=512)
     rows = [("dense", "-", bench.ppl(bench.dense), 0.0, "-")]
-    ppl, sec, _ = bench.run("wanda", "2:4")
+    ppl, sec, _, _ = bench.run("wanda", "2:4")
     rows.append(("wanda", "-", ppl, sec, "-"))
     for lr in [float(x) for x in args.lrs.split(",")]:
-        ppl, sec, report = bench.run("wanda++", "2:4", ro_lr=lr, ro_samples=args.ro_samples, ro_holdout=4)
+        ppl, sec, report, _ = bench.run("wanda++", "2:4", ro_lr=lr, ro_samples=args.ro_samples, ro_holdout=4)
         rolled = sum(sum(b.ro_rolled_back) for b in report.blocks)
         rows.append(("wanda++", f"{lr:g}", ppl, sec, f"{rolled}/{5 * len(report.blocks)}"))
         print(rows[-1], flush=True)
