@@ -246,8 +246,9 @@ impl PyGradientStats {
     }
 }
 
-/// A Python object with `__len__`, `batches(indices)`, and `forward`, `linear_inputs`, `target`
-/// and `token_mask` taking a list of indices (one batch). The first exception it raises is kept
+/// A Python object with `__len__`, `batches(indices)`, `forward`, `linear_inputs` (returning
+/// (inputs, output)), `target` and `token_mask` taking a list of indices (one batch), and
+/// `set_targets` / `set_outputs` taking a batch and a tensor. The first exception it raises is kept
 /// and re-raised unchanged.
 struct PyBlock<'py> {
     obj: Bound<'py, PyAny>,
@@ -257,12 +258,23 @@ struct PyBlock<'py> {
 
 impl<'py> PyBlock<'py> {
     fn call(&self, method: &str, batch: &[usize]) -> Result<Bound<'py, PyAny>> {
+        self.invoke(method, (batch.to_vec(),))
+    }
+
+    /// Calls `method(*args)`; a Python exception is kept (re-raised unchanged at the end).
+    fn invoke<A: pyo3::call::PyCallArgs<'py>>(&self, method: &str, args: A) -> Result<Bound<'py, PyAny>> {
         let py = self.obj.py();
-        py.check_signals().and_then(|_| self.obj.call_method1(method, (batch.to_vec(),))).map_err(|e| {
+        py.check_signals().and_then(|_| self.obj.call_method1(method, args)).map_err(|e| {
             let message = e.to_string();
             self.error.borrow_mut().get_or_insert(e);
             Error::Callback(message)
         })
+    }
+
+    /// Calls `method(batch, tensor)`, handing a tensor of the core's to Python.
+    fn hand(&self, method: &str, batch: &[usize], t: &Tensor) -> Result<()> {
+        let t = to_py(self.obj.py(), t.shallow_clone()).map_err(|e| Error::Callback(e.to_string()))?;
+        self.invoke(method, (batch.to_vec(), t)).map(|_| ())
     }
 
     fn tensor(&self, method: &'static str, batch: &[usize]) -> Result<Tensor> {
@@ -297,13 +309,25 @@ impl Block for PyBlock<'_> {
         self.tensor("forward", batch)
     }
 
-    fn linear_inputs(&self, batch: &[usize]) -> Result<Vec<Tensor>> {
-        let items: Vec<Bound<'_, PyAny>> = self.list("linear_inputs", batch, "tensors")?;
-        items.iter().map(|x| tensor_arg(x, "linear_inputs")).collect()
+    fn linear_inputs(&self, batch: &[usize]) -> Result<(Vec<Tensor>, Tensor)> {
+        let (items, out): (Vec<Bound<'_, PyAny>>, Bound<'_, PyAny>) = self
+            .call("linear_inputs", batch)?
+            .extract()
+            .map_err(|_| Error::InvalidArgument { arg: "linear_inputs", reason: "must return (a list of tensors, the block output)".into() })?;
+        let inputs = items.iter().map(|x| tensor_arg(x, "linear_inputs")).collect::<Result<_>>()?;
+        Ok((inputs, tensor_arg(&out, "linear_inputs")?))
+    }
+
+    fn set_targets(&self, batch: &[usize], out: &Tensor) -> Result<()> {
+        self.hand("set_targets", batch, out)
     }
 
     fn target(&self, batch: &[usize]) -> Result<Tensor> {
         self.tensor("target", batch)
+    }
+
+    fn set_outputs(&self, batch: &[usize], out: &Tensor) -> Result<()> {
+        self.hand("set_outputs", batch, out)
     }
 
     fn token_mask(&self, batch: &[usize]) -> Result<Option<Tensor>> {

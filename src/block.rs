@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::mask::{apply_mask_, select, Pattern};
-use crate::ro::{block_mse, guarded_round, regional_norm, GradTracking, RoSettings, RoundRecord};
+use crate::ro::{block_mse, guarded_round, regional_norm, summed_mse, DeviceSum, GradTracking, RoSettings, RoundRecord};
 use crate::score::{magnitude_score, rgs_score, wanda_score};
 use crate::sparsegpt::{sparsegpt_prune_, HessianStats, BLOCK_SIZE, PERCDAMP};
 use crate::stats::{ActivationStats, GradientStats};
@@ -26,12 +26,18 @@ pub trait Block {
     }
     /// Block output [b, seq, hidden]; tracks gradients when grad mode is on.
     fn forward(&self, batch: &[usize]) -> Result<Tensor>;
-    /// The input of each weight (in the order of the weights): [b, seq, in] for a layer that
-    /// sees every token (padding is left out with `token_mask`), or [rows, in] for an expert of a
-    /// mixture of experts: the real tokens of the batch routed to it, possibly none.
-    fn linear_inputs(&self, batch: &[usize]) -> Result<Vec<Tensor>>;
-    /// The dense block's output [b, seq, hidden] (the RO target).
+    /// One forward that also records each weight's input (in the order of the weights): [b, seq,
+    /// in] for a layer that sees every token (padding is left out with `token_mask`), or [rows,
+    /// in] for an expert of a mixture of experts: the real tokens of the batch routed to it,
+    /// possibly none. Returns them with the block output (tracking gradients when grad mode is on).
+    fn linear_inputs(&self, batch: &[usize]) -> Result<(Vec<Tensor>, Tensor)>;
+    /// Keeps `out` [b, seq, hidden], the dense block's output, as the target of `batch`; the core
+    /// calls it from its first pass over the dense block, so no pass runs only for the targets.
+    fn set_targets(&self, batch: &[usize], out: &Tensor) -> Result<()>;
+    /// The dense block's output [b, seq, hidden] (the RO target and the error reference).
     fn target(&self, batch: &[usize]) -> Result<Tensor>;
+    /// Keeps `out`, the pruned block's final output, as the next block's input for `batch`.
+    fn set_outputs(&self, batch: &[usize], out: &Tensor) -> Result<()>;
     /// [b, seq] bool, True on real tokens; None when no sequence of the batch has padding.
     fn token_mask(&self, batch: &[usize]) -> Result<Option<Tensor>>;
     /// Backpropagates `loss`; an implementation that holds a lock the autograd engine needs
@@ -99,15 +105,58 @@ pub struct BlockOutcome {
     pub rounds: Vec<RoundRecord>,
 }
 
-/// G: RMS over sequences of d||f(X_n)||_2 / dW, one backward per sequence.
-fn gradient_rms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Tensor>> {
+
+/// Activation statistics of every weight, fed from the passes that record linear inputs.
+struct Norms(Vec<ActivationStats>);
+
+impl Norms {
+    fn new(weights: &[Tensor]) -> Result<Self> {
+        weights.iter().map(|w| ActivationStats::new(w.size()[1])).collect::<Result<Vec<_>>>().map(Norms)
+    }
+
+    fn update(&mut self, inputs: &[Tensor], mask: Option<&Tensor>, sequences: i64) -> Result<()> {
+        for (st, x) in self.0.iter_mut().zip(inputs) {
+            if x.dim() == 2 {
+                st.update_routed(&x.f_detach()?, sequences)?;
+            } else {
+                st.update(&x.f_detach()?, mask)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// ||X_j|| per weight; None for a weight that no token reached.
+    fn finish(&self) -> Result<Vec<Option<Tensor>>> {
+        self.0.iter().map(|st| if st.saw_tokens() { st.norm().map(Some) } else { Ok(None) }).collect()
+    }
+}
+
+fn check_inputs(inputs: &[Tensor], weights: &[Tensor]) -> Result<()> {
+    if inputs.len() != weights.len() {
+        return Err(Error::InvalidArgument {
+            arg: "block.linear_inputs",
+            reason: format!("returned {} tensors for {} weights", inputs.len(), weights.len()),
+        });
+    }
+    Ok(())
+}
+
+/// G: RMS over sequences of d||f(X_n)||_2 / dW, one backward per sequence, on the dense block.
+/// The same forwards record the linear inputs (the activation norms of the first prune) and the
+/// dense outputs (the targets): no separate pass runs for either.
+fn gradient_rms(block: &dyn Block, weights: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Option<Tensor>>)> {
     let mut stats = weights.iter().map(|w| GradientStats::new(w.size())).collect::<Result<Vec<_>>>()?;
+    let mut norms = Norms::new(weights)?;
     let tracking = GradTracking::enable(weights);
     for i in 0..block.len() {
         tracking.zero_grads();
         tch::with_grad(|| -> Result<()> {
             let mask = block.token_mask(&[i])?;
-            block.backward(&regional_norm(&block.forward(&[i])?, mask.as_ref())?)?;
+            let (inputs, out) = block.linear_inputs(&[i])?;
+            check_inputs(&inputs, weights)?;
+            norms.update(&inputs, mask.as_ref(), 1)?;
+            block.set_targets(&[i], &out.f_detach()?)?;
+            block.backward(&regional_norm(&out, mask.as_ref())?)?;
             Ok(())
         })?;
         for (st, w) in stats.iter_mut().zip(weights) {
@@ -115,55 +164,64 @@ fn gradient_rms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Tensor>> {
         }
     }
     tracking.zero_grads();
-    stats.iter().map(GradientStats::rms).collect()
+    Ok((stats.iter().map(GradientStats::rms).collect::<Result<_>>()?, norms.finish()?))
 }
 
-/// Feeds every weight's input, batch by batch on the block as it is now, to `feed(k, x, mask,
-/// sequences)`: x is [b, seq, in] with the batch's token mask, or [rows, in] routed to an expert.
-fn for_each_input(block: &dyn Block, weights: &[Tensor], mut feed: impl FnMut(usize, &Tensor, Option<&Tensor>, i64) -> Result<()>) -> Result<()> {
+/// One pass over every sequence, batch by batch on the block as it is now, recording linear
+/// inputs: feeds them to `feed(k, x, mask, sequences)` (x is [b, seq, in] with the batch's token
+/// mask, or [rows, in] routed to an expert); with `targets`, the outputs become the targets.
+fn for_each_input(
+    block: &dyn Block,
+    weights: &[Tensor],
+    targets: bool,
+    mut feed: impl FnMut(&[Tensor], Option<&Tensor>, i64) -> Result<()>,
+) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let all: Vec<usize> = (0..block.len()).collect();
     for batch in block.batches(&all)? {
-        let inputs = block.linear_inputs(&batch)?;
-        if inputs.len() != weights.len() {
-            return Err(Error::InvalidArgument {
-                arg: "block.linear_inputs",
-                reason: format!("returned {} tensors for {} weights", inputs.len(), weights.len()),
-            });
+        let (inputs, out) = block.linear_inputs(&batch)?;
+        check_inputs(&inputs, weights)?;
+        if targets {
+            block.set_targets(&batch, &out)?;
         }
-        let mask = block.token_mask(&batch)?;
-        for (k, x) in inputs.iter().enumerate() {
-            feed(k, x, if x.dim() == 2 { None } else { mask.as_ref() }, batch.len() as i64)?;
-        }
+        feed(&inputs, block.token_mask(&batch)?.as_ref(), batch.len() as i64)?;
     }
     Ok(())
 }
 
-/// ||X_j|| of every linear layer's input, on the block as it is now; None for a weight that no
-/// token reached.
-fn activation_norms(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
-    let mut stats = weights.iter().map(|w| ActivationStats::new(w.size()[1])).collect::<Result<Vec<_>>>()?;
-    for_each_input(block, weights, |k, x, mask, sequences| {
-        if x.dim() == 2 {
-            stats[k].update_routed(x, sequences)
-        } else {
-            stats[k].update(x, mask)
-        }
-    })?;
-    stats.iter().map(|st| if st.saw_tokens() { st.norm().map(Some) } else { Ok(None) }).collect()
+/// ||X_j|| of every linear layer's input, on the block as it is now (the outputs become the
+/// targets when `targets`); None for a weight that no token reached.
+fn activation_norms(block: &dyn Block, weights: &[Tensor], targets: bool) -> Result<Vec<Option<Tensor>>> {
+    let mut norms = Norms::new(weights)?;
+    for_each_input(block, weights, targets, |inputs, mask, sequences| norms.update(inputs, mask, sequences))?;
+    norms.finish()
 }
 
-/// SparseGPT's Hessian of every weight's input (dense block); None for a weight no token reached.
+/// SparseGPT's Hessian of every weight's input on the dense block (whose outputs become the
+/// targets); None for a weight no token reached.
 fn hessians(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
     let mut stats = weights.iter().map(|w| HessianStats::new(w.size()[1])).collect::<Result<Vec<_>>>()?;
-    for_each_input(block, weights, |k, x, mask, sequences| {
-        if x.dim() == 2 {
-            stats[k].update_routed(x, sequences)
-        } else {
-            stats[k].update(x, mask)
+    for_each_input(block, weights, true, |inputs, mask, sequences| {
+        for (st, x) in stats.iter_mut().zip(inputs) {
+            if x.dim() == 2 {
+                st.update_routed(x, sequences)?;
+            } else {
+                st.update(x, mask)?;
+            }
         }
+        Ok(())
     })?;
     stats.iter().map(|st| if st.saw_tokens() { st.hessian().map(Some) } else { Ok(None) }).collect()
+}
+
+/// The dense outputs as targets, for a method that records no linear input (magnitude).
+fn dense_targets(block: &dyn Block) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    let all: Vec<usize> = (0..block.len()).collect();
+    for batch in block.batches(&all)? {
+        block.set_targets(&batch, &block.forward(&batch)?)?;
+    }
+    Ok(())
 }
 
 /// SparseGPT on every weight (magnitude where no token reached it): masks and fallback flags.
@@ -183,12 +241,14 @@ fn sparsegpt_once(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Result<
     Ok((masks, hessians.iter().map(Option::is_none).collect()))
 }
 
-/// Scores every weight by the plan's method (by magnitude where no token reached it), selects
-/// and applies the masks; returns them with the fallback flags.
-fn prune_once(block: &dyn Block, weights: &[Tensor], plan: &Plan, grad_rms: Option<&[Tensor]>) -> Result<(Vec<Tensor>, Vec<bool>)> {
-    let norms = match plan.method {
-        Method::Magnitude => None,
-        _ => Some(activation_norms(block, weights)?),
+/// Scores every weight by the plan's method (by magnitude where no token reached it; `norms`
+/// when given, else from a fresh pass), selects and applies the masks; returns them with the
+/// fallback flags.
+fn prune_once(block: &dyn Block, weights: &[Tensor], plan: &Plan, grad_rms: Option<&[Tensor]>, norms: Option<Vec<Option<Tensor>>>) -> Result<(Vec<Tensor>, Vec<bool>)> {
+    let norms = match (plan.method, norms) {
+        (Method::Magnitude, _) => None,
+        (_, Some(norms)) => Some(norms),
+        (_, None) => Some(activation_norms(block, weights, false)?),
     };
     let mut masks = Vec::with_capacity(weights.len());
     let mut fallback = Vec::with_capacity(weights.len());
@@ -208,17 +268,33 @@ fn prune_once(block: &dyn Block, weights: &[Tensor], plan: &Plan, grad_rms: Opti
     Ok((masks, fallback))
 }
 
-/// The pruned block's output error, refused when NaN or infinite: a block whose output
-/// overflows is never reported as pruned.
-fn finite_block_mse(block: &dyn Block, samples: &[usize]) -> Result<f64> {
-    let mse = block_mse(block, samples)?;
+/// The block error, refused when NaN or infinite: a block whose output overflows is never
+/// reported as pruned.
+fn finite(mse: f64) -> Result<f64> {
     if !mse.is_finite() {
         return Err(Error::NonFinite { arg: "block output (its error against the dense block)", what: "NaN or infinity" });
     }
     Ok(mse)
 }
 
-/// Prunes `weights` (the block's linear weights, shared with the model) in place.
+/// The last pass: the pruned block's outputs (handed to `set_outputs` as the next block's
+/// inputs) and, from the same forwards, its mean error against the dense outputs.
+fn final_outputs(block: &dyn Block) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let all: Vec<usize> = (0..block.len()).collect();
+    let mut total = DeviceSum::default();
+    for batch in block.batches(&all)? {
+        let out = block.forward(&batch)?;
+        let mask = block.token_mask(&batch)?;
+        total.add(&summed_mse(&out, &block.target(&batch)?, mask.as_ref())?)?;
+        block.set_outputs(&batch, &out)?;
+    }
+    finite(total.read()? / all.len().max(1) as f64)
+}
+
+/// Prunes `weights` (the block's linear weights, shared with the model) in place. Forward passes
+/// per block: magnitude 2, wanda 2, sparsegpt 2, rgs 2 plus one backward per sequence; wanda++
+/// and sparsegpt+ro add RO (README: cost of each method).
 pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Result<BlockOutcome> {
     for w in weights {
         plan.pattern.check_fits(crate::tensor_check::weight_dims(w, "weights")?.1)?;
@@ -229,34 +305,39 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
     let n = block.len();
     let split = if plan.method.uses_ro() && plan.ro.rounds > 0 { Some(plan.ro.split(n)?) } else { None };
     let all: Vec<usize> = (0..n).collect();
-    if matches!(plan.method, Method::SparseGpt | Method::SparseGptRo) {
-        let (masks, magnitude_fallback) = sparsegpt_once(block, weights, plan)?;
-        let mut rounds = Vec::new();
-        let mut mse_before_ro = None;
+    let mut rounds = Vec::new();
+    let mut mse_before_ro = None;
+    let (masks, magnitude_fallback) = if matches!(plan.method, Method::SparseGpt | Method::SparseGptRo) {
+        let (masks, fallback) = sparsegpt_once(block, weights, plan)?;
         if let Some(split) = &split {
-            mse_before_ro = Some(finite_block_mse(block, &all)?);
+            mse_before_ro = Some(finite(block_mse(block, &all)?)?);
             for r in 0..plan.ro.rounds {
                 rounds.push(guarded_round(block, weights, &masks, split, &plan.ro, r)?);
             }
         }
-        let mse_final = finite_block_mse(block, &all)?;
-        return Ok(BlockOutcome { masks, mse_before_ro: mse_before_ro.unwrap_or(mse_final), mse_final, magnitude_fallback, rounds });
-    }
-    let grad_rms = if plan.method.uses_gradients() { Some(gradient_rms(block, weights)?) } else { None };
-
-    let mut rounds = Vec::new();
-    let mut mse_before_ro = None;
-    if let Some(split) = &split {
-        for r in 0..plan.ro.rounds {
-            let (masks, _) = prune_once(block, weights, plan, grad_rms.as_deref())?;
-            if r == 0 {
-                mse_before_ro = Some(finite_block_mse(block, &all)?);
+        (masks, fallback)
+    } else {
+        // The first pass over the dense block gives the targets and the first activation norms.
+        let (grad_rms, mut norms) = match plan.method {
+            _ if plan.method.uses_gradients() => {
+                let (g, norms) = gradient_rms(block, weights)?;
+                (Some(g), Some(norms))
             }
-            rounds.push(guarded_round(block, weights, &masks, split, &plan.ro, r)?);
+            Method::Magnitude => (None, dense_targets(block).map(|_| None)?),
+            _ => (None, Some(activation_norms(block, weights, true)?)),
+        };
+        if let Some(split) = &split {
+            for r in 0..plan.ro.rounds {
+                let (masks, _) = prune_once(block, weights, plan, grad_rms.as_deref(), norms.take())?;
+                if r == 0 {
+                    mse_before_ro = Some(finite(block_mse(block, &all)?)?);
+                }
+                rounds.push(guarded_round(block, weights, &masks, split, &plan.ro, r)?);
+            }
         }
-    }
-    let (masks, magnitude_fallback) = prune_once(block, weights, plan, grad_rms.as_deref())?;
-    let mse_final = finite_block_mse(block, &all)?;
+        prune_once(block, weights, plan, grad_rms.as_deref(), norms.take())?
+    };
+    let mse_final = final_outputs(block)?;
     Ok(BlockOutcome { masks, mse_before_ro: mse_before_ro.unwrap_or(mse_final), mse_final, magnitude_fallback, rounds })
 }
 
@@ -264,6 +345,7 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
+    use std::cell::RefCell;
     use tch::Kind;
 
     /// y = W2 relu(W1 x): two linears, enough to exercise every step without Python.
@@ -271,7 +353,9 @@ mod tests {
         w1: Tensor,
         w2: Tensor,
         xs: Vec<Tensor>,
-        targets: Vec<Tensor>,
+        /// What the core hands to `set_targets` and `set_outputs`, per sequence.
+        targets: RefCell<Vec<Option<Tensor>>>,
+        outputs: RefCell<Vec<Option<Tensor>>>,
         /// Sequences per batch in `batches` (1: one by one, the trait's default).
         batch_size: usize,
     }
@@ -282,6 +366,12 @@ mod tests {
         let n = shape.iter().product::<i64>() as usize;
         let values: Vec<f32> = (0..n).map(|_| ((rng.unit() * 2.0 - 1.0) * scale as f64) as f32).collect();
         Tensor::from_slice(&values).view(shape)
+    }
+
+    fn keep_rows(store: &RefCell<Vec<Option<Tensor>>>, batch: &[usize], out: &Tensor) {
+        for (k, &i) in batch.iter().enumerate() {
+            store.borrow_mut()[i] = Some(out.narrow(0, k as i64, 1).detach().copy());
+        }
     }
 
     /// The per-sequence tensors [1, ...] of `batch`, concatenated along the batch dimension.
@@ -295,10 +385,9 @@ mod tests {
             let w1 = uniform(&mut rng, &[16, 8], 0.5);
             let w2 = uniform(&mut rng, &[8, 16], 0.5);
             let xs: Vec<Tensor> = (0..12).map(|_| uniform(&mut rng, &[1, 5, 8], 1.7)).collect();
-            let mut b = ToyBlock { w1, w2, xs, targets: vec![], batch_size: 1 };
-            let _g = tch::no_grad_guard();
-            b.targets = (0..b.xs.len()).map(|i| b.forward(&[i]).unwrap()).collect();
-            b
+            let n = xs.len();
+            let empty = || RefCell::new((0..n).map(|_| None).collect());
+            ToyBlock { w1, w2, xs, targets: empty(), outputs: empty(), batch_size: 1 }
         }
         fn inputs(&self, batch: &[usize]) -> Tensor {
             stack_rows(&self.xs, batch)
@@ -318,13 +407,24 @@ mod tests {
         fn forward(&self, batch: &[usize]) -> Result<Tensor> {
             Ok(self.inputs(batch).matmul(&self.w1.tr()).relu().matmul(&self.w2.tr()))
         }
-        fn linear_inputs(&self, batch: &[usize]) -> Result<Vec<Tensor>> {
+        fn linear_inputs(&self, batch: &[usize]) -> Result<(Vec<Tensor>, Tensor)> {
             let x = self.inputs(batch);
             let hidden = x.matmul(&self.w1.tr()).relu();
-            Ok(vec![x, hidden])
+            let out = hidden.matmul(&self.w2.tr());
+            Ok((vec![x, hidden.detach()], out))
+        }
+        fn set_targets(&self, batch: &[usize], out: &Tensor) -> Result<()> {
+            keep_rows(&self.targets, batch, out);
+            Ok(())
         }
         fn target(&self, batch: &[usize]) -> Result<Tensor> {
-            Ok(stack_rows(&self.targets, batch))
+            let rows = self.targets.borrow();
+            let rows: Vec<Tensor> = batch.iter().map(|&i| rows[i].as_ref().expect("the core sets every target before reading it").shallow_clone()).collect();
+            Ok(Tensor::cat(&rows, 0))
+        }
+        fn set_outputs(&self, batch: &[usize], out: &Tensor) -> Result<()> {
+            keep_rows(&self.outputs, batch, out);
+            Ok(())
         }
         fn token_mask(&self, _: &[usize]) -> Result<Option<Tensor>> {
             Ok(None)
@@ -387,6 +487,23 @@ mod tests {
     }
 
     #[test]
+    fn targets_come_from_the_dense_block_and_outputs_from_the_pruned_one() {
+        for method in [Method::Magnitude, Method::Wanda, Method::Rgs, Method::WandaPlusPlus, Method::SparseGpt, Method::SparseGptRo] {
+            let b = ToyBlock::new(9);
+            let dense: Vec<Tensor> = {
+                let _g = tch::no_grad_guard();
+                (0..b.len()).map(|i| b.forward(&[i]).unwrap()).collect()
+            };
+            prune_block_(&b, &b.weights(), &plan(method, 1e-3)).unwrap();
+            let _g = tch::no_grad_guard();
+            for i in 0..b.len() {
+                assert!(b.targets.borrow()[i].as_ref().unwrap().allclose(&dense[i], 1e-6, 1e-7, false), "{method:?} target {i}");
+                assert!(b.outputs.borrow()[i].as_ref().unwrap().equal(&b.forward(&[i]).unwrap()), "{method:?} output {i}");
+            }
+        }
+    }
+
+    #[test]
     fn an_infinite_activation_is_refused_by_every_method() {
         for method in [Method::Magnitude, Method::Wanda, Method::Rgs, Method::WandaPlusPlus] {
             let b = ToyBlock::new(5);
@@ -425,12 +542,19 @@ mod tests {
         fn forward(&self, batch: &[usize]) -> Result<Tensor> {
             self.0.forward(batch)
         }
-        fn linear_inputs(&self, batch: &[usize]) -> Result<Vec<Tensor>> {
-            let x = self.0.inputs(batch);
-            Ok(vec![x, Tensor::zeros([0, 16], (Kind::Float, tch::Device::Cpu))])
+        fn linear_inputs(&self, batch: &[usize]) -> Result<(Vec<Tensor>, Tensor)> {
+            let (mut inputs, out) = self.0.linear_inputs(batch)?;
+            inputs[1] = Tensor::zeros([0, 16], (Kind::Float, tch::Device::Cpu));
+            Ok((inputs, out))
+        }
+        fn set_targets(&self, batch: &[usize], out: &Tensor) -> Result<()> {
+            self.0.set_targets(batch, out)
         }
         fn target(&self, batch: &[usize]) -> Result<Tensor> {
             self.0.target(batch)
+        }
+        fn set_outputs(&self, batch: &[usize], out: &Tensor) -> Result<()> {
+            self.0.set_outputs(batch, out)
         }
         fn token_mask(&self, batch: &[usize]) -> Result<Option<Tensor>> {
             self.0.token_mask(batch)

@@ -75,10 +75,10 @@ pub fn regional_norm(out: &Tensor, token_mask: Option<&Tensor>) -> Result<Tensor
 /// A float64 sum of scalars kept on their device and read back once, so that a loop adding one
 /// value per step does not wait for the device at every step.
 #[derive(Default)]
-struct DeviceSum(Option<Tensor>);
+pub struct DeviceSum(Option<Tensor>);
 
 impl DeviceSum {
-    fn add(&mut self, value: &Tensor) -> Result<()> {
+    pub fn add(&mut self, value: &Tensor) -> Result<()> {
         let value = value.f_detach()?.f_to_kind(Kind::Double)?;
         self.0 = Some(match self.0.take() {
             None => value,
@@ -87,7 +87,7 @@ impl DeviceSum {
         Ok(())
     }
 
-    fn read(self) -> Result<f64> {
+    pub fn read(self) -> Result<f64> {
         Ok(self.0.map_or(Ok(0.0), f64::try_from)?)
     }
 }

@@ -185,7 +185,7 @@ def untouched(model, before):
         (dict(sparsity="half"), wandapp.SparsityError, "N:M"),
         (dict(sparsity="1.5"), wandapp.SparsityError, "0, 1"),
         (dict(sparsity="2:x"), wandapp.SparsityError, "N:M"),
-        (dict(method="sparsegpt"), wandapp.InvalidArgumentError, "unknown method"),
+        (dict(method="obs"), wandapp.InvalidArgumentError, "unknown method"),
         (dict(nsamples=32), wandapp.CalibrationError, "yielded 16 sequences"),
         (dict(ro_samples=20, nsamples=16), wandapp.CalibrationError, "ro_samples"),
         (dict(ro_lr=-1.0), wandapp.InvalidArgumentError, "ro_lr"),

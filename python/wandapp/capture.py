@@ -318,7 +318,10 @@ class BlockRunner:
         self.device = device
         self.batch_size = batch_size
         self.pin = pinned_offload(samples[0].hidden.device, device)
-        self.targets: list[torch.Tensor] = []
+        #: Per sequence, on the offload device: the dense block's outputs (set by the core from its
+        #: first pass) and the pruned block's (set by its last pass: the next block's inputs).
+        self.targets: list[torch.Tensor | None] = [None] * len(samples)
+        self.results: list[torch.Tensor | None] = [None] * len(samples)
         self._arguments: dict[Any, dict[str, Any]] = {}
 
     def __len__(self) -> int:
@@ -363,18 +366,34 @@ class BlockRunner:
             self._arguments[key] = move(sample.kwargs[self.kind], self.device, non_blocking=True)
         return self._arguments[key]
 
-    def linear_inputs(self, indices: list[int]) -> list[torch.Tensor]:
-        """Each matrix's input: [b, seq, in] for a linear layer, [rows, in] for an expert (the
-        real tokens routed to it)."""
+    def linear_inputs(self, indices: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One forward: each matrix's input ([b, seq, in] for a linear layer, [rows, in] for an
+        expert: the real tokens routed to it) and the block output."""
         with self._recording(self.token_mask(indices)) as recorded:
-            self.forward(indices)
+            out = self.forward(indices)
         shape = (len(indices), self.samples[indices[0]].hidden.shape[1])
-        return [x if t.expert is not None else _per_token(x, shape, t.name) for x, t in zip(recorded, self.matrices)]
+        return [x if t.expert is not None else _per_token(x, shape, t.name) for x, t in zip(recorded, self.matrices)], out
+
+    def set_targets(self, indices: list[int], out: torch.Tensor) -> None:
+        self._keep(self.targets, indices, out)
+
+    def set_outputs(self, indices: list[int], out: torch.Tensor) -> None:
+        self._keep(self.results, indices, out)
+
+    def _keep(self, store: list[torch.Tensor | None], indices: list[int], out: torch.Tensor) -> None:
+        """Each sequence's rows of ``out``, padding zeroed, moved to where activations wait
+        (pinned for a CUDA block: the copy does not wait; ``finish`` synchronises once)."""
+        for i, row in zip(indices, out.detach().split(1)):
+            s = self.samples[i]
+            store[i] = stash(without_padding(row, s.token_mask), s.hidden.device, self.pin)
 
     def target(self, indices: list[int]) -> torch.Tensor:
-        if len(indices) == 1:
-            return self.targets[indices[0]].to(self.device, non_blocking=True)
-        return torch.cat([self.targets[i].to(self.device, non_blocking=True) for i in indices])
+        rows = [self.targets[i] for i in indices]
+        if any(r is None for r in rows):
+            raise RuntimeError("the core read a target before setting it")
+        if len(rows) == 1:
+            return rows[0].to(self.device, non_blocking=True)  # type: ignore[union-attr]
+        return torch.cat([r.to(self.device, non_blocking=True) for r in rows])  # type: ignore[union-attr]
 
     def token_mask(self, indices: list[int]) -> torch.Tensor | None:
         """[len(indices), seq] bool, or None: only a sequence that runs alone has padding."""
@@ -383,16 +402,18 @@ class BlockRunner:
 
     @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:
-        """The block's output for every sample, padding zeroed, on the offload device (pinned
-        for a CUDA block)."""
-        outputs: list[torch.Tensor] = [torch.empty(0)] * len(self)
+        """The block's output for every sample as it is now, padding zeroed, on the offload device."""
         for batch in self.batches(list(range(len(self)))):
-            for i, out in zip(batch, self.forward(batch).split(1)):
-                s = self.samples[i]
-                outputs[i] = stash(without_padding(out, s.token_mask), s.hidden.device, self.pin)
+            self.set_outputs(batch, self.forward(batch))
+        return self.finish()
+
+    def finish(self) -> list[torch.Tensor]:
+        """The outputs handed to ``set_outputs`` (the next block's inputs), once every copy landed."""
         if self.pin:
             torch.cuda.synchronize(self.device)
-        return outputs
+        if any(r is None for r in self.results):
+            raise RuntimeError("the core did not hand the outputs of every sequence")
+        return [r for r in self.results if r is not None]
 
     @contextmanager
     def _recording(self, token_mask: torch.Tensor | None) -> Iterator[list[torch.Tensor]]:

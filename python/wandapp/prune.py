@@ -159,7 +159,6 @@ def _prune_one_block(
             p.requires_grad_(False)
         with unfused(adapter.targets(index)) as leaves:
             runner = BlockRunner(adapter, index, samples, device, cfg.batch_size)
-            runner.targets = runner.outputs()
             result = _core.prune_block_(
                 runner,
                 [t.weight() if t.expert is None else leaves[t.name] for t in adapter.targets(index)],
@@ -173,7 +172,7 @@ def _prune_one_block(
                 ro_lr=cfg.ro_lr,
                 seed=cfg.seed + index,
             )
-            outputs = runner.outputs()
+            outputs = runner.finish()
     except BaseException as err:
         _restore(layer, snapshot, home, requires_grad)
         report.blocks[index].status = "restored"
