@@ -17,7 +17,7 @@ from wandapp.errors import InvalidArgumentError, UnsupportedModelError
 from wandapp.testing import assert_masks_equal, assert_nm, assert_sparsity
 
 import reference
-from conftest import ARCHITECTURES, MOE_TYPES, tiny_architecture as tiny
+from conftest import ARCHITECTURES, MOE_TYPES, available, tiny_architecture as tiny
 
 def ids(n: int = 8, seqlen: int = 24, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
@@ -208,3 +208,129 @@ def test_models_without_decoder_blocks_are_refused():
         resolve(T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)))
     with pytest.raises(UnsupportedModelError, match="causal LMs"):
         resolve(torch.nn.Linear(2, 2))
+
+
+def test_a_block_with_nothing_selected_is_skipped_by_every_method():
+    """targets/ignore may leave a block empty (README example): it runs unchanged, for the
+    gradient-based methods too, and the report says "skipped"."""
+    for method in ("rgs", "wanda++"):
+        model = tiny("llama")
+        before = copy.deepcopy(model.model.layers[0].state_dict())
+        report = wandapp.prune(
+            model, ids(), method=method, targets=["self_attn.q_proj", "mlp.down_proj"], ignore=r".*\.layers\.0\..*",
+            nsamples=8, ro_samples=4, ro_holdout=2, progress=False,
+        )
+        assert [b.status for b in report.blocks] == ["skipped", "pruned"] and report.pruned_blocks == [1]
+        assert all(torch.equal(v, before[k]) for k, v in model.model.layers[0].state_dict().items())
+        assert sorted(report.masks) == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+
+
+def test_routers_are_told_apart_from_layers_with_as_many_outputs():
+    """Qwen3-Next-like sizes: k_proj and v_proj have as many outputs as there are experts."""
+    if not available("qwen3_next"):
+        pytest.skip("no qwen3_next in this transformers")
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    config = CONFIG_MAPPING["qwen3_next"](
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_experts=32, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+    )
+    names = [t.name.split(".", 3)[-1] for t in resolve(AutoModelForCausalLM.from_config(config)).targets(3) if "[" not in t.name]
+    assert names == [
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
+    ]  # not mlp.gate (a router) nor mlp.shared_expert_gate (one output)
+
+
+def test_weight_matrices_of_an_unknown_layout_are_refused_unless_targets_name_what_to_prune():
+    """DBRX keeps its experts as 2-D parameters of a custom module: refused, not left dense silently."""
+    if not available("dbrx"):
+        pytest.skip("no dbrx in this transformers")
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    config = CONFIG_MAPPING["dbrx"](
+        vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=256,
+        attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0), ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2),
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedModelError, match=r"ffn\.experts\.mlp\.w1.*targets="):
+        resolve(model)
+    names = [t.name.split(".", 3)[-1] for t in resolve(model, targets=r".*").targets(0)]
+    assert names == ["norm_attn_norm.attn.Wqkv", "norm_attn_norm.attn.out_proj"]  # the router is never a target
+
+
+def test_linear_subclasses_with_float_weights_are_pruned():
+    """Falcon's FalconLinear is an nn.Linear subclass; quantized (integer) weights are refused."""
+    if not available("falcon"):
+        pytest.skip("no falcon in this transformers")
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(CONFIG_MAPPING["falcon"](vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4))
+    report = wandapp.prune(model, ids(), sparsity="2:4", method="wanda", nsamples=8, progress=False)
+    assert len(report.masks) == 2 * 4
+    assert_nm(model, 2, 4)
+    model.transformer.h[0].mlp.dense_4h_to_h.weight = torch.nn.Parameter(torch.zeros(64, 256, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(UnsupportedModelError, match="quantized"):
+        resolve(model)
+
+
+def test_batching_that_changes_the_computation_is_refused():
+    """Bloom's ALiBi bias is laid out [batch x heads, 1, seq]: it cannot be shared by a batch."""
+    if not available("bloom"):
+        pytest.skip("no bloom in this transformers")
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(CONFIG_MAPPING["bloom"](vocab_size=128, hidden_size=64, n_layer=2, n_head=4))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(InvalidArgumentError, match="batch_size=4 does not work for BloomForCausalLM"):
+        wandapp.prune(model, ids(), method="wanda", nsamples=8, batch_size=4, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    report = wandapp.prune(model, ids(), sparsity=0.5, method="wanda", nsamples=8, batch_size=1, progress=False)
+    assert report.pruned_blocks == [0, 1]
+
+
+def test_the_decoder_is_never_taken_from_a_vision_tower():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    config = Gemma3Config(
+        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+        mm_tokens_per_image=4,
+    )
+    model = Gemma3ForConditionalGeneration(config).eval()
+    assert resolve(model).prefix == "model.language_model.layers"
+    report = wandapp.prune(model, ids(), sparsity="2:4", method="wanda", nsamples=8, progress=False)
+    assert all(name.startswith("model.language_model.layers.") for name in report.masks)
+
+
+class _ExpertList(torch.nn.Module):
+    """Old-style mixture of experts: a router and a ModuleList of expert MLPs, each run only on
+    the tokens routed to it."""
+
+    def __init__(self, hidden: int, experts: int = 4):
+        super().__init__()
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden, bias=False) for _ in range(experts))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        choice = self.gate(flat).argmax(-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows = choice == e
+            if rows.any():
+                out[rows] = expert(flat[rows])
+        return out.reshape(x.shape)
+
+
+def test_experts_stored_as_separate_modules_are_refused_before_any_change():
+    model = tiny("llama")
+    for layer in model.model.layers:
+        layer.mlp = _ExpertList(64)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UnsupportedModelError, match="see only some tokens"):
+        wandapp.prune(model, ids(), method="wanda", nsamples=8, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    report = wandapp.prune(model, ids(), method="wanda", ignore=r".*experts.*", nsamples=8, progress=False)
+    assert not any("experts" in name or name.endswith("mlp.gate") for name in report.masks)

@@ -148,46 +148,89 @@ def _text_config(model: nn.Module) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _holds_weights(block: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) or fused_experts(m) for m in block.modules())
+
+
 def _decoder_layers(model: nn.Module, found: str) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of decoder blocks: the outermost list of modules of one class that hold
+    """The ModuleList of decoder blocks: under the model's decoder (``get_decoder()``, so that a
+    vision tower is never taken for it), the outermost list of modules of one class that hold
     weights to prune, preferring one of config.num_hidden_layers blocks."""
-    depth = getattr(_text_config(model), "num_hidden_layers", None)
-    candidates = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList)
-        and len(module) > 0
-        and len({type(block) for block in module}) == 1
-        and any(isinstance(m, nn.Linear) or fused_experts(m) for m in module[0].modules())
-    ]
+    try:
+        decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    except Exception:  # some models implement get_decoder only for their composite class
+        decoder = None
+    root = decoder if isinstance(decoder, nn.Module) else model
+    names = {id(m): n for n, m in model.named_modules()}
+    lists = [m for m in root.modules() if isinstance(m, nn.ModuleList) and len(m) > 0 and _holds_weights(m[0])]
+    candidates = [m for m in lists if len({type(block) for block in m}) == 1]
     if not candidates:
-        raise UnsupportedModelError(f"{found} has no list of decoder blocks holding linear layers; pass the *ForCausalLM model itself")
-    return next(((n, m) for n, m in candidates if len(m) == depth), candidates[0])
+        if lists:
+            kinds = sorted({type(block).__name__ for block in lists[0]})
+            raise UnsupportedModelError(f"{found}: its decoder blocks are of several classes ({kinds}); wandapp prunes stacks of one block class")
+        raise UnsupportedModelError(
+            f"{found} has no list of decoder blocks holding torch.nn.Linear layers under {type(root).__name__}; wandapp "
+            "prunes decoder-only causal LMs built from nn.Linear (GPT-2's Conv1D layers, for one, are not)"
+        )
+    depth = getattr(_text_config(model), "num_hidden_layers", None)
+    chosen = next((m for m in candidates if len(m) == depth), candidates[0])
+    return names[id(chosen)], chosen
 
 
-def _block_matrices(layer: nn.Module, prefix: str, found: str) -> list[Target]:
+def _is_router(module: nn.Module) -> bool:
+    return "Router" in type(module).__name__
+
+
+def _block_matrices(layer: nn.Module, prefix: str, found: str, explicit: bool) -> list[Target]:
     """Every linear layer and fused expert slice of one block, routers excepted, in module order.
-    A router is a linear layer of a mixture-of-experts block with one output per expert or a
-    single output (a shared-expert gate): it decides where tokens go and is never pruned."""
-    modules = list(layer.named_modules())
-    counts = {m.num_experts for _, m in modules if fused_experts(m)}
-    counts |= {len(m) for name, m in modules if isinstance(m, nn.ModuleList) and name.endswith("experts")}
+
+    A router decides where tokens go and is never pruned: a module whose class is a ``*Router``,
+    or a linear layer beside a mixture's experts (same parent) with one output per expert or a
+    single output (a shared-expert gate). Unless ``explicit`` (the user named ``targets``), a
+    block holding other weight matrices (experts in a layout wandapp does not know) is refused:
+    they would stay dense without a word."""
+    routers = {id(m) for m in layer.modules() if _is_router(m)}
+    for parent in layer.modules():
+        experts = [m for m in parent.children() if fused_experts(m) or (isinstance(m, nn.ModuleList) and parent._modules.get("experts") is m)]
+        counts = {int(getattr(m, "num_experts", 0)) or len(m) for m in experts}  # type: ignore[arg-type]
+        routers |= {id(m) for m in parent.children() if isinstance(m, nn.Linear) and counts and m.out_features in counts | {1}}
     out: list[Target] = []
-    for name, module in modules:
+    covered: set[int] = set()
+    for name, module in layer.named_modules():
         full = f"{prefix}.{name}"
-        if hasattr(module, "base_layer") or (isinstance(module, nn.Linear) and type(module) is not nn.Linear):
-            raise UnsupportedModelError(
-                f"{found}: {full} is a {type(module).__name__}, not torch.nn.Linear "
-                "(quantized or adapter-wrapped models cannot be pruned; prune before adding LoRA)"
-            )
-        if type(module) is nn.Linear:
-            if counts and module.out_features in counts | {1}:
-                continue
+        if id(module) in routers or any(id(m) in routers for m in _ancestors(layer, name)):
+            covered.update(id(p) for p in module.parameters(recurse=False))
+            continue
+        if hasattr(module, "base_layer") or hasattr(module, "lora_A"):
+            raise UnsupportedModelError(f"{found}: {full} is wrapped by an adapter ({type(module).__name__}); prune before adding LoRA")
+        if isinstance(module, nn.Linear):
+            if not module.weight.is_floating_point():
+                raise UnsupportedModelError(f"{found}: {full} is a quantized {type(module).__name__} ({module.weight.dtype}); prune the unquantized model")
             out.append(Target(full, module, "weight"))
+            covered.add(id(module.weight))
         for param in fused_experts(module):
             transposed = bool(getattr(module, "is_transposed", False))
-            out.extend(Target(f"{full}.{param}[{e}]", module, param, e, transposed) for e in range(module.num_experts))
+            out.extend(Target(f"{full}.{param}[{e}]", module, param, e, transposed) for e in range(module.num_experts))  # type: ignore[arg-type]
+            covered.add(id(getattr(module, param)))
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Embedding)):
+            covered.update(id(p) for p in module.parameters(recurse=False))
+    unknown = [f"{prefix}.{n}" for n, p in layer.named_parameters() if p.dim() >= 2 and id(p) not in covered and not n.endswith("bias")]
+    if unknown and not explicit:
+        raise UnsupportedModelError(
+            f"{found}: {unknown[:3]} are weight matrices that are neither torch.nn.Linear layers nor fused experts "
+            "wandapp knows, so pruning would leave them dense without a word. Name what to prune with targets= "
+            "(e.g. targets=r'.*' prunes the linear layers found and leaves those dense)"
+        )
     return out
+
+
+def _ancestors(root: nn.Module, name: str) -> Iterator[nn.Module]:
+    """The modules on the path from ``root`` (excluded) to ``name`` (excluded)."""
+    parts = name.split(".") if name else []
+    module = root
+    for part in parts[:-1]:
+        module = module.get_submodule(part)
+        yield module
 
 
 def _matches(name: str, patterns: NamePatterns) -> bool:
@@ -234,7 +277,7 @@ def resolve(model: Any, targets: NamePatterns = None, ignore: NamePatterns = Non
     kinds = list(getattr(_text_config(model), "layer_types", None) or ["full_attention"] * len(layers))[: len(layers)]
     if len(kinds) < len(layers):
         raise UnsupportedModelError(f"{found}: config.layer_types names {len(kinds)} blocks but the model has {len(layers)}")
-    blocks = [_block_matrices(layer, f"{prefix}.{i}", found) for i, layer in enumerate(layers)]
+    blocks = [_block_matrices(layer, f"{prefix}.{i}", found, targets is not None) for i, layer in enumerate(layers)]
     return DecoderAdapter(model, layers, prefix, kinds, _select(blocks, targets, ignore, found))
 
 

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from wandapp.adapters import DecoderAdapter
+from wandapp.adapters import DecoderAdapter, Target
 from wandapp.data import Sequence
 from wandapp.errors import NonFiniteError, UnsupportedModelError
 from wandapp.experts import routed_inputs
@@ -78,13 +78,13 @@ class _Captured(Exception):
 
 class _FiniteChecks:
     """Finiteness flags of the dense pass, on real tokens only, kept on the device and read with
-    one host synchronisation after the last sequence. Every sequence runs the same hooks in the
-    same order, so the k-th flag of any sequence is at the place named ``places[k]``."""
+    one host synchronisation after the last sequence. Each flag remembers the place it checks
+    (a sequence may skip places: experts that received none of its tokens)."""
 
     def __init__(self) -> None:
-        self.places: list[str] = []
-        self.current: list[torch.Tensor] = []
-        self.per_sequence: list[torch.Tensor] = []
+        self.places: dict[str, int] = {}
+        self.current: list[tuple[int, torch.Tensor]] = []
+        self.per_sequence: list[tuple[list[int], torch.Tensor]] = []
         self.token_mask: torch.Tensor | None = None  # [1, seq] bool on the model's device
 
     def start(self, token_mask: torch.Tensor | None) -> None:
@@ -92,21 +92,26 @@ class _FiniteChecks:
 
     def check(self, where: str, x: torch.Tensor) -> None:
         real = x if self.token_mask is None or x.dim() != 3 else x[self.token_mask]
-        if not self.per_sequence:
-            self.places.append(where)
         # A float64 sum is finite exactly when every value is (it cannot overflow from finite
         # float32/half values), and costs one reduction instead of a bool copy of x.
-        self.current.append(torch.isfinite(real.sum(dtype=torch.float64)))
+        self.current.append((self.places.setdefault(where, len(self.places)), torch.isfinite(real.sum(dtype=torch.float64))))
 
     def finish(self) -> None:
-        self.per_sequence.append(torch.stack(self.current))
+        self.per_sequence.append(([k for k, _ in self.current], torch.stack([flag for _, flag in self.current])))
 
     def first_failure(self) -> tuple[int, str] | None:
         """(sequence, place) of the first non-finite value, or None."""
         if not self.per_sequence:
             return None
-        bad = torch.nonzero(~torch.stack(self.per_sequence).cpu())
-        return (int(bad[0, 0]), self.places[int(bad[0, 1])]) if bad.numel() else None
+        flags = torch.cat([f for _, f in self.per_sequence]).cpu()
+        names = list(self.places)
+        offset = 0
+        for n, (keys, _) in enumerate(self.per_sequence):
+            bad = torch.nonzero(~flags[offset : offset + len(keys)])
+            if bad.numel():
+                return n, names[keys[int(bad[0, 0])]]
+            offset += len(keys)
+        return None
 
 
 def replay_tolerance(dtype: torch.dtype) -> float:
@@ -206,10 +211,17 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
 
         return hook
 
-    def on_linear_input(where: str):
+    seen: set[str] = set()
+    partial: set[str] = set()
+    tokens = [0]  # of the sequence running
+
+    def on_linear_input(target: Target, where: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             if replay is None or not replay.running:
                 checks.check(where, args[0])
+                seen.add(target.name)
+                if args[0].numel() != tokens[0] * args[0].shape[-1]:
+                    partial.add(target.name)
 
         return hook
 
@@ -224,7 +236,7 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
 
     handles = [layer.register_forward_pre_hook(on_block_input(i), with_kwargs=True) for i, layer in enumerate(adapter.layers)]
     handles += [
-        target.module.register_forward_pre_hook(on_linear_input(f"the input of {target.name} (block {i})"))
+        target.module.register_forward_pre_hook(on_linear_input(target, f"the input of {target.name} (block {i})"))
         for i in range(len(adapter.layers))
         for target in adapter.targets(i)
         if target.expert is None
@@ -237,6 +249,7 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
             token_mask = seq.token_mask()
             device_mask = None if token_mask is None else token_mask.to(device)
             checks.start(device_mask)
+            tokens[0] = seq.input_ids.numel()
             replay = _Replay(adapter, device_mask) if n == replayed else None
             try:
                 model(input_ids=seq.input_ids.to(device), attention_mask=attention_mask, use_cache=False)
@@ -260,6 +273,16 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
             f"the dense model overflows on calibration sequence {failure[0]}: {failure[1]} holds NaN or infinity (on real "
             "tokens) before any pruning. Load the model in bfloat16 or float32 (float16 overflows easily), "
             "or check the input ids"
+        )
+    linears = [t.name for t in adapter.all_targets() if t.expert is None]
+    unseen = [name for name in linears if name not in seen]
+    if partial or unseen:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: linear layers {sorted(partial)[:3] or unseen[:3]} "
+            + ("see only some tokens (experts stored as separate modules, each run on the tokens routed to it)" if partial else
+               "are never called as modules in the model's forward (their weights are used directly)")
+            + "; wandapp cannot gather their inputs. It prunes transformers 5's fused experts; pass ignore=[...] "
+            "naming these layers to leave them dense"
         )
     assert replay_errors is not None
     tolerance = replay_tolerance(samples[0].hidden.dtype)
@@ -299,6 +322,34 @@ def _per_token(x: torch.Tensor, shape: tuple[int, int], name: str) -> torch.Tens
     if x.numel() != shape[0] * shape[1] * x.shape[-1]:
         raise UnsupportedModelError(f"{name} received an input of shape {tuple(x.shape)}, not one row per token of the {shape} batch")
     return x.reshape(*shape, x.shape[-1])
+
+
+@torch.no_grad()
+def batching_fails(adapter: DecoderAdapter, samples: list[Sample], device: torch.device) -> str | None:
+    """Why batches of sequences cannot share arguments for this model, or None when they can: the
+    first block of each attention type runs one unpadded sequence alone and twice in a batch of
+    two (arguments expanded as ``BlockRunner`` does); both rows must equal the single output. A
+    model that passes per-batch arguments of another layout (Bloom's ALiBi bias, [batch x heads,
+    1, seq]) fails here, before any weight changes."""
+    sample = next((s for s in samples if s.token_mask is None), None)
+    if sample is None:
+        return None  # padded sequences always run alone
+    for kind, index in adapter.first_of_each_kind().items():
+        layer = adapter.layers[index]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        kwargs = move(sample.kwargs[kind], device)
+        hidden = sample.hidden.to(device)
+        try:
+            alone = DecoderAdapter.call(layer, hidden, kwargs)
+            pair = DecoderAdapter.call(layer, torch.cat([hidden, hidden]), _expand_batch(kwargs, 2))
+        except Exception as err:  # the layer refuses the expanded arguments
+            return f"block {index} fails on a batch of two ({type(err).__name__}: {err})"
+        finally:
+            layer.to(home)
+        if not (torch.allclose(pair[0:1], alone, rtol=1e-3, atol=1e-5) and torch.allclose(pair[1:2], alone, rtol=1e-3, atol=1e-5)):
+            return f"block {index} computes something else on a batch of two identical sequences"
+    return None
 
 
 class BlockRunner:

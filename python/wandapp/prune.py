@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from wandapp import _core
 from wandapp.adapters import DecoderAdapter, require_materialized, resolve
-from wandapp.capture import BlockRunner, Sample, capture_first_block, next_block_inputs, pinned_offload
+from wandapp.capture import BlockRunner, Sample, batching_fails, capture_first_block, next_block_inputs, pinned_offload
 from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences
 from wandapp.experts import eager_experts, unfused
@@ -115,7 +115,11 @@ def _prune_blocks(
     with eager_experts(experts):
         try:
             samples = capture_first_block(adapter, sequences, offload, pinned_offload(offload, device))
-            cfg = cfg.replace(batch_size=cfg.batch_size or _auto_batch_size(adapter, samples, device))
+            batch_size = cfg.batch_size or _auto_batch_size(adapter, samples, device)
+            reason = batching_fails(adapter, samples, device) if batch_size > 1 else None
+            if reason is not None and cfg.batch_size is not None:
+                raise InvalidArgumentError(f"batch_size={cfg.batch_size} does not work for {type(model).__name__}: {reason}; use batch_size=1")
+            cfg = cfg.replace(batch_size=1 if reason is not None else batch_size)
             report = PruneReport(
                 model=type(model).__name__,
                 method=method,
@@ -127,6 +131,10 @@ def _prune_blocks(
             )
             bar = tqdm(range(len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not cfg.progress, unit="block")
             for index in bar:
+                if not adapter.targets(index):  # targets/ignore left nothing here
+                    report.blocks[index].status = "skipped"
+                    samples = _run_unchanged(adapter, index, samples, device, cfg.batch_size)
+                    continue
                 samples = _prune_one_block(adapter, index, samples, method, pattern, cfg, device, report)
                 block = report.blocks[index]
                 bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
@@ -199,6 +207,17 @@ def _prune_one_block(
         torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
     return next_block_inputs(samples, outputs)
+
+
+def _run_unchanged(adapter: DecoderAdapter, index: int, samples: list[Sample], device: torch.device, batch_size: int) -> list[Sample]:
+    """The next block's inputs from a block left as it is."""
+    layer = adapter.layers[index]
+    home = next(layer.parameters()).device
+    layer.to(device)
+    try:
+        return next_block_inputs(samples, BlockRunner(adapter, index, samples, device, batch_size).outputs())
+    finally:
+        layer.to(home)
 
 
 @torch.no_grad()

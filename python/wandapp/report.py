@@ -26,7 +26,7 @@ class LayerReport:
 @dataclass
 class BlockReport:
     index: int
-    status: str  # "pruned", "untouched" or "restored" (failed and rolled back)
+    status: str  # "pruned", "untouched", "restored" (failed and rolled back) or "skipped" (targets/ignore select nothing in it)
     layers: dict[str, LayerReport] = field(default_factory=dict)
     mse_before_ro: float | None = None  # block-output MSE vs the dense block after the first prune
     mse_final: float | None = None  # ... after the final prune
