@@ -81,7 +81,8 @@ class PruneConfig:
 
     Attributes:
         alpha: weight of the regional gradient in the RGS score (paper: 100).
-        ro_rounds: K, rounds of prune -> regional optimization per block (paper: 5).
+        ro_rounds: K, rounds of prune -> regional optimization per block (paper: 5); for
+            "sparsegpt+ro", rounds of RO after SparseGPT, its masks fixed.
         ro_samples: M, calibration sequences RO trains on, drawn with ``seed`` (paper: 32);
             None = min(32, the sequences used).
         ro_lr: RMSprop learning rate of RO (paper: 3e-7, tuned for 7B models; wandapp's

@@ -1,0 +1,175 @@
+"""What each method costs per block, on the embedded SmolLM2-135M: forward and backward passes per
+calibration sequence (counted with hooks on the decoder layers), and wall time of wandapp's wanda
+side by side with a plain-PyTorch Wanda (the algorithm as the Wanda repository runs it: one
+statistics pass and one output pass per sequence and block), in one process.
+
+    python bench/schedule.py                       # 16 x 256 tokens at 2:4 (the issue's setting)
+    python bench/schedule.py --paper-ratio         # also wanda++ / wanda at N=128, M=32, K=5 (64 tokens)
+
+Writes bench/results/schedule.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine, write_results  # noqa: E402
+
+import wandapp  # noqa: E402
+from wandapp import data  # noqa: E402
+from wandapp.models import load_demo_model  # noqa: E402
+
+METHODS = ["magnitude", "wanda", "sparsegpt", "rgs", "wanda++", "sparsegpt+ro"]
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def plain_wanda(model: torch.nn.Module, calib: torch.Tensor, n: int, m: int) -> None:
+    """Wanda in plain PyTorch, as the reference repository does it: catch the first block's
+    inputs and arguments, then per block one pass for the input norms (float64 sums of squares),
+    per-row N:M masks of |W| x ||X||, and one pass for the next block's inputs."""
+    layers = model.model.layers
+    caught: list[tuple[torch.Tensor, dict]] = []
+
+    def catch(_module, args, kwargs):
+        caught.append((args[0] if args else kwargs.pop("hidden_states"), {k: v for k, v in kwargs.items() if k != "past_key_values"}))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    for ids in calib:
+        try:
+            model(input_ids=ids[None], use_cache=False)
+        except _Stop:
+            pass
+    handle.remove()
+    hidden = [h for h, _ in caught]
+    kwargs = [{**k, "use_cache": False} for _, k in caught]
+    for layer in layers:
+        linears = [mod for mod in layer.modules() if isinstance(mod, torch.nn.Linear)]
+        sums = {id(mod): torch.zeros(mod.in_features, dtype=torch.float64) for mod in linears}
+
+        def accumulate(mod: torch.nn.Module, args: tuple) -> None:
+            sums[id(mod)].add_(args[0].double().pow(2).sum(dim=(0, 1)))
+
+        hooks = [mod.register_forward_pre_hook(accumulate) for mod in linears]
+        for h, kw in zip(hidden, kwargs):
+            layer(h, **kw)  # the statistics pass
+        for hook in hooks:
+            hook.remove()
+        for mod in linears:
+            score = mod.weight.abs().float() * (sums[id(mod)] / len(hidden)).sqrt().float()
+            groups = score.view(score.shape[0], -1, m)
+            keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.topk(n, dim=2).indices, True)
+            mod.weight.mul_(keep.view_as(mod.weight))
+        outputs = [layer(h, **kw) for h, kw in zip(hidden, kwargs)]
+        hidden = [o[0] if isinstance(o, tuple) else o for o in outputs]
+
+
+class PassCounter:
+    """Sequence-forwards and backwards through every decoder layer."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.forwards = self.backwards = 0
+        self.handles = []
+        for layer in model.model.layers:
+            self.handles.append(layer.register_forward_pre_hook(self._forward, with_kwargs=True))
+            self.handles.append(layer.register_full_backward_hook(self._backward))
+
+    def _forward(self, _module, args, kwargs):
+        self.forwards += (args[0] if args else kwargs["hidden_states"]).shape[0]
+
+    def _backward(self, *_):
+        self.backwards += 1
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--paper-ratio", action="store_true", help="also time wanda++ against wanda at N=128, M=32, K=5")
+    args = ap.parse_args()
+    dense, tokenizer = load_demo_model()
+    calib = data.text_calibration(tokenizer, data.CALIBRATION_TEXT, args.nsamples, args.seqlen, 0)
+    blocks = len(dense.model.layers)
+    settings = dict(sparsity="2:4", nsamples=args.nsamples, progress=False, ro_samples=min(8, args.nsamples), ro_holdout=4, ro_rounds=2)
+
+    timings = {}
+    for name, run in (
+        ("plain-PyTorch Wanda", lambda model: plain_wanda(model, calib, 2, 4)),
+        ("wandapp wanda", lambda model: wandapp.prune(model, calib, method="wanda", **settings)),
+    ):
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        run(model)
+        timings[name] = time.perf_counter() - start
+        print(f"{name}: {timings[name]:.1f} s", flush=True)
+
+    counts = {}
+    for method in METHODS:
+        model = copy.deepcopy(dense)
+        counter = PassCounter(model)
+        wandapp.prune(model, calib, method=method, **settings)
+        counter.remove()
+        # The capture pass runs every sequence through every block once, before any pruning.
+        counts[method] = ((counter.forwards - args.nsamples * blocks) / blocks / args.nsamples, counter.backwards / blocks / args.nsamples)
+        print(f"{method}: {counts[method][0]:.2f} forwards and {counts[method][1]:.2f} backwards per sequence and block", flush=True)
+
+    lines = [
+        "# Cost of each method per block: SmolLM2-135M-Instruct (float32, CPU)",
+        "",
+        f"Command: `python bench/schedule.py --nsamples {args.nsamples} --seqlen {args.seqlen}{' --paper-ratio' if args.paper_ratio else ''}`",
+        f"Calibration: {args.nsamples} x {args.seqlen} tokens of Persuasion, 2:4. Machine: {machine()}.",
+        "",
+        "Wall time, one process, back to back:",
+        "",
+        "| run | seconds |",
+        "|---|---|",
+        *(f"| {name} | {sec:.1f} |" for name, sec in timings.items()),
+        f"| ratio wandapp / plain | {timings['wandapp wanda'] / timings['plain-PyTorch Wanda']:.2f} |",
+        "",
+        f"Block passes per calibration sequence and block, counted with hooks (RO: {settings['ro_rounds']} rounds of "
+        f"{settings['ro_samples']} training and {settings['ro_holdout']} held-out sequences; the capture pass, one "
+        "forward per sequence through the dense model, comes on top for every method):",
+        "",
+        "| method | forwards | backwards |",
+        "|---|---|---|",
+        *(f"| {method} | {f:.2f} | {b:.2f} |" for method, (f, b) in counts.items()),
+    ]
+    if args.paper_ratio:
+        paper = data.text_calibration(tokenizer, data.CALIBRATION_TEXT, 128, 64, 0)
+        ratio = {}
+        for method in ("wanda", "wanda++"):
+            model = copy.deepcopy(dense)
+            start = time.perf_counter()
+            wandapp.prune(model, paper, method=method, sparsity="2:4", nsamples=128, ro_samples=32, ro_rounds=5, progress=False)
+            ratio[method] = time.perf_counter() - start
+            print(f"{method} at N=128, M=32, K=5: {ratio[method]:.1f} s", flush=True)
+        lines += [
+            "",
+            "At the paper's sizes (N=128 sequences, here of 64 tokens; M=32; K=5; ro_holdout 8):",
+            "",
+            "| method | seconds |",
+            "|---|---|",
+            f"| wanda | {ratio['wanda']:.1f} |",
+            f"| wanda++ | {ratio['wanda++']:.1f} |",
+            f"| ratio wanda++ / wanda | {ratio['wanda++'] / ratio['wanda']:.2f} |",
+        ]
+    write_results("schedule.md", lines)
+
+
+if __name__ == "__main__":
+    main()
