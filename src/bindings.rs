@@ -125,9 +125,10 @@ fn rgs_score(
 /// inputs (H = 2/N sum x x^T): the OBS column sweep in blocks of `blocksize` with `percdamp` x
 /// mean(diag H) dampening, per-row unstructured (`sparsity`) or N:M (`nm`) masks chosen as it
 /// sweeps, and the error-compensating update. Changes `weight` in place; returns the keep-mask.
-/// Runs in the Hessian's precision (float32, or float64 when given float64) on its device.
+/// Runs in the Hessian's precision (float32, or float64 when given float64) on its device. The
+/// defaults are `sparsegpt::BLOCK_SIZE` and `sparsegpt::PERCDAMP` (literal here for the signature).
 #[pyfunction]
-#[pyo3(signature = (weight, hessian, *, sparsity = 0.5, nm = None, blocksize = sparsegpt::BLOCK_SIZE, percdamp = sparsegpt::PERCDAMP))]
+#[pyo3(signature = (weight, hessian, *, sparsity = 0.5, nm = None, blocksize = 128, percdamp = 0.01))]
 fn sparsegpt_prune_(
     py: Python<'_>,
     weight: &Bound<'_, PyAny>,

@@ -496,8 +496,8 @@ mod tests {
             };
             prune_block_(&b, &b.weights(), &plan(method, 1e-3)).unwrap();
             let _g = tch::no_grad_guard();
-            for i in 0..b.len() {
-                assert!(b.targets.borrow()[i].as_ref().unwrap().allclose(&dense[i], 1e-6, 1e-7, false), "{method:?} target {i}");
+            for (i, expected) in dense.iter().enumerate() {
+                assert!(b.targets.borrow()[i].as_ref().unwrap().allclose(expected, 1e-6, 1e-7, false), "{method:?} target {i}");
                 assert!(b.outputs.borrow()[i].as_ref().unwrap().equal(&b.forward(&[i]).unwrap()), "{method:?} output {i}");
             }
         }
