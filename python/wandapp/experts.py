@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from wandapp.adapters import Target, fused_experts
+from wandapp.adapters import Target
 from wandapp.errors import UnsupportedModelError
 
 

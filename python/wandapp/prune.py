@@ -15,8 +15,8 @@ from wandapp.adapters import DecoderAdapter, require_materialized, resolve
 from wandapp.capture import BlockRunner, Sample, batching_fails, capture_first_block, next_block_inputs, pinned_offload
 from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences
-from wandapp.experts import eager_experts, unfused
 from wandapp.errors import CalibrationError, DeviceMismatchError, InvalidArgumentError, PruneError, PruneInterrupted, SparsityError
+from wandapp.experts import eager_experts, unfused
 from wandapp.report import BlockReport, PruneReport
 
 
