@@ -78,7 +78,7 @@ def test_eval_prints_the_protocol(saved_model, capsys):
     "argv,needle",
     [
         (["prune", "--model", "/nonexistent", "--out", "x"], "neither 'demo' nor a folder"),
-        (["prune", "--out", "x", "--method", "sparsegpt"], "invalid choice"),
+        (["prune", "--out", "x", "--method", "obs"], "invalid choice"),
         (["prune", "--model", "demo"], "--out"),
         (["eval", "--eval-seqlen", "many"], "invalid int"),
     ],
