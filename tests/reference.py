@@ -91,6 +91,17 @@ def routed_expert_inputs(experts, hidden: torch.Tensor, top_k_index: torch.Tenso
     return out
 
 
+def forward_all(model, sequences: list[torch.Tensor], hooks: list) -> None:
+    """Runs every sequence through the whole model without gradients, then removes ``hooks``."""
+    try:
+        with torch.no_grad():
+            for ids in sequences:
+                model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def wanda_model(model, sequences: list[torch.Tensor], sparsity: float | str) -> dict:
     """Wanda on any decoder (dense or mixture of experts), block by block, every block's inputs
     recomputed with a full model forward. Experts are scored from their routed tokens; one that
@@ -113,11 +124,7 @@ def wanda_model(model, sequences: list[torch.Tensor], sparsity: float | str) -> 
                     if x.shape[0]:
                         add((n, param, e), x)
             hooks.append(ex.register_forward_pre_hook(on_experts))
-        with torch.no_grad():
-            for ids in sequences:
-                model(input_ids=ids, use_cache=False)
-        for h in hooks:
-            h.remove()
+        forward_all(model, sequences, hooks)
         with torch.no_grad():
             for n, l in linears:
                 norm = torch.sqrt(sums[n] / len(sequences)).float()

@@ -61,11 +61,7 @@ def reference_block_loop(model, sequences, sparsity):
         linears = reference.block_linears(layer)
         inputs: dict[str, list] = {n: [] for n, _ in linears}
         hooks = [l.register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0].detach())) for n, l in linears]
-        with torch.no_grad():
-            for ids in sequences:
-                model(input_ids=ids, use_cache=False)
-        for h in hooks:
-            h.remove()
+        reference.forward_all(model, sequences, hooks)
         with torch.no_grad():
             for n, l in linears:
                 h = 2 / len(sequences) * sum(x.reshape(-1, x.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float() for x in inputs[n])
