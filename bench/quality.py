@@ -1,10 +1,12 @@
-"""Quality grid on the embedded SmolLM2-135M: dense, magnitude, wanda, rgs, wanda++, sparsegpt
-and sparsegpt+ro at 50% unstructured, 4:8 and 2:4. Perplexity on two held-out texts (Northanger
-Abbey, the calibration's domain: calibration on Persuasion; and the Python language reference, out
-of it), pruning seconds and peak memory, side by side.
+"""Quality grid on the embedded SmolLM2-135M: dense, every method, and the variants in VARIANTS
+(RO at the constant learning rate instead of the per-block search; OWL layer-wise sparsity) at
+50% unstructured, 4:8 and 2:4. Perplexity on two held-out texts (Northanger Abbey, the
+calibration's domain: calibration on Persuasion; and the Python language reference, out of it),
+pruning seconds and peak memory, side by side.
 
     python bench/quality.py                   # small, CPU-friendly defaults
     python bench/quality.py --paper           # the paper's 128 x 2048 calibration
+    python bench/quality.py --methods "wanda++,wanda++ lr=1e-4" --out quality_ro_lr.md
 
 Writes bench/results/quality.md and bench/results/quality.png.
 """
@@ -20,6 +22,14 @@ from common import RESULTS, SECOND_TEXT, Workbench, machine, write_results  # no
 
 PATTERNS = ["0.5", "4:8", "2:4"]
 METHODS = ["magnitude", "wanda", "rgs", "wanda++", "sparsegpt", "sparsegpt+ro"]
+#: name -> (method, PruneConfig overrides); OWL applies to unstructured sparsity only.
+VARIANTS = {
+    "wanda++ lr=1e-4": ("wanda++", dict(ro_lr_search=False)),
+    "sparsegpt+ro lr=1e-4": ("sparsegpt+ro", dict(ro_lr_search=False)),
+    "wanda owl": ("wanda", dict(layer_sparsity="owl")),
+    "wanda++ owl": ("wanda++", dict(layer_sparsity="owl")),
+    "sparsegpt owl": ("sparsegpt", dict(layer_sparsity="owl")),
+}
 
 
 def main() -> None:
@@ -28,9 +38,13 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--paper", action="store_true", help="128 x 2048 calibration, as in the paper")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--methods", default=",".join([*METHODS, *VARIANTS]), help="comma-separated subset of " + ",".join([*METHODS, *VARIANTS]))
+    ap.add_argument("--out", default="quality.md", help="file name under bench/results")
     args = ap.parse_args()
     methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS and m not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown methods {unknown}")
     if args.paper:
         args.nsamples, args.seqlen = 128, 2048
     bench = Workbench(args.nsamples, args.seqlen, args.eval_tokens, eval_seqlen=512)
@@ -39,13 +53,20 @@ def main() -> None:
     for pattern in PATTERNS:
         sparsity = float(pattern) if "." in pattern else pattern
         for method in methods:
-            ppl, sec, report, model = bench.run(method, sparsity)
+            name, overrides = VARIANTS.get(method, (method, {}))
+            if overrides.get("layer_sparsity") == "owl" and ":" in pattern:
+                continue
+            ppl, sec, report, model = bench.run(name, sparsity, **overrides)
             second = bench.ppl(model, bench.second_ids)
             peak = max(b.peak_memory_bytes for b in report.blocks) / 2**20
             table[method][pattern] = (ppl, second, sec, peak)
             print(f"{method:>12} {pattern:>4}: perplexity {ppl:8.2f} / {second:8.2f}  {sec:6.0f} s  peak {peak:6.0f} MiB", flush=True)
 
     command = "python bench/quality.py" + (" --paper" if args.paper else f" --nsamples {args.nsamples} --seqlen {args.seqlen}") + f" --eval-tokens {args.eval_tokens}"
+    if args.methods != ",".join([*METHODS, *VARIANTS]):
+        command += f' --methods "{args.methods}"'
+    if args.out != "quality.md":
+        command += f" --out {args.out}"
     header = "| method | " + " | ".join(f"{p} ppl A | {p} ppl B | {p} s" for p in PATTERNS) + " |"
     lines = [
         "# Quality grid: SmolLM2-135M-Instruct (float32, CPU)",
@@ -55,7 +76,8 @@ def main() -> None:
         f"float32): A = the first {args.eval_tokens} tokens of Northanger Abbey (the calibration's domain); B = the "
         f"first {args.eval_tokens} tokens of {SECOND_TEXT} (out of it). Seconds: pruning only, the runs one after "
         "another in one process. wandapp defaults otherwise (see `wandapp.PruneConfig`). Peak memory is the "
-        "process's peak RSS.",
+        "process's peak RSS. Variants: `lr=1e-4` runs RO at the constant `ro_lr=1e-4` (`ro_lr_search=False`); "
+        "`owl` is `layer_sparsity=\"owl\"` (unstructured only, `-` for N:M).",
         f"Machine: {machine()}.",
         "",
         header,
@@ -63,13 +85,16 @@ def main() -> None:
         "| dense | " + " | ".join(f"{dense[0]:.2f} | {dense[1]:.2f} | -" for _ in PATTERNS) + " |",
     ]
     for method in methods:
-        lines.append(
-            f"| {method} | " + " | ".join(f"{table[method][p][0]:.2f} | {table[method][p][1]:.2f} | {table[method][p][2]:.0f}" for p in PATTERNS) + " |"
-        )
+        cells = [
+            f"{table[method][p][0]:.2f} | {table[method][p][1]:.2f} | {table[method][p][2]:.0f}" if p in table[method] else "- | - | -"
+            for p in PATTERNS
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     peak = max(v[3] for row in table.values() for v in row.values())
     lines += ["", f"Peak RSS over the whole run: {peak:.0f} MiB."]
-    write_results("quality.md", lines)
-    chart(table, dense[0], os.path.join(RESULTS, "quality.png"))
+    write_results(args.out, lines)
+    if args.out == "quality.md":
+        chart({m: row for m, row in table.items() if len(row) == len(PATTERNS)}, dense[0], os.path.join(RESULTS, "quality.png"))
 
 
 def chart(table, dense: float, path: str) -> None:

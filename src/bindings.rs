@@ -5,6 +5,7 @@ use crate::block::{prune_block_ as run_schedule, Block, Method, Plan};
 use crate::error::{Error, Result};
 use crate::io;
 use crate::mask::{self, Pattern};
+use crate::owl;
 use crate::ro::RoSettings;
 use crate::score;
 use crate::sparsegpt;
@@ -141,6 +142,30 @@ fn sparsegpt_prune_(
     let (w, h, pattern) = (tensor_arg(weight, "weight")?, tensor_arg(hessian, "hessian")?, pattern_arg(sparsity, nm)?);
     let mask = py.allow_threads(move || sparsegpt::sparsegpt_prune_(&w, &h, pattern, blocksize, percdamp))?;
     to_py(py, mask)
+}
+
+/// OWL's outlier ratio of one block (Yin et al. 2024): the fraction of its Wanda scores
+/// |W_ij| ||X_j|| (all `weights` [out, in] together, `act_norms[k]` [in] the norms of weight k's
+/// input) above `m` times their mean.
+#[pyfunction]
+fn owl_outlier_ratio(py: Python<'_>, weights: Vec<Bound<'_, PyAny>>, act_norms: Vec<Bound<'_, PyAny>>, m: f64) -> PyResult<f64> {
+    let weights = weights.iter().map(|w| tensor_arg(w, "weights")).collect::<Result<Vec<_>>>()?;
+    let norms = act_norms.iter().map(|n| tensor_arg(n, "act_norms")).collect::<Result<Vec<_>>>()?;
+    Ok(py.allow_threads(move || owl::outlier_ratio(&weights, &norms, m))?)
+}
+
+/// OWL's per-block sparsities for the mean `sparsity`: outlier ratios scaled to [0, 2 x lambda]
+/// and centred; block l gets sparsity - (scaled_l - mean).
+#[pyfunction]
+fn owl_sparsities(ratios: Vec<f64>, sparsity: f64, lambda_: f64) -> PyResult<Vec<f64>> {
+    Ok(owl::layer_sparsities(&ratios, sparsity, lambda_)?)
+}
+
+/// Whole numbers of weights pruned per row for matrices of one shape ([out, `in_features`]) with
+/// ideal sparsities `sparsities`, summing to exactly `total` (largest-remainder rounding).
+#[pyfunction]
+fn allocate_pruned_per_row(sparsities: Vec<f64>, in_features: i64, total: i64) -> PyResult<Vec<i64>> {
+    Ok(owl::allocate_pruned_per_row(&sparsities, in_features, total)?)
 }
 
 /// Zeroes `weight` where `mask` is False, in place: same storage, outside autograd.
@@ -347,9 +372,11 @@ impl Block for PyBlock<'_> {
 
 /// Runs one block's whole schedule (SPEC step 6) on `weights`, in place; returns a dict with
 /// `masks` (bool, one per weight), `mse_before_ro`, `mse_final` and `rounds` (one dict per RO round).
+/// `pruned_per_row` (one count per weight) replaces the unstructured `sparsity` with per-layer
+/// counts (OWL); `ro_lr_search` scales RO's first round by a line search on the held-out sequences.
 #[pyfunction]
-#[pyo3(signature = (block, weights, *, method, sparsity = 0.5, nm = None, alpha = 100.0,
-                    ro_rounds = 5, ro_samples = 32, ro_holdout = 8, ro_lr = 3e-7, seed = 0))]
+#[pyo3(signature = (block, weights, *, method, sparsity = 0.5, nm = None, pruned_per_row = None, alpha = 100.0,
+                    ro_rounds = 5, ro_samples = 32, ro_holdout = 8, ro_lr = 3e-7, ro_lr_search = false, seed = 0))]
 #[allow(clippy::too_many_arguments)]
 fn prune_block_<'py>(
     py: Python<'py>,
@@ -358,20 +385,29 @@ fn prune_block_<'py>(
     method: &str,
     sparsity: f64,
     nm: Option<(i64, i64)>,
+    pruned_per_row: Option<Vec<i64>>,
     alpha: f64,
     ro_rounds: usize,
     ro_samples: usize,
     ro_holdout: usize,
     ro_lr: f64,
+    ro_lr_search: bool,
     seed: u64,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let weights = weights.iter().map(|w| tensor_arg(w, "weights")).collect::<Result<Vec<_>>>()?;
+    let patterns = match (pruned_per_row, nm) {
+        (Some(_), Some(_)) => {
+            return Err(Error::InvalidArgument { arg: "pruned_per_row", reason: "is for unstructured sparsity; it cannot be combined with nm".into() }.into())
+        }
+        (Some(counts), None) => counts.into_iter().map(Pattern::PrunedPerRow).collect(),
+        (None, _) => vec![pattern_arg(sparsity, nm)?; weights.len()],
+    };
     let plan = Plan {
         method: Method::parse(method)?,
-        pattern: pattern_arg(sparsity, nm)?,
+        patterns,
         alpha,
-        ro: RoSettings { rounds: ro_rounds, samples: ro_samples, holdout: ro_holdout, lr: ro_lr, seed },
+        ro: RoSettings { rounds: ro_rounds, samples: ro_samples, holdout: ro_holdout, lr: ro_lr, lr_search: ro_lr_search, seed },
     };
-    let weights = weights.iter().map(|w| tensor_arg(w, "weights")).collect::<Result<Vec<_>>>()?;
     let len = block.len()?;
     let block = PyBlock { obj: block, len, error: RefCell::new(None) };
     let outcome = match run_schedule(&block, &weights, &plan) {
@@ -391,6 +427,7 @@ fn prune_block_<'py>(
     for r in outcome.rounds {
         let d = PyDict::new(py);
         d.set_item("loss", r.loss)?;
+        d.set_item("lr", r.lr)?;
         d.set_item("holdout_before", r.holdout_before)?;
         d.set_item("holdout_after", r.holdout_after)?;
         d.set_item("rolled_back", r.rolled_back)?;
@@ -413,6 +450,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rgs_score, m)?)?;
     m.add_function(wrap_pyfunction!(apply_mask_, m)?)?;
     m.add_function(wrap_pyfunction!(sparsegpt_prune_, m)?)?;
+    m.add_function(wrap_pyfunction!(owl_outlier_ratio, m)?)?;
+    m.add_function(wrap_pyfunction!(owl_sparsities, m)?)?;
+    m.add_function(wrap_pyfunction!(allocate_pruned_per_row, m)?)?;
     m.add_function(wrap_pyfunction!(mask_hash, m)?)?;
     m.add_function(wrap_pyfunction!(save_masks, m)?)?;
     m.add_function(wrap_pyfunction!(load_masks, m)?)?;

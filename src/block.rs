@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::mask::{apply_mask_, select, Pattern};
-use crate::ro::{block_mse, guarded_round, regional_norm, summed_mse, DeviceSum, GradTracking, RoSettings, RoundRecord};
+use crate::ro::{block_mse, regional_norm, summed_mse, DeviceSum, GradTracking, RoRun, RoSettings, RoundRecord};
 use crate::score::{magnitude_score, rgs_score, wanda_score};
 use crate::sparsegpt::{sparsegpt_prune_, HessianStats, BLOCK_SIZE, PERCDAMP};
 use crate::stats::{ActivationStats, GradientStats};
@@ -86,7 +86,8 @@ impl Method {
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub method: Method,
-    pub pattern: Pattern,
+    /// One per weight, in the order of the weights (uniform sparsity repeats one pattern).
+    pub patterns: Vec<Pattern>,
     pub alpha: f64,
     pub ro: RoSettings,
 }
@@ -228,11 +229,11 @@ fn dense_targets(block: &dyn Block) -> Result<()> {
 fn sparsegpt_once(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Result<(Vec<Tensor>, Vec<bool>)> {
     let hessians = hessians(block, weights)?;
     let mut masks = Vec::with_capacity(weights.len());
-    for (w, h) in weights.iter().zip(&hessians) {
+    for ((w, h), &pattern) in weights.iter().zip(&hessians).zip(&plan.patterns) {
         masks.push(match h {
-            Some(h) => sparsegpt_prune_(w, h, plan.pattern, BLOCK_SIZE, PERCDAMP)?,
+            Some(h) => sparsegpt_prune_(w, h, pattern, BLOCK_SIZE, PERCDAMP)?,
             None => {
-                let mask = select(&magnitude_score(w)?, plan.pattern)?;
+                let mask = select(&magnitude_score(w)?, pattern)?;
                 apply_mask_(w, &mask)?;
                 mask
             }
@@ -261,7 +262,7 @@ fn prune_once(block: &dyn Block, weights: &[Tensor], plan: &Plan, grad_rms: Opti
             _ => unreachable!("the schedule computes what each method needs"),
         };
         fallback.push(matches!(norm, Some(None)));
-        let mask = select(&score, plan.pattern)?;
+        let mask = select(&score, plan.patterns[k])?;
         apply_mask_(w, &mask)?;
         masks.push(mask);
     }
@@ -296,23 +297,29 @@ fn final_outputs(block: &dyn Block) -> Result<f64> {
 /// per block: magnitude 2, wanda 2, sparsegpt 2, rgs 2 plus one backward per sequence; wanda++
 /// and sparsegpt+ro add RO (README: cost of each method).
 pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Result<BlockOutcome> {
-    for w in weights {
-        plan.pattern.check_fits(crate::tensor_check::weight_dims(w, "weights")?.1)?;
+    if plan.patterns.len() != weights.len() {
+        return Err(Error::InvalidArgument {
+            arg: "patterns",
+            reason: format!("{} patterns for {} weights; give one per weight", plan.patterns.len(), weights.len()),
+        });
+    }
+    for (w, pattern) in weights.iter().zip(&plan.patterns) {
+        pattern.check_fits(crate::tensor_check::weight_dims(w, "weights")?.1)?;
     }
     if block.is_empty() {
         return Err(Error::InvalidArgument { arg: "block", reason: "has no calibration sequences".into() });
     }
     let n = block.len();
-    let split = if plan.method.uses_ro() && plan.ro.rounds > 0 { Some(plan.ro.split(n)?) } else { None };
+    let mut ro = if plan.method.uses_ro() && plan.ro.rounds > 0 { Some(RoRun::new(&plan.ro, n)?) } else { None };
     let all: Vec<usize> = (0..n).collect();
     let mut rounds = Vec::new();
     let mut mse_before_ro = None;
     let (masks, magnitude_fallback) = if matches!(plan.method, Method::SparseGpt | Method::SparseGptRo) {
         let (masks, fallback) = sparsegpt_once(block, weights, plan)?;
-        if let Some(split) = &split {
+        if let Some(ro) = &mut ro {
             mse_before_ro = Some(finite(block_mse(block, &all)?)?);
             for r in 0..plan.ro.rounds {
-                rounds.push(guarded_round(block, weights, &masks, split, &plan.ro, r)?);
+                rounds.push(ro.round(block, weights, &masks, r)?);
             }
         }
         (masks, fallback)
@@ -326,13 +333,13 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
             Method::Magnitude => (None, dense_targets(block).map(|_| None)?),
             _ => (None, Some(activation_norms(block, weights, true)?)),
         };
-        if let Some(split) = &split {
+        if let Some(ro) = &mut ro {
             for r in 0..plan.ro.rounds {
                 let (masks, _) = prune_once(block, weights, plan, grad_rms.as_deref(), norms.take())?;
                 if r == 0 {
                     mse_before_ro = Some(finite(block_mse(block, &all)?)?);
                 }
-                rounds.push(guarded_round(block, weights, &masks, split, &plan.ro, r)?);
+                rounds.push(ro.round(block, weights, &masks, r)?);
             }
         }
         prune_once(block, weights, plan, grad_rms.as_deref(), norms.take())?
@@ -434,9 +441,9 @@ mod tests {
     fn plan(method: Method, lr: f64) -> Plan {
         Plan {
             method,
-            pattern: Pattern::nm(2, 4).unwrap(),
+            patterns: vec![Pattern::nm(2, 4).unwrap(); 2],
             alpha: 100.0,
-            ro: RoSettings { rounds: 3, samples: 8, holdout: 4, lr, seed: 0 },
+            ro: RoSettings { rounds: 3, samples: 8, holdout: 4, lr, lr_search: false, seed: 0 },
         }
     }
 
@@ -565,10 +572,69 @@ mod tests {
     fn a_weight_no_token_reaches_is_pruned_by_magnitude() {
         for method in [Method::Wanda, Method::Rgs] {
             let b = IdleExpert(ToyBlock::new(7));
-            let expected = select(&magnitude_score(&b.0.w2).unwrap(), plan(method, 1e-3).pattern).unwrap();
+            let expected = select(&magnitude_score(&b.0.w2).unwrap(), plan(method, 1e-3).patterns[1]).unwrap();
             let out = prune_block_(&b, &b.0.weights(), &plan(method, 1e-3)).unwrap();
             assert_eq!(out.magnitude_fallback, vec![false, true], "{method:?}");
             assert!(out.masks[1].equal(&expected), "{method:?}");
+        }
+    }
+
+    #[test]
+    fn the_lr_search_keeps_the_best_scale_of_the_first_rounds_update() {
+        use crate::ro::RoRun;
+        for lr in [1e-5, 1e-3, 1e-1, 10.0] {
+            let b = ToyBlock::new(10);
+            let mut p = plan(Method::Wanda, lr);
+            p.ro.lr_search = false;
+            prune_block_(&b, &b.weights(), &p).unwrap();
+            let masks: Vec<Tensor> = b.weights().iter().map(|w| w.ne(0.0)).collect();
+            let start: Vec<Tensor> = b.weights().iter().map(|w| w.copy()).collect();
+            let holdout = p.ro.split(b.len()).unwrap().holdout;
+            let set = |ws: &[Tensor]| {
+                let _g = tch::no_grad_guard();
+                for (w, v) in b.weights().iter().zip(ws) {
+                    w.shallow_clone().copy_(v);
+                }
+            };
+            // The plain round gives the update direction.
+            let plain = RoRun::new(&p.ro, b.len()).unwrap().round(&b, &b.weights(), &masks, 0).unwrap();
+            if plain.rolled_back {
+                // The plain round's update is undone, so its direction is not observable here:
+                // the search must still find a smaller scale that beats it.
+                set(&start);
+                p.ro.lr_search = true;
+                let record = RoRun::new(&p.ro, b.len()).unwrap().round(&b, &b.weights(), &masks, 0).unwrap();
+                assert!(record.lr < lr && record.holdout_after < plain.holdout_after, "{lr}: {record:?}");
+                continue;
+            }
+            let step: Vec<Tensor> = b.weights().iter().zip(&start).map(|(w, s)| w - s).collect();
+            // Every scale the search may reach, by hand.
+            let errors: Vec<(i32, f64)> = (crate::ro::LR_SEARCH_MIN_EXPONENT..=crate::ro::LR_SEARCH_MAX_EXPONENT)
+                .map(|e| {
+                    let point: Vec<Tensor> = start.iter().zip(&step).map(|(s, d)| s + d * 2f64.powi(e)).collect();
+                    set(&point);
+                    (e, block_mse(&b, &holdout).unwrap())
+                })
+                .collect();
+            set(&start);
+            p.ro.lr_search = true;
+            let mut run = RoRun::new(&p.ro, b.len()).unwrap();
+            let record = run.round(&b, &b.weights(), &masks, 0).unwrap();
+            let exponent = (record.lr / lr).log2().round() as i32;
+            assert!((record.lr / lr - 2f64.powi(exponent)).abs() < 1e-12, "{lr}: {}", record.lr);
+            let chosen = errors.iter().find(|(e, _)| *e == exponent).unwrap().1;
+            assert!((record.holdout_after - chosen).abs() <= 1e-9 * chosen, "{lr}: {} vs {chosen}", record.holdout_after);
+            // A local minimum along the powers of two, and never worse than the plain round.
+            let at_one = errors.iter().find(|(e, _)| *e == 0).unwrap().1;
+            assert!(record.holdout_after <= at_one);
+            for (e, err) in &errors {
+                if (e - exponent).abs() == 1 {
+                    assert!(record.holdout_after <= *err, "{lr}: scale 2^{e} is better than the chosen 2^{exponent}");
+                }
+            }
+            if lr <= 1e-5 {
+                assert!(exponent > 0, "a tiny rate must be scaled up");
+            }
         }
     }
 

@@ -5,6 +5,7 @@ pub mod block;
 pub mod error;
 pub mod io;
 pub mod mask;
+pub mod owl;
 pub mod ro;
 pub mod rng;
 pub mod score;

@@ -18,6 +18,8 @@ pub enum Pattern {
     Unstructured(f64),
     /// Keep n of every m consecutive inputs of a row.
     NM { n: i64, m: i64 },
+    /// Drop exactly this many weights of every row (per-layer sparsity, e.g. OWL's allocation).
+    PrunedPerRow(i64),
 }
 
 impl Pattern {
@@ -47,6 +49,10 @@ impl Pattern {
                 m,
                 reason: format!("in_features {in_features} is not divisible by m={m}; choose an m that divides it"),
             }),
+            Pattern::PrunedPerRow(k) if !(0..=in_features).contains(&k) => Err(Error::InvalidArgument {
+                arg: "pruned_per_row",
+                reason: format!("must be in [0, {in_features}] (the layer's in_features), got {k}"),
+            }),
             _ => Ok(()),
         }
     }
@@ -56,6 +62,18 @@ impl Pattern {
         match *self {
             Pattern::Unstructured(s) => pruned_per_row(in_features, s),
             Pattern::NM { n, m } => in_features / m * (m - n),
+            Pattern::PrunedPerRow(k) => k,
+        }
+    }
+
+    /// Of the weights a row of `in_features` loses, how many fall in its first `prefix`
+    /// columns when they are spread evenly (SparseGPT drops them block by block of columns).
+    /// N:M has no even spread and is chosen group by group instead.
+    pub fn pruned_in_prefix(&self, prefix: i64, in_features: i64) -> i64 {
+        match *self {
+            Pattern::Unstructured(s) => pruned_per_row(prefix, s),
+            Pattern::PrunedPerRow(k) => prefix * k / in_features.max(1),
+            Pattern::NM { n, m } => prefix / m * (m - n),
         }
     }
 }
@@ -252,6 +270,7 @@ pub fn select(scores: &Tensor, pattern: Pattern) -> Result<Tensor> {
     match pattern {
         Pattern::Unstructured(s) => unstructured_mask(scores, s),
         Pattern::NM { n, m } => nm_mask(scores, n, m),
+        Pattern::PrunedPerRow(k) => lowest_k_mask(scores, k),
     }
 }
 

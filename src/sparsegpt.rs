@@ -9,7 +9,7 @@
 //! selection among the mistakes to avoid. N:M is per row in both.
 
 use crate::error::{Error, Result};
-use crate::mask::{lowest_k_mask, nm_mask, pruned_per_row, Pattern};
+use crate::mask::{lowest_k_mask, nm_mask, Pattern};
 use crate::tensor_check::{require_finite, require_float, require_rank, require_same_device, require_shape, weight_dims};
 use tch::{Kind, Tensor};
 
@@ -127,7 +127,7 @@ pub fn sparsegpt_prune_(weight: &Tensor, hessian: &Tensor, pattern: Pattern, blo
     // N:M groups must not straddle two column blocks.
     let blocksize = match pattern {
         Pattern::NM { m, .. } => (blocksize / m).max(1) * m,
-        Pattern::Unstructured(_) => blocksize,
+        Pattern::Unstructured(_) | Pattern::PrunedPerRow(_) => blocksize,
     };
     let mut keep_blocks = Vec::new();
     let mut start = 0;
@@ -140,8 +140,8 @@ pub fn sparsegpt_prune_(weight: &Tensor, hessian: &Tensor, pattern: Pattern, blo
         let q1 = w1.f_zeros_like()?;
         let err1 = w1.f_zeros_like()?;
         let keep1 = match pattern {
-            Pattern::Unstructured(s) => {
-                let k = pruned_per_row(end, s) - pruned_per_row(start, s);
+            Pattern::Unstructured(_) | Pattern::PrunedPerRow(_) => {
+                let k = pattern.pruned_in_prefix(end, cols) - pattern.pruned_in_prefix(start, cols);
                 lowest_k_mask(&w1.f_square()?.f_div(&diag.f_square()?.f_unsqueeze(0)?)?, k)?
             }
             Pattern::NM { .. } => Tensor::f_zeros([rows, count], (Kind::Bool, w.device()))?,

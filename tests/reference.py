@@ -102,10 +102,11 @@ def forward_all(model, sequences: list[torch.Tensor], hooks: list) -> None:
             h.remove()
 
 
-def wanda_model(model, sequences: list[torch.Tensor], sparsity: float | str) -> dict:
+def wanda_model(model, sequences: list[torch.Tensor], sparsity: float | str, pruned: dict[str, int] | None = None) -> dict:
     """Wanda on any decoder (dense or mixture of experts), block by block, every block's inputs
     recomputed with a full model forward. Experts are scored from their routed tokens; one that
-    received none by magnitude. Returns {name: keep-mask}."""
+    received none by magnitude. ``pruned`` ({linear name: weights per row}) overrides the
+    sparsity of the linear layers it names. Returns {name: keep-mask}."""
     masks = {}
     layers = model.model.layers
     for index, layer in enumerate(layers):
@@ -128,9 +129,11 @@ def wanda_model(model, sequences: list[torch.Tensor], sparsity: float | str) -> 
         with torch.no_grad():
             for n, l in linears:
                 norm = torch.sqrt(sums[n] / len(sequences)).float()
-                keep = select(l.weight.float().abs() * norm[None, :], sparsity)
+                score = l.weight.float().abs() * norm[None, :]
+                name = f"model.layers.{index}.{n}"
+                keep = drop_lowest(score, pruned[name]) if pruned and name in pruned else select(score, sparsity)
                 l.weight.mul_(keep)
-                masks[f"model.layers.{index}.{n}"] = keep
+                masks[name] = keep
             for n, ex in experts:
                 for param in ("gate_up_proj", "down_proj"):
                     for e in range(ex.num_experts):

@@ -8,9 +8,10 @@ from typing_extensions import final
 import torch
 
 __all__ = [
-    "ActivationStats", "GradientStats", "MASK_FORMAT", "MASK_FORMAT_VERSION", "TORCH_VERSION", "__version__", "apply_mask_",
-    "load_masks", "magnitude_score", "mask_hash", "nm_mask", "prune_block_", "pruned_per_row", "rgs_score", "save_masks", "sparsegpt_prune_",
-    "unstructured_mask", "wanda_score",
+    "ActivationStats", "GradientStats", "MASK_FORMAT", "MASK_FORMAT_VERSION", "TORCH_VERSION", "__version__",
+    "allocate_pruned_per_row", "apply_mask_", "load_masks", "magnitude_score", "mask_hash", "nm_mask", "owl_outlier_ratio",
+    "owl_sparsities", "prune_block_", "pruned_per_row", "rgs_score", "save_masks", "sparsegpt_prune_", "unstructured_mask",
+    "wanda_score",
 ]
 
 __version__: str
@@ -36,6 +37,9 @@ def sparsegpt_prune_(
     blocksize: int = 128,
     percdamp: float = 0.01,
 ) -> torch.Tensor: ...
+def owl_outlier_ratio(weights: list[torch.Tensor], act_norms: list[torch.Tensor], m: float) -> float: ...
+def owl_sparsities(ratios: list[float], sparsity: float, lambda_: float) -> list[float]: ...
+def allocate_pruned_per_row(sparsities: list[float], in_features: int, total: int) -> list[int]: ...
 def mask_hash(mask: torch.Tensor) -> str: ...
 def save_masks(
     path: str | PathLike[str], masks: list[tuple[str, torch.Tensor]], metadata: dict[str, str]
@@ -74,6 +78,7 @@ class _Block(Protocol):
 
 class _RoundResult(TypedDict):
     loss: float
+    lr: float
     holdout_before: float
     holdout_after: float
     rolled_back: bool
@@ -92,11 +97,13 @@ def prune_block_(
     method: str,
     sparsity: float = 0.5,
     nm: tuple[int, int] | None = None,
+    pruned_per_row: list[int] | None = None,
     alpha: float = 100.0,
     ro_rounds: int = 5,
     ro_samples: int = 32,
     ro_holdout: int = 8,
     ro_lr: float = 3e-7,
+    ro_lr_search: bool = False,
     seed: int = 0,
 ) -> _BlockResult: ...
 

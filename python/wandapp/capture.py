@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from wandapp._core import ActivationStats
 from wandapp.adapters import DecoderAdapter, Target
 from wandapp.data import Sequence
 from wandapp.errors import NonFiniteError, UnsupportedModelError
@@ -170,9 +171,17 @@ class _Replay:
 
 
 @torch.no_grad()
-def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offload: torch.device, pin: bool = False) -> list[Sample]:
+def capture_first_block(
+    adapter: DecoderAdapter,
+    sequences: list[Sequence],
+    offload: torch.device,
+    pin: bool = False,
+    act_stats: dict[str, ActivationStats] | None = None,
+) -> list[Sample]:
     """Runs the dense model once per sequence through all its decoder blocks, keeping the first
-    block's input and the arguments each attention type receives at its first block.
+    block's input and the arguments each attention type receives at its first block. With
+    ``act_stats`` (a dict), it also gathers the activation statistics of every linear target's
+    input on the dense model, by target name (OWL's dense pre-pass, at no extra forward).
 
     The same pass checks, on real tokens, that every block's input, every linear layer's input
     and the last block's output are finite: a model that overflows on the user's own data (float16
@@ -222,6 +231,9 @@ def capture_first_block(adapter: DecoderAdapter, sequences: list[Sequence], offl
                 seen.add(target.name)
                 if args[0].numel() != tokens[0] * args[0].shape[-1]:
                     partial.add(target.name)
+                elif act_stats is not None:
+                    stats = act_stats.setdefault(target.name, ActivationStats(args[0].shape[-1]))
+                    stats.update(args[0].reshape(1, tokens[0], -1), checks.token_mask)
 
         return hook
 

@@ -18,7 +18,10 @@ from wandapp.config import METHODS
 DTYPES = ("float32", "bfloat16", "float16")
 
 #: PruneConfig fields that `wandapp prune` exposes as --flags (unset: the config's default).
-CONFIG_FLAGS = {"alpha": float, "ro_rounds": int, "ro_samples": int, "ro_lr": float, "ro_holdout": int, "device": str, "offload": str}
+CONFIG_FLAGS = {
+    "alpha": float, "ro_rounds": int, "ro_samples": int, "ro_lr": float, "ro_holdout": int, "device": str, "offload": str,
+    "layer_sparsity": str, "owl_m": float, "owl_lambda": float,
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,7 +63,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from wandapp.eval import perplexity
 
     parse_sparsity(args.sparsity)  # fail before the slow model load
-    overrides = {field: getattr(args, field) for field in (*CONFIG_FLAGS, "targets", "ignore") if getattr(args, field) is not None}
+    overrides = {field: getattr(args, field) for field in (*CONFIG_FLAGS, "ro_lr_search", "targets", "ignore") if getattr(args, field) is not None}
     config = (PruneConfig.paper() if args.paper else PruneConfig()).replace(nsamples=args.nsamples, seed=args.seed, **overrides)
     model, tokenizer = _load(args.model, args.dtype)
     calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
@@ -162,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", action="store_true", help="start from PruneConfig.paper() (lr 3e-7, 32 RO samples)")
     for field, kind in CONFIG_FLAGS.items():
         p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None, help=f"PruneConfig.{field} (see its docs)")
+    p.add_argument("--ro-lr-search", action=argparse.BooleanOptionalAction, default=None, help="PruneConfig.ro_lr_search (see its docs)")
     for field in ("targets", "ignore"):
         p.add_argument(f"--{field}", nargs="+", default=None, metavar="NAME", help=f"PruneConfig.{field}: module names or name suffixes")
     p.add_argument("--out", required=True, help="output folder")

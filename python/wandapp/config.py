@@ -15,6 +15,9 @@ METHODS = ("magnitude", "wanda", "rgs", "wanda++", "sparsegpt", "sparsegpt+ro")
 #: Methods that run regional optimization (RO) after pruning.
 RO_METHODS = ("wanda++", "sparsegpt+ro")
 
+#: How the sparsity is spread over blocks: the same in every block, or by OWL (unstructured only).
+LAYER_SPARSITIES = ("uniform", "owl")
+
 #: Default RO learning rate, chosen by measurement on SmolLM2-135M at 2:4 (bench/ro_lr.py,
 #: bench/results/ro_lr.md). The paper's 3e-7 barely moves the weights of a small model.
 DEFAULT_RO_LR = 1e-4
@@ -86,7 +89,13 @@ class PruneConfig:
         ro_samples: M, calibration sequences RO trains on, drawn with ``seed`` (paper: 32);
             None = min(32, the sequences used).
         ro_lr: RMSprop learning rate of RO (paper: 3e-7, tuned for 7B models; wandapp's
-            default was measured on SmolLM2-135M, see bench/results/ro_lr.md).
+            default was measured on SmolLM2-135M, see bench/results/ro_lr.md). With
+            ``ro_lr_search`` it is the starting point of each block's search.
+        ro_lr_search: choose each block's RO step size on its held-out sequences: the first
+            round's update is scaled by the power of two t in [2^-10, 2^6] that minimises the
+            held-out block error (doubling or halving from t = 1 while it falls), and the later
+            rounds run at ``ro_lr * t``. Costs a few held-out forwards per block; the report's
+            ``ro_lr`` gives each block's rate. False = ``ro_lr`` everywhere (the paper's way).
         ro_holdout: sequences held out of RO to guard it: a round that makes their block
             error worse or non-finite is rolled back. 0 guards on the training sequences.
         seed: seeds every random choice (RO sample choice and order).
@@ -112,12 +121,21 @@ class PruneConfig:
             pruned. An entry that matches nothing is an InvalidArgumentError.
         ignore: names left out of ``targets``, by the same rule (e.g. ``["down_proj"]``, or
             ``r".*\.layers\.0\..*"`` for block 0).
+        layer_sparsity: "uniform" (every matrix at ``sparsity``) or "owl" (outlier-weighted
+            layer-wise sparsity, Yin et al. 2024, unstructured sparsity only): block l gets
+            sparsity - (D_l - mean D), where D is the blocks' outlier ratios (share of Wanda
+            scores above ``owl_m`` times their block's mean, on the dense model) scaled to
+            [0, 2 x ``owl_lambda``]. Counts per row are rounded so that matrices of one shape
+            lose exactly as many weights as under "uniform": the mean sparsity is exact.
+        owl_m: OWL's outlier threshold M (OWL's code: 5).
+        owl_lambda: OWL's lambda: block sparsities span at most sparsity +- lambda (OWL: 0.08).
     """
 
     alpha: float = 100.0
     ro_rounds: int = 5
     ro_samples: Optional[int] = None
     ro_lr: float = DEFAULT_RO_LR
+    ro_lr_search: bool = True
     ro_holdout: int = 8
     seed: int = 0
     nsamples: Optional[int] = None
@@ -127,6 +145,9 @@ class PruneConfig:
     progress: bool = True
     targets: Union[str, list[str], None] = None
     ignore: Union[str, list[str], None] = None
+    layer_sparsity: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, rule: str) -> None:
@@ -145,6 +166,10 @@ class PruneConfig:
         need(self.nsamples is None or (is_int(self.nsamples) and self.nsamples >= 1), "nsamples", "must be None or an integer >= 1")
         need(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1), "batch_size", "must be None or an integer >= 1")
         need(isinstance(self.progress, bool), "progress", "must be True or False")
+        need(isinstance(self.ro_lr_search, bool), "ro_lr_search", "must be True or False")
+        need(self.layer_sparsity in LAYER_SPARSITIES, "layer_sparsity", f"must be one of {', '.join(LAYER_SPARSITIES)}")
+        need(isinstance(self.owl_m, (int, float)) and self.owl_m > 0, "owl_m", "must be a number > 0")
+        need(isinstance(self.owl_lambda, (int, float)) and 0 <= self.owl_lambda < 1, "owl_lambda", "must be a number in [0, 1)")
         for field in ("targets", "ignore"):
             value = getattr(self, field)
             if isinstance(value, tuple):
@@ -165,8 +190,8 @@ class PruneConfig:
 
     @classmethod
     def paper(cls, **overrides: Any) -> "PruneConfig":
-        """The paper's settings: alpha 100, K=5 rounds, M=32, lr 3e-7, N=128."""
-        return cls(**{**dict(alpha=100.0, ro_rounds=5, ro_samples=32, ro_lr=3e-7, nsamples=128), **overrides})
+        """The paper's settings: alpha 100, K=5 rounds, M=32, lr 3e-7 (no search), N=128."""
+        return cls(**{**dict(alpha=100.0, ro_rounds=5, ro_samples=32, ro_lr=3e-7, ro_lr_search=False, nsamples=128), **overrides})
 
     def ro_samples_for(self, nsamples: int) -> int:
         """M for a run on ``nsamples`` calibration sequences."""

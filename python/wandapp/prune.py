@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from wandapp import _core
+from wandapp import _core, owl
 from wandapp.adapters import DecoderAdapter, require_materialized, resolve
 from wandapp.capture import BlockRunner, Sample, batching_fails, capture_first_block, next_block_inputs, pinned_offload
 from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
@@ -76,6 +76,8 @@ def prune(
     require_materialized(model)
     _require_ordinary_tensors(adapter)
     _check_pattern_fits(adapter, pattern)
+    if cfg.layer_sparsity == "owl":
+        owl.check(adapter, pattern, cfg)
     model_device = _single_device(model)
     device = torch.device(cfg.device) if cfg.device is not None else model_device
     offload = torch.device(cfg.offload) if cfg.offload is not None else (
@@ -114,7 +116,9 @@ def _prune_blocks(
     experts = [m for i in range(len(adapter.layers)) for m in adapter.experts_modules(i)]
     with eager_experts(experts):
         try:
-            samples = capture_first_block(adapter, sequences, offload, pinned_offload(offload, device))
+            act_stats: dict[str, _core.ActivationStats] | None = {} if cfg.layer_sparsity == "owl" else None
+            samples = capture_first_block(adapter, sequences, offload, pinned_offload(offload, device), act_stats)
+            layers = owl.plan(adapter, act_stats, pattern, cfg) if act_stats is not None else None
             batch_size = cfg.batch_size or _auto_batch_size(adapter, samples, device)
             reason = batching_fails(adapter, samples, device) if batch_size > 1 else None
             if reason is not None and cfg.batch_size is not None:
@@ -129,13 +133,17 @@ def _prune_blocks(
                 device=str(device),
                 blocks=[BlockReport(index=i, status="untouched") for i in range(len(adapter.layers))],
             )
+            if layers is not None:
+                for index, ratio in layers.outlier_ratio.items():
+                    report.blocks[index].outlier_ratio = ratio
+                    report.blocks[index].target_sparsity = layers.block_sparsity[index]
             bar = tqdm(range(len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not cfg.progress, unit="block")
             for index in bar:
                 if not adapter.targets(index):  # targets/ignore left nothing here
                     report.blocks[index].status = "skipped"
                     samples = _run_unchanged(adapter, index, samples, device, cfg.batch_size)
                     continue
-                samples = _prune_one_block(adapter, index, samples, method, pattern, cfg, device, report)
+                samples = _prune_one_block(adapter, index, samples, method, pattern, layers, cfg, device, report)
                 block = report.blocks[index]
                 bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
         finally:
@@ -149,11 +157,15 @@ def _prune_one_block(
     samples: list[Sample],
     method: str,
     pattern: Pattern,
+    layers: owl.LayerSparsity | None,
     cfg: PruneConfig,
     device: torch.device,
     report: PruneReport,
 ) -> list[Sample]:
-    """Prunes block ``index`` or leaves it exactly as it was; returns the next block's inputs."""
+    """Prunes block ``index`` (each matrix at ``pattern``, or at OWL's count in ``layers``) or
+    leaves it exactly as it was; returns the next block's inputs."""
+    targets = adapter.targets(index)
+    counts = [layers.pruned_per_row[t.name] if layers else pattern.pruned_per_row(t.in_features) for t in targets]
     layer = adapter.layers[index]
     home = next(layer.parameters()).device
     snapshot = {k: v.detach().to(samples[0].hidden.device, copy=True) for k, v in layer.state_dict().items()}
@@ -165,19 +177,21 @@ def _prune_one_block(
         layer.to(device)
         for p in layer.parameters():
             p.requires_grad_(False)
-        with unfused(adapter.targets(index)) as leaves:
+        with unfused(targets) as leaves:
             runner = BlockRunner(adapter, index, samples, device, cfg.batch_size)
             result = _core.prune_block_(
                 runner,
-                [t.weight() if t.expert is None else leaves[t.name] for t in adapter.targets(index)],
+                [t.weight() if t.expert is None else leaves[t.name] for t in targets],
                 method=method,
                 sparsity=pattern.sparsity,
                 nm=pattern.nm,
+                pruned_per_row=counts if layers else None,
                 alpha=cfg.alpha,
                 ro_rounds=cfg.ro_rounds if method in RO_METHODS else 0,
                 ro_samples=cfg.ro_samples,
                 ro_holdout=cfg.ro_holdout,
                 ro_lr=cfg.ro_lr,
+                ro_lr_search=cfg.ro_lr_search,
                 seed=cfg.seed + index,
             )
             outputs = runner.finish()
@@ -197,11 +211,12 @@ def _prune_one_block(
 
     block = report.blocks[index]
     block.status = "pruned"
-    block.layers = report.record_masks([t.name for t in adapter.targets(index)], result["masks"], pattern, result["magnitude_fallback"])
+    block.layers = report.record_masks([t.name for t in targets], result["masks"], counts, result["magnitude_fallback"])
     block.mse_before_ro = result["mse_before_ro"]
     block.mse_final = result["mse_final"]
     block.ro_losses = [r["loss"] for r in result["rounds"]]
     block.ro_rolled_back = [r["rolled_back"] for r in result["rounds"]]
+    block.ro_lr = result["rounds"][-1]["lr"] if result["rounds"] else None
     block.seconds = time.perf_counter() - start
     block.peak_memory_bytes = (
         torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from wandapp._optional import require
-from wandapp.config import Pattern
 
 
 @dataclass
@@ -18,7 +17,7 @@ class LayerReport:
     shape: list[int]
     sparsity: float  # fraction of zeros in the mask
     mask_hash: str  # wandapp.kernels.mask_hash: sha256 of shape + packed bits
-    pruned_per_row: int  # what the sparsity asks of every row (Pattern.pruned_per_row), which selection prunes
+    pruned_per_row: int  # what the sparsity asks of every row (Pattern.pruned_per_row, or OWL's count), which selection prunes
     #: Scored by magnitude because no calibration token reached it (an expert its router never chose).
     magnitude_fallback: bool = False
 
@@ -32,6 +31,9 @@ class BlockReport:
     mse_final: float | None = None  # ... after the final prune
     ro_losses: list[float] = field(default_factory=list)  # mean RO loss of each round
     ro_rolled_back: list[bool] = field(default_factory=list)
+    ro_lr: float | None = None  # RO's learning rate after the first round (its line search, PruneConfig.ro_lr_search)
+    outlier_ratio: float | None = None  # layer_sparsity="owl": share of Wanda scores above owl_m x the block's mean
+    target_sparsity: float | None = None  # layer_sparsity="owl": the sparsity OWL gave the block (before rounding)
     seconds: float = 0.0
     peak_memory_bytes: int = 0  # CUDA: max_memory_allocated in this block; CPU: process peak RSS
 
@@ -51,15 +53,15 @@ class PruneReport:
     _packed: dict[str, tuple[list[int], np.ndarray]] = field(default_factory=dict, repr=False)
 
     # -- building -----------------------------------------------------------------------
-    def record_masks(self, names: list[str], masks: list[torch.Tensor], pattern: Pattern, fallback: list[bool]) -> dict[str, LayerReport]:
+    def record_masks(self, names: list[str], masks: list[torch.Tensor], pruned_per_row: list[int], fallback: list[bool]) -> dict[str, LayerReport]:
         from wandapp.kernels import mask_hash
 
         layers = {}
-        for name, mask, by_magnitude in zip(names, masks, fallback):
+        for name, mask, count, by_magnitude in zip(names, masks, pruned_per_row, fallback):
             cpu = mask.detach().to("cpu")
             self._packed[name] = (list(cpu.shape), np.packbits(cpu.numpy().reshape(-1)))
             layers[name] = LayerReport(
-                list(cpu.shape), 1.0 - cpu.float().mean().item(), mask_hash(cpu), pattern.pruned_per_row(cpu.shape[1]), by_magnitude
+                list(cpu.shape), 1.0 - cpu.float().mean().item(), mask_hash(cpu), count, by_magnitude
             )
         return layers
 
