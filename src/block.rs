@@ -7,7 +7,7 @@ use crate::mask::{apply_mask_, select, Pattern};
 use crate::ro::{block_mse, regional_norm, summed_mse, DeviceSum, GradTracking, RoRun, RoSettings, RoundRecord};
 use crate::score::{magnitude_score, rgs_score, wanda_score};
 use crate::sparsegpt::{sparsegpt_prune_, HessianStats, BLOCK_SIZE, PERCDAMP};
-use crate::stats::{ActivationStats, GradientStats};
+use crate::stats::{check_inputs, rescaled_norms, GradientStats, InputNorms, InputStats};
 use tch::Tensor;
 
 /// A decoder block over its captured calibration sequences, addressed by index. Methods take a
@@ -107,55 +107,24 @@ pub struct BlockOutcome {
 }
 
 
-/// Activation statistics of every weight, fed from the passes that record linear inputs.
-struct Norms(Vec<ActivationStats>);
-
-impl Norms {
-    fn new(weights: &[Tensor]) -> Result<Self> {
-        weights.iter().map(|w| ActivationStats::new(w.size()[1])).collect::<Result<Vec<_>>>().map(Norms)
-    }
-
-    fn update(&mut self, inputs: &[Tensor], mask: Option<&Tensor>, sequences: i64) -> Result<()> {
-        for (st, x) in self.0.iter_mut().zip(inputs) {
-            if x.dim() == 2 {
-                st.update_routed(&x.f_detach()?, sequences)?;
-            } else {
-                st.update(&x.f_detach()?, mask)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// ||X_j|| per weight; None for a weight that no token reached.
-    fn finish(&self) -> Result<Vec<Option<Tensor>>> {
-        self.0.iter().map(|st| if st.saw_tokens() { st.norm().map(Some) } else { Ok(None) }).collect()
-    }
-}
-
-fn check_inputs(inputs: &[Tensor], weights: &[Tensor]) -> Result<()> {
-    if inputs.len() != weights.len() {
-        return Err(Error::InvalidArgument {
-            arg: "block.linear_inputs",
-            reason: format!("returned {} tensors for {} weights", inputs.len(), weights.len()),
-        });
-    }
-    Ok(())
-}
-
 /// G: RMS over sequences of d||f(X_n)||_2 / dW, one backward per sequence, on the dense block.
-/// The same forwards record the linear inputs (the activation norms of the first prune) and the
-/// dense outputs (the targets): no separate pass runs for either.
-fn gradient_rms(block: &dyn Block, weights: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Option<Tensor>>)> {
+/// The same forwards record the linear inputs (the activation norms of the first prune, over all
+/// sequences and over `subset`, RO's held-out ones) and the dense outputs (the targets): no
+/// separate pass runs for either.
+fn gradient_rms(block: &dyn Block, weights: &[Tensor], subset: &[usize]) -> Result<(Vec<Tensor>, InputNorms, InputNorms)> {
     let mut stats = weights.iter().map(|w| GradientStats::new(w.size())).collect::<Result<Vec<_>>>()?;
-    let mut norms = Norms::new(weights)?;
+    let mut norms = InputStats::new(weights)?;
+    let mut subset_norms = InputStats::new(weights)?;
     let tracking = GradTracking::enable(weights);
     for i in 0..block.len() {
         tracking.zero_grads();
         tch::with_grad(|| -> Result<()> {
             let mask = block.token_mask(&[i])?;
             let (inputs, out) = block.linear_inputs(&[i])?;
-            check_inputs(&inputs, weights)?;
             norms.update(&inputs, mask.as_ref(), 1)?;
+            if subset.contains(&i) {
+                subset_norms.update(&inputs, mask.as_ref(), 1)?;
+            }
             block.set_targets(&[i], &out.f_detach()?)?;
             block.backward(&regional_norm(&out, mask.as_ref())?)?;
             Ok(())
@@ -165,36 +134,30 @@ fn gradient_rms(block: &dyn Block, weights: &[Tensor]) -> Result<(Vec<Tensor>, V
         }
     }
     tracking.zero_grads();
-    Ok((stats.iter().map(GradientStats::rms).collect::<Result<_>>()?, norms.finish()?))
+    let subset_norms = if subset.is_empty() { Vec::new() } else { subset_norms.finish()? };
+    Ok((stats.iter().map(GradientStats::rms).collect::<Result<_>>()?, norms.finish()?, subset_norms))
 }
 
-/// One pass over every sequence, batch by batch on the block as it is now, recording linear
-/// inputs: feeds them to `feed(k, x, mask, sequences)` (x is [b, seq, in] with the batch's token
-/// mask, or [rows, in] routed to an expert); with `targets`, the outputs become the targets.
-fn for_each_input(
-    block: &dyn Block,
-    weights: &[Tensor],
-    targets: bool,
-    mut feed: impl FnMut(&[Tensor], Option<&Tensor>, i64) -> Result<()>,
-) -> Result<()> {
+/// One pass over every sequence, batch by batch on the dense block, recording linear inputs:
+/// feeds them to `feed(x, mask, sequences)` (x is [b, seq, in] with the batch's token mask, or
+/// [rows, in] routed to an expert); the outputs become the targets.
+fn for_each_input(block: &dyn Block, weights: &[Tensor], mut feed: impl FnMut(&[Tensor], Option<&Tensor>, i64) -> Result<()>) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let all: Vec<usize> = (0..block.len()).collect();
     for batch in block.batches(&all)? {
         let (inputs, out) = block.linear_inputs(&batch)?;
-        check_inputs(&inputs, weights)?;
-        if targets {
-            block.set_targets(&batch, &out)?;
-        }
+        check_inputs(&inputs, weights.len())?;
+        block.set_targets(&batch, &out)?;
         feed(&inputs, block.token_mask(&batch)?.as_ref(), batch.len() as i64)?;
     }
     Ok(())
 }
 
-/// ||X_j|| of every linear layer's input, on the block as it is now (the outputs become the
-/// targets when `targets`); None for a weight that no token reached.
-fn activation_norms(block: &dyn Block, weights: &[Tensor], targets: bool) -> Result<Vec<Option<Tensor>>> {
-    let mut norms = Norms::new(weights)?;
-    for_each_input(block, weights, targets, |inputs, mask, sequences| norms.update(inputs, mask, sequences))?;
+/// ||X_j|| of every linear layer's input on the dense block (whose outputs become the targets);
+/// None for a weight that no token reached.
+fn activation_norms(block: &dyn Block, weights: &[Tensor]) -> Result<InputNorms> {
+    let mut norms = InputStats::new(weights)?;
+    for_each_input(block, weights, |inputs, mask, sequences| norms.update(inputs, mask, sequences))?;
     norms.finish()
 }
 
@@ -202,7 +165,7 @@ fn activation_norms(block: &dyn Block, weights: &[Tensor], targets: bool) -> Res
 /// targets); None for a weight no token reached.
 fn hessians(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
     let mut stats = weights.iter().map(|w| HessianStats::new(w.size()[1])).collect::<Result<Vec<_>>>()?;
-    for_each_input(block, weights, true, |inputs, mask, sequences| {
+    for_each_input(block, weights, |inputs, mask, sequences| {
         for (st, x) in stats.iter_mut().zip(inputs) {
             if x.dim() == 2 {
                 st.update_routed(x, sequences)?;
@@ -242,19 +205,14 @@ fn sparsegpt_once(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Result<
     Ok((masks, hessians.iter().map(Option::is_none).collect()))
 }
 
-/// Scores every weight by the plan's method (by magnitude where no token reached it; `norms`
-/// when given, else from a fresh pass), selects and applies the masks; returns them with the
+/// Scores every weight by the plan's method (by magnitude where no token reached it, or for
+/// magnitude, whose `norms` are None), selects and applies the masks; returns them with the
 /// fallback flags.
-fn prune_once(block: &dyn Block, weights: &[Tensor], plan: &Plan, grad_rms: Option<&[Tensor]>, norms: Option<Vec<Option<Tensor>>>) -> Result<(Vec<Tensor>, Vec<bool>)> {
-    let norms = match (plan.method, norms) {
-        (Method::Magnitude, _) => None,
-        (_, Some(norms)) => Some(norms),
-        (_, None) => Some(activation_norms(block, weights, false)?),
-    };
+fn prune_once(weights: &[Tensor], plan: &Plan, grad_rms: Option<&[Tensor]>, norms: Option<&InputNorms>) -> Result<(Vec<Tensor>, Vec<bool>)> {
     let mut masks = Vec::with_capacity(weights.len());
     let mut fallback = Vec::with_capacity(weights.len());
     for (k, w) in weights.iter().enumerate() {
-        let norm = norms.as_ref().map(|n| n[k].as_ref());
+        let norm = norms.map(|n| n[k].as_ref());
         let score = match (plan.method, norm, grad_rms) {
             (Method::Magnitude, _, _) | (_, Some(None), _) => magnitude_score(w)?,
             (Method::Wanda, Some(Some(n)), _) => wanda_score(w, n)?,
@@ -310,7 +268,9 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
         return Err(Error::InvalidArgument { arg: "block", reason: "has no calibration sequences".into() });
     }
     let n = block.len();
-    let mut ro = if plan.method.uses_ro() && plan.ro.rounds > 0 { Some(RoRun::new(&plan.ro, n)?) } else { None };
+    // RO after re-pruning (wanda++) records the input norms of its held-out passes for the next prune.
+    let reprunes = !matches!(plan.method, Method::SparseGpt | Method::SparseGptRo);
+    let mut ro = if plan.method.uses_ro() && plan.ro.rounds > 0 { Some(RoRun::new(&plan.ro, n, reprunes)?) } else { None };
     let all: Vec<usize> = (0..n).collect();
     let mut rounds = Vec::new();
     let mut mse_before_ro = None;
@@ -319,30 +279,39 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
         if let Some(ro) = &mut ro {
             mse_before_ro = Some(finite(block_mse(block, &all)?)?);
             for r in 0..plan.ro.rounds {
-                rounds.push(ro.round(block, weights, &masks, r)?);
+                rounds.push(ro.round(block, weights, &masks, r)?.0);
             }
         }
         (masks, fallback)
     } else {
-        // The first pass over the dense block gives the targets and the first activation norms.
-        let (grad_rms, mut norms) = match plan.method {
+        // The first pass over the dense block gives the targets and the first activation norms,
+        // over all sequences and over RO's held-out ones.
+        let holdout = ro.as_ref().map_or(&[][..], RoRun::holdout).to_vec();
+        let (grad_rms, first, holdout_first) = match plan.method {
             _ if plan.method.uses_gradients() => {
-                let (g, norms) = gradient_rms(block, weights)?;
-                (Some(g), Some(norms))
+                let (g, norms, subset) = gradient_rms(block, weights, &holdout)?;
+                (Some(g), Some(norms), subset)
             }
-            Method::Magnitude => (None, dense_targets(block).map(|_| None)?),
-            _ => (None, Some(activation_norms(block, weights, true)?)),
+            Method::Magnitude => (None, dense_targets(block).map(|_| None)?, Vec::new()),
+            _ => (None, Some(activation_norms(block, weights)?), Vec::new()),
         };
+        // After an RO round the norms are those of the first pass, rescaled by their change on
+        // the held-out sequences, which the round's guard measured (stats::rescaled_norms).
+        let mut norms = None;
         if let Some(ro) = &mut ro {
             for r in 0..plan.ro.rounds {
-                let (masks, _) = prune_once(block, weights, plan, grad_rms.as_deref(), norms.take())?;
+                let (masks, _) = prune_once(weights, plan, grad_rms.as_deref(), norms.as_ref().or(first.as_ref()))?;
                 if r == 0 {
                     mse_before_ro = Some(finite(block_mse(block, &all)?)?);
                 }
-                rounds.push(ro.round(block, weights, &masks, r)?);
+                let (record, holdout_now) = ro.round(block, weights, &masks, r)?;
+                rounds.push(record);
+                if let (Some(first), Some(now)) = (&first, holdout_now) {
+                    norms = Some(rescaled_norms(first, &holdout_first, &now)?);
+                }
             }
         }
-        prune_once(block, weights, plan, grad_rms.as_deref(), norms.take())?
+        prune_once(weights, plan, grad_rms.as_deref(), norms.as_ref().or(first.as_ref()))?
     };
     let mse_final = final_outputs(block)?;
     Ok(BlockOutcome { masks, mse_before_ro: mse_before_ro.unwrap_or(mse_final), mse_final, magnitude_fallback, rounds })
@@ -597,13 +566,13 @@ mod tests {
                 }
             };
             // The plain round gives the update direction.
-            let plain = RoRun::new(&p.ro, b.len()).unwrap().round(&b, &b.weights(), &masks, 0).unwrap();
+            let plain = RoRun::new(&p.ro, b.len(), false).unwrap().round(&b, &b.weights(), &masks, 0).unwrap().0;
             if plain.rolled_back {
                 // The plain round's update is undone, so its direction is not observable here:
                 // the search must still find a smaller scale that beats it.
                 set(&start);
                 p.ro.lr_search = true;
-                let record = RoRun::new(&p.ro, b.len()).unwrap().round(&b, &b.weights(), &masks, 0).unwrap();
+                let record = RoRun::new(&p.ro, b.len(), false).unwrap().round(&b, &b.weights(), &masks, 0).unwrap().0;
                 assert!(record.lr < lr && record.holdout_after < plain.holdout_after, "{lr}: {record:?}");
                 continue;
             }
@@ -618,8 +587,8 @@ mod tests {
                 .collect();
             set(&start);
             p.ro.lr_search = true;
-            let mut run = RoRun::new(&p.ro, b.len()).unwrap();
-            let record = run.round(&b, &b.weights(), &masks, 0).unwrap();
+            let mut run = RoRun::new(&p.ro, b.len(), false).unwrap();
+            let record = run.round(&b, &b.weights(), &masks, 0).unwrap().0;
             let exponent = (record.lr / lr).log2().round() as i32;
             assert!((record.lr / lr - 2f64.powi(exponent)).abs() < 1e-12, "{lr}: {}", record.lr);
             let chosen = errors.iter().find(|(e, _)| *e == exponent).unwrap().1;

@@ -5,6 +5,7 @@
 use crate::block::Block;
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
+use crate::stats::{InputNorms, InputStats};
 use tch::{Kind, Tensor};
 
 /// torch.optim.RMSprop's defaults, which the paper uses.
@@ -226,23 +227,45 @@ fn set_along(weights: &[Tensor], base: &[Tensor], step: &[Tensor], scale: f64) -
     Ok(())
 }
 
+/// The held-out error of the block as it is now (one pass, no autograd) and, with `record`, each
+/// weight's input norms on the held-out sequences from the same forwards.
+fn holdout_pass(block: &dyn Block, weights: &[Tensor], holdout: &[usize], record: bool) -> Result<(f64, Option<InputNorms>)> {
+    if !record {
+        return Ok((block_mse(block, holdout)?, None));
+    }
+    let _guard = tch::no_grad_guard();
+    let mut stats = InputStats::new(weights)?;
+    let mut total = DeviceSum::default();
+    for batch in block.batches(holdout)? {
+        let mask = block.token_mask(&batch)?;
+        let (inputs, out) = block.linear_inputs(&batch)?;
+        stats.update(&inputs, mask.as_ref(), batch.len() as i64)?;
+        total.add(&summed_mse(&out, &block.target(&batch)?, mask.as_ref())?)?;
+    }
+    Ok((total.read()? / holdout.len().max(1) as f64, Some(stats.finish()?)))
+}
+
+/// A held-out measurement: the error and, when recorded, the input norms at that point.
+type Measured = (f64, Option<InputNorms>);
+
 /// The scale t (a power of two) of the round's update `step` that minimises the held-out error
-/// of `base + t * step`, starting from t = 1 (error `at_one`): doubles while the error falls,
+/// of `base + t * step`, starting from t = 1 (measured `at_one`): doubles while the error falls,
 /// else halves while it falls, within 2^LR_SEARCH_MIN_EXPONENT .. 2^LR_SEARCH_MAX_EXPONENT.
-/// Leaves the weights at the best point; returns (t, its error). The update is zero on pruned
-/// weights, so every point keeps the masks.
-fn search_scale(block: &dyn Block, weights: &[Tensor], base: &[Tensor], step: &[Tensor], holdout: &[usize], at_one: f64) -> Result<(f64, f64)> {
+/// Leaves the weights at the best point; returns t and that point's measurement. The update is
+/// zero on pruned weights, so every point keeps the masks.
+fn search_scale(block: &dyn Block, weights: &[Tensor], base: &[Tensor], step: &[Tensor], holdout: &[usize], at_one: Measured) -> Result<(f64, Measured)> {
+    let record = at_one.1.is_some();
     let mut best = (0i32, at_one);
     for direction in [1i32, -1] {
         let mut exponent = best.0 + direction;
         while (LR_SEARCH_MIN_EXPONENT..=LR_SEARCH_MAX_EXPONENT).contains(&exponent) {
             set_along(weights, base, step, 2f64.powi(exponent))?;
-            let error = block_mse(block, holdout)?;
+            let point = holdout_pass(block, weights, holdout, record)?;
             // NaN (an overflowing step) ends the search like a worse error.
-            if error.partial_cmp(&best.1) != Some(std::cmp::Ordering::Less) {
+            if point.0.partial_cmp(&best.1 .0) != Some(std::cmp::Ordering::Less) {
                 break;
             }
-            best = (exponent, error);
+            best = (exponent, point);
             exponent += direction;
         }
         if best.0 != 0 {
@@ -254,91 +277,98 @@ fn search_scale(block: &dyn Block, weights: &[Tensor], base: &[Tensor], step: &[
 }
 
 /// The RO rounds of one block: their split of the sequences, and the learning rate, which the
-/// first round's line search sets when `lr_search` is on.
+/// first round's line search sets when `lr_search` is on. With `record_inputs`, every held-out
+/// pass also records the weights' input norms, so that a round hands back the norms on the
+/// held-out sequences at the weights it leaves (no separate pass).
 pub struct RoRun<'a> {
     settings: &'a RoSettings,
     split: RoSplit,
     lr: f64,
+    record_inputs: bool,
 }
 
 impl<'a> RoRun<'a> {
-    pub fn new(settings: &'a RoSettings, nsamples: usize) -> Result<Self> {
-        Ok(Self { split: settings.split(nsamples)?, lr: settings.lr, settings })
+    pub fn new(settings: &'a RoSettings, nsamples: usize, record_inputs: bool) -> Result<Self> {
+        Ok(Self { split: settings.split(nsamples)?, lr: settings.lr, settings, record_inputs })
     }
 
-    /// Round `round` (0-based) with the keep-masks `masks` fixed.
-    pub fn round(&mut self, block: &dyn Block, weights: &[Tensor], masks: &[Tensor], round: usize) -> Result<RoundRecord> {
+    /// The sequences that guard each round.
+    pub fn holdout(&self) -> &[usize] {
+        &self.split.holdout
+    }
+
+    /// Round `round` (0-based) with the keep-masks `masks` fixed; with `record_inputs`, also the
+    /// input norms on the held-out sequences at the weights the round leaves.
+    pub fn round(&mut self, block: &dyn Block, weights: &[Tensor], masks: &[Tensor], round: usize) -> Result<(RoundRecord, Option<InputNorms>)> {
         let search = self.settings.lr_search && round == 0;
-        let record = guarded_round(block, weights, masks, &self.split, self.settings.seed, round, self.lr, search)?;
+        let (record, norms) = self.guarded_round(block, weights, masks, round, search)?;
         if search {
             self.lr = record.lr;
         }
-        Ok(record)
+        Ok((record, norms))
     }
-}
 
-/// One pass of masked RMSprop over the training sequences (in an order seeded by `seed` and
-/// `round`) at `lr`, guarded by the held-out error: a round that does not lower it, or is
-/// non-finite, is undone. With `search`, the round's update is first scaled by [`search_scale`]
-/// on the held-out sequences (the record's `lr` says which rate the kept update corresponds to).
-#[allow(clippy::too_many_arguments)]
-fn guarded_round(
-    block: &dyn Block,
-    weights: &[Tensor],
-    masks: &[Tensor],
-    split: &RoSplit,
-    seed: u64,
-    round: usize,
-    lr: f64,
-    search: bool,
-) -> Result<RoundRecord> {
-    let holdout_before = block_mse(block, &split.holdout)?;
-    let snapshot: Vec<Tensor> = {
-        let _guard = tch::no_grad_guard();
-        weights.iter().map(|w| w.f_detach().map(|d| d.copy())).collect::<std::result::Result<_, _>>()?
-    };
-    let mut order = split.train.clone();
-    let mut rng = SplitMix64::new(seed.wrapping_add(1 + round as u64));
-    let perm = rng.permutation(order.len());
-    order = perm.iter().map(|&p| order[p]).collect();
-
-    let mut opt = MaskedRmsprop::new(weights, masks, lr)?;
-    let tracking = GradTracking::enable(weights);
-    // Summed on the device and read once per round: no host synchronisation per step.
-    let mut loss_sum = DeviceSum::default();
-    for &i in &order {
-        tracking.zero_grads();
-        let loss = tch::with_grad(|| -> Result<Tensor> {
-            let mask = block.token_mask(&[i])?;
-            let loss = masked_mse(&block.forward(&[i])?, &block.target(&[i])?, mask.as_ref())?;
-            block.backward(&loss)?;
-            Ok(loss)
-        })?;
-        loss_sum.add(&loss)?;
-        opt.step(weights)?;
-    }
-    let loss_sum = loss_sum.read()?;
-    tracking.zero_grads();
-    drop(tracking);
-
-    let mut holdout_after = block_mse(block, &split.holdout)?;
-    let mut scale = 1.0;
-    if search && holdout_after.is_finite() {
-        let step: Vec<Tensor> = {
+    /// One pass of masked RMSprop over the training sequences (in an order seeded by the seed
+    /// and `round`), guarded by the held-out error: a round that does not lower it, or is
+    /// non-finite, is undone. With `search`, the round's update is first scaled by
+    /// [`search_scale`] (the record's `lr` says which rate the kept update corresponds to).
+    fn guarded_round(&self, block: &dyn Block, weights: &[Tensor], masks: &[Tensor], round: usize, search: bool) -> Result<(RoundRecord, Option<InputNorms>)> {
+        let holdout = &self.split.holdout;
+        let before = holdout_pass(block, weights, holdout, self.record_inputs)?;
+        let snapshot: Vec<Tensor> = {
             let _guard = tch::no_grad_guard();
-            let pairs = weights.iter().zip(&snapshot);
-            pairs.map(|(w, s)| w.f_to_kind(Kind::Float)?.f_sub(&s.f_to_kind(Kind::Float)?)).collect::<std::result::Result<_, _>>()?
+            weights.iter().map(|w| w.f_detach().map(|d| d.copy())).collect::<std::result::Result<_, _>>()?
         };
-        (scale, holdout_after) = search_scale(block, weights, &snapshot, &step, &split.holdout, holdout_after)?;
-    }
-    let rolled_back = !holdout_after.is_finite() || holdout_after > holdout_before;
-    if rolled_back {
-        let _guard = tch::no_grad_guard();
-        for (w, s) in weights.iter().zip(&snapshot) {
-            w.shallow_clone().f_copy_(s)?;
+        let mut order = self.split.train.clone();
+        let mut rng = SplitMix64::new(self.settings.seed.wrapping_add(1 + round as u64));
+        let perm = rng.permutation(order.len());
+        order = perm.iter().map(|&p| order[p]).collect();
+
+        let mut opt = MaskedRmsprop::new(weights, masks, self.lr)?;
+        let tracking = GradTracking::enable(weights);
+        // Summed on the device and read once per round: no host synchronisation per step.
+        let mut loss_sum = DeviceSum::default();
+        for &i in &order {
+            tracking.zero_grads();
+            let loss = tch::with_grad(|| -> Result<Tensor> {
+                let mask = block.token_mask(&[i])?;
+                let loss = masked_mse(&block.forward(&[i])?, &block.target(&[i])?, mask.as_ref())?;
+                block.backward(&loss)?;
+                Ok(loss)
+            })?;
+            loss_sum.add(&loss)?;
+            opt.step(weights)?;
         }
+        let loss_sum = loss_sum.read()?;
+        tracking.zero_grads();
+        drop(tracking);
+
+        let mut after = holdout_pass(block, weights, holdout, self.record_inputs)?;
+        let mut scale = 1.0;
+        if search && after.0.is_finite() {
+            let step: Vec<Tensor> = {
+                let _guard = tch::no_grad_guard();
+                let pairs = weights.iter().zip(&snapshot);
+                pairs.map(|(w, s)| w.f_to_kind(Kind::Float)?.f_sub(&s.f_to_kind(Kind::Float)?)).collect::<std::result::Result<_, _>>()?
+            };
+            (scale, after) = search_scale(block, weights, &snapshot, &step, holdout, after)?;
+        }
+        let rolled_back = !after.0.is_finite() || after.0 > before.0;
+        if rolled_back {
+            let _guard = tch::no_grad_guard();
+            for (w, s) in weights.iter().zip(&snapshot) {
+                w.shallow_clone().f_copy_(s)?;
+            }
+        }
+        let record = RoundRecord {
+            loss: loss_sum / order.len().max(1) as f64,
+            lr: self.lr * scale,
+            holdout_before: before.0,
+            holdout_after: after.0,
+            rolled_back,
+        };
+        Ok((record, if rolled_back { before.1 } else { after.1 }))
     }
-    Ok(RoundRecord { loss: loss_sum / order.len().max(1) as f64, lr: lr * scale, holdout_before, holdout_after, rolled_back })
 }
 
 #[cfg(test)]

@@ -114,6 +114,69 @@ impl ActivationStats {
     }
 }
 
+/// Fails unless a block recorded one input per weight (`Block::linear_inputs`).
+pub fn check_inputs(inputs: &[Tensor], weights: usize) -> Result<()> {
+    if inputs.len() != weights {
+        return Err(Error::InvalidArgument {
+            arg: "block.linear_inputs",
+            reason: format!("returned {} tensors for {weights} weights", inputs.len()),
+        });
+    }
+    Ok(())
+}
+
+/// The activation statistics of every weight of a block, in the order of the weights, fed from
+/// the passes that record linear inputs ([b, seq, in] with a token mask, or [rows, in] routed to
+/// an expert).
+pub struct InputStats(Vec<ActivationStats>);
+
+/// ||X_j|| per weight; None for a weight that no token reached.
+pub type InputNorms = Vec<Option<Tensor>>;
+
+impl InputStats {
+    pub fn new(weights: &[Tensor]) -> Result<Self> {
+        weights.iter().map(|w| ActivationStats::new(w.size()[1])).collect::<Result<Vec<_>>>().map(InputStats)
+    }
+
+    pub fn update(&mut self, inputs: &[Tensor], mask: Option<&Tensor>, sequences: i64) -> Result<()> {
+        check_inputs(inputs, self.0.len())?;
+        for (st, x) in self.0.iter_mut().zip(inputs) {
+            if x.dim() == 2 {
+                st.update_routed(&x.f_detach()?, sequences)?;
+            } else {
+                st.update(&x.f_detach()?, mask)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn finish(&self) -> Result<InputNorms> {
+        self.0.iter().map(|st| if st.saw_tokens() { st.norm().map(Some) } else { Ok(None) }).collect()
+    }
+}
+
+/// Input norms over all sequences brought up to date from a subset of them: `all` was measured on
+/// every sequence and `subset_then` on some of them at the same time; `subset_now` is the subset
+/// measured again after the weights changed. Each feature's norm is scaled by its change on the
+/// subset, now / then (1 where it was 0 then): exact for the inputs the change did not touch
+/// (within a block, the first layers' inputs), an estimate from the subset for the others. A
+/// weight the subset never reached keeps its norm.
+pub fn rescaled_norms(all: &InputNorms, subset_then: &InputNorms, subset_now: &InputNorms) -> Result<InputNorms> {
+    let _guard = tch::no_grad_guard();
+    all.iter()
+        .zip(subset_then.iter().zip(subset_now))
+        .map(|(all, pair)| -> Result<Option<Tensor>> {
+            Ok(match (all, pair) {
+                (Some(all), (Some(then), Some(now))) => {
+                    let ratio = now.f_div(then)?.f_where_self(&then.f_gt(0.0)?, &now.f_ones_like()?)?;
+                    Some(all.f_mul(&ratio)?)
+                }
+                (all, _) => all.as_ref().map(Tensor::shallow_clone),
+            })
+        })
+        .collect()
+}
+
 /// Root mean square of per-sample gradients of one weight.
 pub struct GradientStats {
     shape: Vec<i64>,
@@ -177,6 +240,22 @@ impl GradientStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rescaled_norms_are_exact_where_the_subset_did_not_change() {
+        let t = |v: &[f32]| Some(Tensor::from_slice(v));
+        let all = vec![t(&[3.0, 4.0, 5.0]), t(&[1.0, 2.0]), None];
+        let then = vec![t(&[1.0, 2.0, 0.0]), t(&[2.0, 2.0]), None];
+        let now = vec![t(&[1.0, 2.0, 7.0]), t(&[4.0, 1.0]), None];
+        let got = rescaled_norms(&all, &then, &now).unwrap();
+        // Unchanged features keep their norm; a feature that was 0 on the subset keeps its norm.
+        assert!(got[0].as_ref().unwrap().equal(all[0].as_ref().unwrap()));
+        assert!(got[1].as_ref().unwrap().equal(&Tensor::from_slice(&[2.0f32, 2.0 * 0.5])));
+        assert!(got[2].is_none());
+        // A weight the subset never reached keeps its norm.
+        let unreached = rescaled_norms(&all, &vec![None, None, None], &vec![None, None, None]).unwrap();
+        assert!(unreached[1].as_ref().unwrap().equal(all[1].as_ref().unwrap()));
+    }
 
     #[test]
     fn activation_norm_is_rms_over_sequences_of_per_sequence_sums() {

@@ -261,3 +261,38 @@ def test_a_layer_of_100_inputs_loses_what_the_user_asked_for(sparsity):
         model.model.layers[0].self_attn.q_proj.weight[0, (model.model.layers[0].self_attn.q_proj.weight[0] == 0).nonzero()[0]] = 1.0
     with pytest.raises(AssertionError, match=r"q_proj row 0 has 57 zeros, expected at least 58" if ratio == 0.58 else "row 0"):
         assert_sparsity(model, ratio)
+
+
+# --- dense_check=False -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2-sliding"])
+def test_without_the_dense_check_the_results_are_identical(family):
+    """Sequences other than the replayed one stop at the last attention type's first block
+    (block 1 of qwen2-sliding); every block still gets the same inputs and arguments, padded
+    sequences included."""
+    ids = calib_ids(10, 24)
+    mask = torch.ones_like(ids)
+    mask[2, 17:] = 0
+    loader = [{"input_ids": ids, "attention_mask": mask}]
+    runs = [
+        wandapp.prune(tiny_model(family, num_hidden_layers=3), loader, method=method, dense_check=check, **FAST)
+        for method in ("wanda", "wanda++")
+        for check in (True, False)
+    ]
+    for full, quick in (runs[:2], runs[2:]):
+        assert full.masks.keys() == quick.masks.keys()
+        assert all(torch.equal(full.masks[k], quick.masks[k]) for k in full.masks)
+        assert [b.mse_final for b in full.blocks] == [b.mse_final for b in quick.blocks]
+
+
+def test_without_the_dense_check_first_block_inputs_are_still_checked(ids):
+    model = tiny_model("llama")
+    ids = ids.clamp(max=126)
+    ids[3, 5] = 127
+    with torch.no_grad():
+        model.model.embed_tokens.weight[127] = float("inf")
+    before = state(model)
+    with pytest.raises(wandapp.NonFiniteError, match="sequence 3: the input of block 0 "):
+        wandapp.prune(model, ids, dense_check=False, **FAST)
+    assert_unchanged(model, before)

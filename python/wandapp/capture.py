@@ -177,11 +177,15 @@ def capture_first_block(
     offload: torch.device,
     pin: bool = False,
     act_stats: dict[str, ActivationStats] | None = None,
+    dense_check: bool = True,
 ) -> list[Sample]:
     """Runs the dense model once per sequence through all its decoder blocks, keeping the first
     block's input and the arguments each attention type receives at its first block. With
     ``act_stats`` (a dict), it also gathers the activation statistics of every linear target's
     input on the dense model, by target name (OWL's dense pre-pass, at no extra forward).
+    Without ``dense_check``, only the replayed sequence runs through every block; the others
+    stop once the last attention type's first block has its arguments (their checks then cover
+    the blocks they reached).
 
     The same pass checks, on real tokens, that every block's input, every linear layer's input
     and the last block's output are finite: a model that overflows on the user's own data (float16
@@ -193,6 +197,7 @@ def capture_first_block(
     model = adapter.model
     device = next(model.parameters()).device
     firsts = {index: kind for kind, index in adapter.first_of_each_kind().items()}
+    stop_at = max(firsts) if not dense_check and act_stats is None else None
     last = len(adapter.layers) - 1
     hidden: list[torch.Tensor] = []
     kwargs: dict[str, dict[str, Any]] = {}
@@ -217,6 +222,8 @@ def capture_first_block(
                     replay.kwargs[firsts[index]] = {**kept, "use_cache": False}
             if replay is not None:
                 replay.block_input(index, x)
+            elif index == stop_at:
+                raise _Captured
 
         return hook
 

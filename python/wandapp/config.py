@@ -112,6 +112,14 @@ class PruneConfig:
         offload: where captured activations wait between blocks; None = CPU when the
             model is on CUDA, else the model's device.
         progress: show a tqdm bar over blocks.
+        dense_check: run every calibration sequence through the whole dense model before any
+            weight changes, so that a model that overflows on the data (float16 often does) is
+            refused up front, naming the block and layer. False: only the replay check's
+            sequence (the longest) runs the whole model; the others stop at the first block (of
+            each attention type), which saves one forward per sequence and block (wanda then
+            costs what the plain algorithm costs: README, what each method costs), and an
+            overflow on another sequence is found at its block (that block restored, earlier
+            ones pruned: PruneError). layer_sparsity="owl" always runs the whole pass.
         targets: which weight matrices of the decoder blocks to prune, by name, as peft's
             ``target_modules``: a string is a regular expression matched against the whole name,
             a list holds names or name suffixes (``["q_proj", "mlp.experts.down_proj"]``). Names
@@ -143,6 +151,7 @@ class PruneConfig:
     device: Union[str, torch.device, None] = None
     offload: Union[str, torch.device, None] = None
     progress: bool = True
+    dense_check: bool = True
     targets: Union[str, list[str], None] = None
     ignore: Union[str, list[str], None] = None
     layer_sparsity: str = "uniform"
@@ -167,6 +176,7 @@ class PruneConfig:
         need(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1), "batch_size", "must be None or an integer >= 1")
         need(isinstance(self.progress, bool), "progress", "must be True or False")
         need(isinstance(self.ro_lr_search, bool), "ro_lr_search", "must be True or False")
+        need(isinstance(self.dense_check, bool), "dense_check", "must be True or False")
         need(self.layer_sparsity in LAYER_SPARSITIES, "layer_sparsity", f"must be one of {', '.join(LAYER_SPARSITIES)}")
         need(isinstance(self.owl_m, (int, float)) and self.owl_m > 0, "owl_m", "must be a number > 0")
         need(isinstance(self.owl_lambda, (int, float)) and 0 <= self.owl_lambda < 1, "owl_lambda", "must be a number in [0, 1)")

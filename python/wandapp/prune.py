@@ -59,7 +59,8 @@ def prune(
     CalibrationError (data), UnsupportedModelError (no decoder blocks, quantized or
     adapter-wrapped layers, weights on ``meta`` / offloaded by accelerate, or a failed replay
     check: a block called alone does not reproduce the model's own forward), DeviceMismatchError, NonFiniteError
-    (the dense model overflows on the calibration data: names the first block and layer). If a
+    (the dense model overflows on the calibration data: names the first block and layer; with
+    ``dense_check=False`` only the replayed sequence is checked in every block up front). If a
     block fails later (or Ctrl-C), that block is restored bit for bit and :class:`PruneError`
     (``PruneInterrupted`` for Ctrl-C) carries the partial report and the cause: earlier blocks
     are pruned, that one and later ones untouched.
@@ -117,7 +118,7 @@ def _prune_blocks(
     with eager_experts(experts):
         try:
             act_stats: dict[str, _core.ActivationStats] | None = {} if cfg.layer_sparsity == "owl" else None
-            samples = capture_first_block(adapter, sequences, offload, pinned_offload(offload, device), act_stats)
+            samples = capture_first_block(adapter, sequences, offload, pinned_offload(offload, device), act_stats, cfg.dense_check)
             layers = owl.plan(adapter, act_stats, pattern, cfg) if act_stats is not None else None
             batch_size = cfg.batch_size or _auto_batch_size(adapter, samples, device)
             reason = batching_fails(adapter, samples, device) if batch_size > 1 else None
