@@ -27,26 +27,7 @@ def assert_unchanged(model, before) -> None:
         assert torch.equal(value, before[name]), name
 
 
-# --- weights that are not in memory --------------------------------------------------------
-
-
-def test_accelerate_cpu_offload_is_refused_before_anything_runs(ids):
-    accelerate = pytest.importorskip("accelerate")
-    model = tiny_model("llama")
-    expected = model(ids[:2]).logits
-    accelerate.cpu_offload(model, execution_device="cpu")
-    assert all(p.is_meta for p in model.model.layers.parameters())
-    with pytest.raises(wandapp.UnsupportedModelError, match="offloaded weights.*load the model without offloading"):
-        wandapp.prune(model, ids, method="wanda", progress=False)
-    assert torch.equal(model(ids[:2]).logits, expected)  # the offloaded weights are untouched
-
-
-def test_accelerate_disk_offload_is_refused(ids, tmp_path):
-    accelerate = pytest.importorskip("accelerate")
-    model = tiny_model("llama")
-    accelerate.disk_offload(model, offload_dir=str(tmp_path), execution_device="cpu")
-    with pytest.raises(wandapp.UnsupportedModelError, match="offloaded"):
-        wandapp.prune(model, ids, method="wanda", progress=False)
+# --- weights that are not in memory (accelerate's offloading: tests/test_offload.py) ------------
 
 
 def test_a_model_built_on_the_meta_device_is_refused(ids):

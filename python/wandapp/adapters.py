@@ -111,35 +111,20 @@ class DecoderAdapter:
         return out[0] if isinstance(out, tuple) else out
 
 
-def _offloading(hook: Any) -> bool:
-    """Whether an accelerate hook (``module._hf_hook``) keeps the module's weights elsewhere and
-    loads them only for each forward (cpu_offload, disk_offload, device_map with "cpu"/"disk")."""
-    if hook is None:
-        return False
-    if any(_offloading(h) for h in getattr(hook, "hooks", ())):  # SequentialHook
-        return True
-    return bool(getattr(hook, "offload", False)) or getattr(hook, "weights_map", None) is not None
-
-
 def require_materialized(model: nn.Module) -> None:
-    """Refuses a model whose weights are not all in memory: parameters or buffers on the meta
-    device (a model built under ``torch.device("meta")`` or ``init_empty_weights``), or modules
-    whose weights accelerate offloads to CPU or disk behind hooks. Such a model cannot be pruned
-    in place until it is loaded on one real device; raises UnsupportedModelError saying so."""
-    offloaded = [name or "<model>" for name, module in model.named_modules() if _offloading(getattr(module, "_hf_hook", None))]
-    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if offloaded:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is dispatched by accelerate with offloaded weights ({len(offloaded)} modules, e.g. "
-            f"{offloaded[:3]}; {len(meta)} tensors show as 'meta'). wandapp prunes weights in place and needs them in "
-            "memory on one device: load the model without offloading (from_pretrained without device_map, or "
-            "device_map={'': 'cuda:0'}), and set PruneConfig.device/offload for where blocks run"
-        )
+    """Refuses a model with parameters or buffers on the meta device (a model built under
+    ``torch.device("meta")`` or ``init_empty_weights``) that accelerate does not offload: such a
+    model has no weights to prune; raises UnsupportedModelError saying so. Weights that
+    accelerate offloads to CPU or disk behind hooks are fine (``wandapp.offload``)."""
+    from wandapp.offload import offloaded_tensor_names
+
+    offloaded = offloaded_tensor_names(model)
+    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta and name not in offloaded]
     if meta:
         raise UnsupportedModelError(
             f"{type(model).__name__} has {len(meta)} parameters or buffers on the meta device (e.g. {meta[:3]}): it was "
             "built without weights (torch.device('meta'), init_empty_weights). Load real weights first "
-            "(from_pretrained, or load_state_dict(..., assign=True) and re-create the buffers), on one device"
+            "(from_pretrained, or load_state_dict(..., assign=True) and re-create the buffers)"
         )
 
 

@@ -16,6 +16,7 @@ from wandapp.adapters import DecoderAdapter, Target
 from wandapp.data import Sequence
 from wandapp.errors import NonFiniteError, UnsupportedModelError
 from wandapp.experts import routed_inputs
+from wandapp.offload import input_device, placed
 
 # The cache would grow with every call; blocks are replayed without one.
 _DROPPED_KWARGS = ("cache", "past_key_values", "past_key_value")
@@ -195,7 +196,7 @@ def capture_first_block(
     by more than ``replay_tolerance``: such a model would be pruned on wrong inputs.
     """
     model = adapter.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     firsts = {index: kind for kind, index in adapter.first_of_each_kind().items()}
     stop_at = max(firsts) if not dense_check and act_stats is None else None
     last = len(adapter.layers) - 1
@@ -355,17 +356,14 @@ def batching_fails(adapter: DecoderAdapter, samples: list[Sample], device: torch
         return None  # padded sequences always run alone
     for kind, index in adapter.first_of_each_kind().items():
         layer = adapter.layers[index]
-        home = next(layer.parameters()).device
-        layer.to(device)
         kwargs = move(sample.kwargs[kind], device)
         hidden = sample.hidden.to(device)
-        try:
-            alone = DecoderAdapter.call(layer, hidden, kwargs)
-            pair = DecoderAdapter.call(layer, torch.cat([hidden, hidden]), _expand_batch(kwargs, 2))
-        except Exception as err:  # the layer refuses the expanded arguments
-            return f"block {index} fails on a batch of two ({type(err).__name__}: {err})"
-        finally:
-            layer.to(home)
+        with placed(layer, device, adapter.model):
+            try:
+                alone = DecoderAdapter.call(layer, hidden, kwargs)
+                pair = DecoderAdapter.call(layer, torch.cat([hidden, hidden]), _expand_batch(kwargs, 2))
+            except Exception as err:  # the layer refuses the expanded arguments
+                return f"block {index} fails on a batch of two ({type(err).__name__}: {err})"
         if not (torch.allclose(pair[0:1], alone, rtol=1e-3, atol=1e-5) and torch.allclose(pair[1:2], alone, rtol=1e-3, atol=1e-5)):
             return f"block {index} computes something else on a batch of two identical sequences"
     return None

@@ -8,10 +8,13 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import torch
+
 from wandapp import _core
 from wandapp.adapters import DecoderAdapter
 from wandapp.config import Pattern, PruneConfig
 from wandapp.errors import InvalidArgumentError, SparsityError
+from wandapp.offload import placed
 
 
 @dataclass
@@ -48,16 +51,21 @@ def check(adapter: DecoderAdapter, pattern: Pattern, cfg: PruneConfig) -> None:
             )
 
 
-def plan(adapter: DecoderAdapter, act_stats: dict[str, _core.ActivationStats], pattern: Pattern, cfg: PruneConfig) -> LayerSparsity:
+def plan(
+    adapter: DecoderAdapter, act_stats: dict[str, _core.ActivationStats], pattern: Pattern, cfg: PruneConfig, device: torch.device
+) -> LayerSparsity:
     """OWL's allocation from the dense model's activation statistics (``act_stats``: every
     linear target's input over the calibration data, from the capture pass, as in OWL's own
-    dense pre-pass). Matrices of one shape together lose exactly as many weights per row as
-    under uniform sparsity; each one's count is as close to its block's sparsity as that allows."""
+    dense pre-pass); scores are computed block by block on ``device``. Matrices of one shape
+    together lose exactly as many weights per row as under uniform sparsity; each one's count is
+    as close to its block's sparsity as that allows."""
     blocks = [i for i in range(len(adapter.layers)) if adapter.targets(i)]
     ratios = {}
     for i in blocks:
         linears = [t for t in adapter.targets(i) if t.expert is None]
-        ratios[i] = _core.owl_outlier_ratio([t.weight() for t in linears], [act_stats[t.name].norm() for t in linears], cfg.owl_m)
+        with placed(adapter.layers[i], device, adapter.model):
+            norms = [act_stats[t.name].norm().to(device) for t in linears]
+            ratios[i] = _core.owl_outlier_ratio([t.weight() for t in linears], norms, cfg.owl_m)
     sparsities = dict(zip(blocks, _core.owl_sparsities([ratios[i] for i in blocks], pattern.sparsity, cfg.owl_lambda)))
     by_shape: dict[tuple[int, int], list[tuple[str, int]]] = defaultdict(list)
     for i in blocks:

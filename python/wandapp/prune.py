@@ -17,6 +17,7 @@ from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse
 from wandapp.data import Sequence, collect_sequences
 from wandapp.errors import CalibrationError, DeviceMismatchError, InvalidArgumentError, PruneError, PruneInterrupted, SparsityError
 from wandapp.experts import eager_experts, unfused
+from wandapp.offload import execution_device, is_dispatched, placed
 from wandapp.report import BlockReport, PruneReport
 
 
@@ -36,7 +37,9 @@ def prune(
         model: a loaded decoder-only causal LM (``AutoModelForCausalLM``: Llama, Mistral,
             Qwen2/3, Gemma, Phi-3, OLMo 2, Granite, Mixtral, Qwen-MoE...; README: supported
             models). Blocks and their linear layers are found from the model's structure, and a
-            replay check proves before any change that blocks run alone as in the model.
+            replay check proves before any change that blocks run alone as in the model. A model
+            dispatched by accelerate (``device_map`` with CPU or disk offload) is pruned block by
+            block on ``device`` and its offloaded weights written back (``wandapp.offload``).
         calib_loader: any iterable (a DataLoader, a list, a tokenized ``datasets.Dataset``)
             whose items are token ids [batch, seq] or [seq] (tensor, array or list), dicts or
             BatchEncodings with ``input_ids`` and an optional ``attention_mask``, or
@@ -57,7 +60,7 @@ def prune(
     Raises, before any weight changes: SparsityError, InvalidArgumentError (bad settings,
     ``targets``/``ignore`` entries that match nothing, or weights that are inference tensors),
     CalibrationError (data), UnsupportedModelError (no decoder blocks, quantized or
-    adapter-wrapped layers, weights on ``meta`` / offloaded by accelerate, or a failed replay
+    adapter-wrapped layers, weights on ``meta`` that accelerate does not offload, or a failed replay
     check: a block called alone does not reproduce the model's own forward), DeviceMismatchError, NonFiniteError
     (the dense model overflows on the calibration data: names the first block and layer; with
     ``dense_check=False`` only the replayed sequence is checked in every block up front). If a
@@ -119,7 +122,7 @@ def _prune_blocks(
         try:
             act_stats: dict[str, _core.ActivationStats] | None = {} if cfg.layer_sparsity == "owl" else None
             samples = capture_first_block(adapter, sequences, offload, pinned_offload(offload, device), act_stats, cfg.dense_check)
-            layers = owl.plan(adapter, act_stats, pattern, cfg) if act_stats is not None else None
+            layers = owl.plan(adapter, act_stats, pattern, cfg, device) if act_stats is not None else None
             batch_size = cfg.batch_size or _auto_batch_size(adapter, samples, device)
             reason = batching_fails(adapter, samples, device) if batch_size > 1 else None
             if reason is not None and cfg.batch_size is not None:
@@ -168,47 +171,29 @@ def _prune_one_block(
     targets = adapter.targets(index)
     counts = [layers.pruned_per_row[t.name] if layers else pattern.pruned_per_row(t.in_features) for t in targets]
     layer = adapter.layers[index]
-    home = next(layer.parameters()).device
-    snapshot = {k: v.detach().to(samples[0].hidden.device, copy=True) for k, v in layer.state_dict().items()}
-    requires_grad = {p: p.requires_grad for p in layer.parameters()}
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    try:
-        layer.to(device)
-        for p in layer.parameters():
-            p.requires_grad_(False)
-        with unfused(targets) as leaves:
-            runner = BlockRunner(adapter, index, samples, device, cfg.batch_size)
-            result = _core.prune_block_(
-                runner,
-                [t.weight() if t.expert is None else leaves[t.name] for t in targets],
-                method=method,
-                sparsity=pattern.sparsity,
-                nm=pattern.nm,
-                pruned_per_row=counts if layers else None,
-                alpha=cfg.alpha,
-                ro_rounds=cfg.ro_rounds if method in RO_METHODS else 0,
-                ro_samples=cfg.ro_samples,
-                ro_holdout=cfg.ro_holdout,
-                ro_lr=cfg.ro_lr,
-                ro_lr_search=cfg.ro_lr_search,
-                seed=cfg.seed + index,
-            )
-            outputs = runner.finish()
-    except BaseException as err:
-        _restore(layer, snapshot, home, requires_grad)
-        report.blocks[index].status = "restored"
-        done = report.pruned_blocks
-        message = (
-            f"pruning stopped in block {index} ({type(err).__name__}: {err}). Blocks {done[0]}..{done[-1]} are pruned; "
-            if done
-            else f"pruning stopped in block {index} ({type(err).__name__}: {err}). No block is pruned; "
-        ) + f"block {index} was restored and blocks {index}.. are untouched. See err.report."
-        cls = PruneInterrupted if isinstance(err, KeyboardInterrupt) else PruneError
-        raise cls(message, report=report, block=index) from err
-    _release_grads(requires_grad)
-    layer.to(home)
+    with placed(layer, device, adapter.model) as placement:
+        snapshot = {k: v.detach().to(samples[0].hidden.device, copy=True) for k, v in layer.state_dict().items()}
+        requires_grad = {p: p.requires_grad for p in layer.parameters()}
+        try:
+            for p in layer.parameters():
+                p.requires_grad_(False)
+            result, outputs = _run_core(adapter, index, samples, method, pattern, counts if layers else None, cfg, device)
+        except BaseException as err:
+            _restore(layer, snapshot, requires_grad)
+            report.blocks[index].status = "restored"
+            done = report.pruned_blocks
+            message = (
+                f"pruning stopped in block {index} ({type(err).__name__}: {err}). Blocks {done[0]}..{done[-1]} are pruned; "
+                if done
+                else f"pruning stopped in block {index} ({type(err).__name__}: {err}). No block is pruned; "
+            ) + f"block {index} was restored and blocks {index}.. are untouched. See err.report."
+            cls = PruneInterrupted if isinstance(err, KeyboardInterrupt) else PruneError
+            raise cls(message, report=report, block=index) from err
+        _release_grads(requires_grad)
+        placement.write_back([(t.module, t.param_name) for t in targets])
 
     block = report.blocks[index]
     block.status = "pruned"
@@ -225,20 +210,47 @@ def _prune_one_block(
     return next_block_inputs(samples, outputs)
 
 
+def _run_core(
+    adapter: DecoderAdapter,
+    index: int,
+    samples: list[Sample],
+    method: str,
+    pattern: Pattern,
+    counts: list[int] | None,
+    cfg: PruneConfig,
+    device: torch.device,
+) -> tuple[dict, list[torch.Tensor]]:
+    """The core's schedule on block ``index`` (already on ``device``): its result and the next
+    block's inputs."""
+    targets = adapter.targets(index)
+    with unfused(targets) as leaves:
+        runner = BlockRunner(adapter, index, samples, device, cfg.batch_size)
+        result = _core.prune_block_(
+            runner,
+            [t.weight() if t.expert is None else leaves[t.name] for t in targets],
+            method=method,
+            sparsity=pattern.sparsity,
+            nm=pattern.nm,
+            pruned_per_row=counts,
+            alpha=cfg.alpha,
+            ro_rounds=cfg.ro_rounds if method in RO_METHODS else 0,
+            ro_samples=cfg.ro_samples,
+            ro_holdout=cfg.ro_holdout,
+            ro_lr=cfg.ro_lr,
+            ro_lr_search=cfg.ro_lr_search,
+            seed=cfg.seed + index,
+        )
+        return result, runner.finish()
+
+
 def _run_unchanged(adapter: DecoderAdapter, index: int, samples: list[Sample], device: torch.device, batch_size: int) -> list[Sample]:
     """The next block's inputs from a block left as it is."""
-    layer = adapter.layers[index]
-    home = next(layer.parameters()).device
-    layer.to(device)
-    try:
+    with placed(adapter.layers[index], device, adapter.model):
         return next_block_inputs(samples, BlockRunner(adapter, index, samples, device, batch_size).outputs())
-    finally:
-        layer.to(home)
 
 
 @torch.no_grad()
-def _restore(layer: nn.Module, snapshot: dict[str, torch.Tensor], home: torch.device, requires_grad: dict) -> None:
-    layer.to(home)
+def _restore(layer: nn.Module, snapshot: dict[str, torch.Tensor], requires_grad: dict) -> None:
     for key, value in layer.state_dict().items():
         value.copy_(snapshot[key])
     _release_grads(requires_grad)
@@ -292,6 +304,10 @@ def _require_ordinary_tensors(adapter: DecoderAdapter) -> None:
 
 
 def _single_device(model: nn.Module) -> torch.device:
+    """The device the model computes on: its parameters' one device, or for a model dispatched by
+    accelerate (offloaded, or spread over devices) the device its hooks compute on."""
+    if is_dispatched(model):
+        return execution_device(model)
     devices = {p.device for p in model.parameters()}
     if len(devices) != 1:
         raise DeviceMismatchError(
