@@ -40,8 +40,10 @@ def main() -> None:
     ap.add_argument("--paper", action="store_true", help="128 x 2048 calibration, as in the paper")
     ap.add_argument("--methods", default=",".join([*METHODS, *VARIANTS]), help="comma-separated subset of " + ",".join([*METHODS, *VARIANTS]))
     ap.add_argument("--out", default="quality.md", help="file name under bench/results")
+    ap.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated sparsities, e.g. 0.7 or 0.5,2:4")
     args = ap.parse_args()
     methods = args.methods.split(",")
+    patterns = args.patterns.split(",")
     unknown = [m for m in methods if m not in METHODS and m not in VARIANTS]
     if unknown:
         ap.error(f"unknown methods {unknown}")
@@ -50,7 +52,7 @@ def main() -> None:
     bench = Workbench(args.nsamples, args.seqlen, args.eval_tokens, eval_seqlen=512)
     dense = (bench.ppl(bench.dense), bench.ppl(bench.dense, bench.second_ids))
     table: dict[str, dict[str, tuple[float, float, float, float]]] = {m: {} for m in methods}
-    for pattern in PATTERNS:
+    for pattern in patterns:
         sparsity = float(pattern) if "." in pattern else pattern
         for method in methods:
             name, overrides = VARIANTS.get(method, (method, {}))
@@ -67,7 +69,9 @@ def main() -> None:
         command += f' --methods "{args.methods}"'
     if args.out != "quality.md":
         command += f" --out {args.out}"
-    header = "| method | " + " | ".join(f"{p} ppl A | {p} ppl B | {p} s" for p in PATTERNS) + " |"
+    if patterns != PATTERNS:
+        command += f" --patterns {args.patterns}"
+    header = "| method | " + " | ".join(f"{p} ppl A | {p} ppl B | {p} s" for p in patterns) + " |"
     lines = [
         "# Quality grid: SmolLM2-135M-Instruct (float32, CPU)",
         "",
@@ -81,19 +85,19 @@ def main() -> None:
         f"Machine: {machine()}.",
         "",
         header,
-        "|---|" + "---|---|---|" * len(PATTERNS),
-        "| dense | " + " | ".join(f"{dense[0]:.2f} | {dense[1]:.2f} | -" for _ in PATTERNS) + " |",
+        "|---|" + "---|---|---|" * len(patterns),
+        "| dense | " + " | ".join(f"{dense[0]:.2f} | {dense[1]:.2f} | -" for _ in patterns) + " |",
     ]
     for method in methods:
         cells = [
             f"{table[method][p][0]:.2f} | {table[method][p][1]:.2f} | {table[method][p][2]:.0f}" if p in table[method] else "- | - | -"
-            for p in PATTERNS
+            for p in patterns
         ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     peak = max(v[3] for row in table.values() for v in row.values())
     lines += ["", f"Peak RSS over the whole run: {peak:.0f} MiB."]
     write_results(args.out, lines)
-    if args.out == "quality.md":
+    if args.out == "quality.md" and patterns == PATTERNS:
         chart({m: row for m, row in table.items() if len(row) == len(PATTERNS)}, dense[0], os.path.join(RESULTS, "quality.png"))
 
 

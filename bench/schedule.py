@@ -111,6 +111,7 @@ def main() -> None:
     for name, run in (
         ("plain-PyTorch Wanda", lambda model: plain_wanda(model, calib, 2, 4)),
         ("wandapp wanda", lambda model: wandapp.prune(model, calib, method="wanda", **settings)),
+        ("wandapp wanda, dense_check=False", lambda model: wandapp.prune(model, calib, method="wanda", dense_check=False, **settings)),
     ):
         model = copy.deepcopy(dense)
         start = time.perf_counter()
@@ -140,6 +141,7 @@ def main() -> None:
         "|---|---|",
         *(f"| {name} | {sec:.1f} |" for name, sec in timings.items()),
         f"| ratio wandapp / plain | {timings['wandapp wanda'] / timings['plain-PyTorch Wanda']:.2f} |",
+        f"| ratio wandapp (dense_check=False) / plain | {timings['wandapp wanda, dense_check=False'] / timings['plain-PyTorch Wanda']:.2f} |",
         "",
         f"Block passes per calibration sequence and block, counted with hooks (RO: {settings['ro_rounds']} rounds of "
         f"{settings['ro_samples']} training and {settings['ro_holdout']} held-out sequences; the capture pass, one "
