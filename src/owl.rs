@@ -35,8 +35,8 @@ pub fn outlier_ratio(weights: &[Tensor], norms: &[Tensor], m: f64) -> Result<f64
 
 /// OWL's per-block sparsity for mean sparsity `sparsity`: the outlier ratios are scaled to
 /// [0, 2 lambda] (min to max) and centred, and block l gets `sparsity - (scaled_l - mean)`, so
-/// the sparsities span at most [sparsity - lambda, sparsity + lambda] and average `sparsity`.
-/// Equal ratios (or one block) give every block `sparsity`.
+/// the sparsities span 2 lambda (max minus min), average `sparsity`, and each lies within
+/// 2 lambda (n - 1) / n of it for n blocks. Equal ratios (or one block) give every block `sparsity`.
 pub fn layer_sparsities(ratios: &[f64], sparsity: f64, lambda: f64) -> Result<Vec<f64>> {
     if ratios.iter().any(|r| !r.is_finite()) {
         return Err(Error::NonFinite { arg: "outlier ratios", what: "NaN or infinity" });

@@ -345,7 +345,12 @@ impl<'a> RoRun<'a> {
 
         let mut after = holdout_pass(block, weights, holdout, self.record_inputs)?;
         let mut scale = 1.0;
-        if search && after.0.is_finite() {
+        if search {
+            // An overflowing round starts the search from an infinite error, so halving can find
+            // a finite step.
+            if !after.0.is_finite() {
+                after.0 = f64::INFINITY;
+            }
             let step: Vec<Tensor> = {
                 let _guard = tch::no_grad_guard();
                 let pairs = weights.iter().zip(&snapshot);

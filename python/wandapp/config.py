@@ -136,7 +136,8 @@ class PruneConfig:
             [0, 2 x ``owl_lambda``]. Counts per row are rounded so that matrices of one shape
             lose exactly as many weights as under "uniform": the mean sparsity is exact.
         owl_m: OWL's outlier threshold M (OWL's code: 5).
-        owl_lambda: OWL's lambda: block sparsities span at most sparsity +- lambda (OWL: 0.08).
+        owl_lambda: OWL's lambda: block sparsities span 2 x lambda from the least to the most
+            sparse block, around the mean ``sparsity`` (OWL: 0.08).
     """
 
     alpha: float = 100.0

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from wandapp.data import load_text, tokenize
 from wandapp.errors import InvalidArgumentError
+from wandapp.offload import input_device
 
 
 @dataclass
@@ -65,7 +66,7 @@ def perplexity(
     windows = limit // seqlen
     if windows == 0:
         raise InvalidArgumentError(f"the text has {limit} tokens, fewer than one window of seqlen={seqlen}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     chunks = ids[: windows * seqlen].view(windows, seqlen)
     total, count = 0.0, 0
     for start in tqdm(range(0, windows, batch_size), desc="perplexity", disable=not progress, unit="batch"):

@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import uuid
 import weakref
 from collections.abc import MutableMapping
 from contextlib import contextmanager
@@ -61,17 +62,25 @@ def offloaded_tensor_names(model: nn.Module) -> set[str]:
     return out
 
 
+def _device(d: Any) -> torch.device:
+    return torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
+
+
+def execution_devices(model: nn.Module) -> set[torch.device]:
+    """The devices accelerate's hooks compute on."""
+    return {_device(h.execution_device) for m in model.modules() for h in align_hooks(m) if h.execution_device is not None}
+
+
 def execution_device(model: nn.Module) -> torch.device:
     """Where a dispatched model computes: the first accelerator in ``hf_device_map``, else the
     execution device of its first hook (CPU when the whole model is offloaded on a host)."""
     for place in getattr(model, "hf_device_map", {}).values():
         if place not in ("cpu", "disk"):
-            return torch.device(place) if not isinstance(place, int) else torch.device("cuda", place)
+            return _device(place)
     for module in model.modules():
         for hook in align_hooks(module):
             if hook.execution_device is not None:
-                d = hook.execution_device
-                return torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
+                return _device(hook.execution_device)
     return torch.device("cpu")
 
 
@@ -117,8 +126,8 @@ def placed(block: nn.Module, device: torch.device, model: nn.Module | None = Non
     from_hooks = any(align_hooks(m) for m in block.modules())
     if not from_hooks:
         home = next(block.parameters()).device
-        block.to(device)
         try:
+            block.to(device)
             yield Placement(model)
         finally:
             block.to(home)
@@ -186,17 +195,26 @@ def _store_on_disk(loader: Any, key: str, value: torch.Tensor, spill_folder: Any
     dtype = getattr(torch, info["dtype"])
     if "safetensors_file" in info:
         folder = loader.save_folder or spill_folder()
-        path = os.path.join(folder, _OWN_FILE_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:16] + ".safetensors")
+        # Unique per write: two models sharing an offload folder never overwrite each other.
+        path = os.path.join(folder, f"{_OWN_FILE_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:16]}_{uuid.uuid4().hex[:12]}.safetensors")
         save_file({key: value.to("cpu", dtype).contiguous()}, path)
         new = {"safetensors_file": path, "weight_name": key, "dtype": info["dtype"]}
+        previous = info["safetensors_file"]
     else:
+        # Written beside the old file, then renamed over it: an interrupted write never leaves a
+        # truncated weight behind.
+        staging = tempfile.mkdtemp(prefix=_OWN_FILE_PREFIX, dir=loader.save_folder)
         written: dict[str, Any] = {}
-        offload_weight(value.to("cpu", dtype).contiguous(), key, loader.save_folder, index=written)
-        new = written[key]
+        offload_weight(value.to("cpu", dtype).contiguous(), key, staging, index=written)
+        os.replace(os.path.join(staging, f"{key}.dat"), os.path.join(loader.save_folder, f"{key}.dat"))
+        os.rmdir(staging)
+        new, previous = written[key], None
     for alias, entry in list(loader.index.items()):
         if entry is info:
             loader.index[alias] = new
     loader.index[key] = new
+    if previous is not None and os.path.basename(previous).startswith(_OWN_FILE_PREFIX):
+        os.remove(previous)  # an earlier pruning's file of wandapp's, now unreferenced
 
 
 #: Folders made for models dispatched without an offload folder, by id(model).

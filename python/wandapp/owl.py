@@ -28,19 +28,22 @@ class LayerSparsity:
 
 
 def check(adapter: DecoderAdapter, pattern: Pattern, cfg: PruneConfig) -> None:
-    """Refuses, before any work, what OWL cannot do: N:M patterns (every group keeps n of m), a
-    range [sparsity - owl_lambda, sparsity + owl_lambda] outside [0, 1), and a block whose
-    targets hold no linear layer (its outliers are scored on linear layers' inputs)."""
+    """Refuses, before any work, what OWL cannot do: N:M patterns (every group keeps n of m), block
+    sparsities that could leave [0, 1) (one block can lie 2 x owl_lambda x (n - 1) / n from the
+    mean over n blocks), and a block whose targets hold no linear layer (its outliers are scored on
+    linear layers' inputs)."""
     if pattern.nm is not None:
         raise SparsityError(
             f"layer_sparsity='owl' spreads an unstructured sparsity over blocks; {pattern} keeps {pattern.nm[0]} of every "
             f"{pattern.nm[1]} in every layer. Use a float sparsity, or layer_sparsity='uniform'"
         )
-    if not 0 <= pattern.sparsity - cfg.owl_lambda or not pattern.sparsity + cfg.owl_lambda < 1:
+    blocks = sum(1 for index in range(len(adapter.layers)) if adapter.targets(index))
+    reach = 2 * cfg.owl_lambda * (blocks - 1) / max(blocks, 1)  # the farthest a block can be from the mean
+    if not 0 <= pattern.sparsity - reach or not pattern.sparsity + reach < 1:
         raise InvalidArgumentError(
-            f"layer_sparsity='owl' gives blocks sparsities in [{pattern.sparsity - cfg.owl_lambda:g}, "
-            f"{pattern.sparsity + cfg.owl_lambda:g}] (sparsity {pattern} +- owl_lambda {cfg.owl_lambda}), which must lie in "
-            "[0, 1); lower owl_lambda"
+            f"layer_sparsity='owl' may give a block any sparsity in [{pattern.sparsity - reach:g}, {pattern.sparsity + reach:g}] "
+            f"(sparsity {pattern} +- 2 x owl_lambda {cfg.owl_lambda} x (blocks - 1) / blocks, {blocks} blocks), which must "
+            "lie in [0, 1); lower owl_lambda"
         )
     for index in range(len(adapter.layers)):
         targets = adapter.targets(index)

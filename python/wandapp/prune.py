@@ -17,7 +17,7 @@ from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse
 from wandapp.data import Sequence, collect_sequences
 from wandapp.errors import CalibrationError, DeviceMismatchError, InvalidArgumentError, PruneError, PruneInterrupted, SparsityError
 from wandapp.experts import eager_experts, unfused
-from wandapp.offload import execution_device, is_dispatched, placed
+from wandapp.offload import execution_device, execution_devices, is_dispatched, placed
 from wandapp.report import BlockReport, PruneReport
 
 
@@ -174,26 +174,31 @@ def _prune_one_block(
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with placed(layer, device, adapter.model) as placement:
-        snapshot = {k: v.detach().to(samples[0].hidden.device, copy=True) for k, v in layer.state_dict().items()}
-        requires_grad = {p: p.requires_grad for p in layer.parameters()}
-        try:
-            for p in layer.parameters():
-                p.requires_grad_(False)
-            result, outputs = _run_core(adapter, index, samples, method, pattern, counts if layers else None, cfg, device)
-        except BaseException as err:
-            _restore(layer, snapshot, requires_grad)
-            report.blocks[index].status = "restored"
-            done = report.pruned_blocks
-            message = (
-                f"pruning stopped in block {index} ({type(err).__name__}: {err}). Blocks {done[0]}..{done[-1]} are pruned; "
-                if done
-                else f"pruning stopped in block {index} ({type(err).__name__}: {err}). No block is pruned; "
-            ) + f"block {index} was restored and blocks {index}.. are untouched. See err.report."
-            cls = PruneInterrupted if isinstance(err, KeyboardInterrupt) else PruneError
-            raise cls(message, report=report, block=index) from err
-        _release_grads(requires_grad)
-        placement.write_back([(t.module, t.param_name) for t in targets])
+    try:
+        with placed(layer, device, adapter.model) as placement:
+            snapshot = {k: v.detach().to(samples[0].hidden.device, copy=True) for k, v in layer.state_dict().items()}
+            requires_grad = {p: p.requires_grad for p in layer.parameters()}
+            try:
+                for p in layer.parameters():
+                    p.requires_grad_(False)
+                result, outputs = _run_core(adapter, index, samples, method, pattern, counts if layers else None, cfg, device)
+                # Inside the try: a write-back that fails leaves the stored copies as they were.
+                placement.write_back([(t.module, t.param_name) for t in targets])
+            except BaseException:
+                _restore(layer, snapshot)
+                raise
+            finally:
+                _release_grads(requires_grad)
+    except BaseException as err:
+        report.blocks[index].status = "restored"
+        done = report.pruned_blocks
+        message = (
+            f"pruning stopped in block {index} ({type(err).__name__}: {err}). Blocks {done[0]}..{done[-1]} are pruned; "
+            if done
+            else f"pruning stopped in block {index} ({type(err).__name__}: {err}). No block is pruned; "
+        ) + f"block {index} was restored and blocks {index}.. are untouched. See err.report."
+        cls = PruneInterrupted if isinstance(err, KeyboardInterrupt) else PruneError
+        raise cls(message, report=report, block=index) from err
 
     block = report.blocks[index]
     block.status = "pruned"
@@ -250,10 +255,9 @@ def _run_unchanged(adapter: DecoderAdapter, index: int, samples: list[Sample], d
 
 
 @torch.no_grad()
-def _restore(layer: nn.Module, snapshot: dict[str, torch.Tensor], requires_grad: dict) -> None:
+def _restore(layer: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
     for key, value in layer.state_dict().items():
         value.copy_(snapshot[key])
-    _release_grads(requires_grad)
 
 
 def _release_grads(requires_grad: dict[nn.Parameter, bool]) -> None:
@@ -305,10 +309,17 @@ def _require_ordinary_tensors(adapter: DecoderAdapter) -> None:
 
 def _single_device(model: nn.Module) -> torch.device:
     """The device the model computes on: its parameters' one device, or for a model dispatched by
-    accelerate (offloaded, or spread over devices) the device its hooks compute on."""
+    accelerate with CPU or disk offload the one accelerator its hooks compute on."""
+    devices = {p.device for p in model.parameters() if not p.is_meta}
     if is_dispatched(model):
+        accelerators = {d for d in devices | execution_devices(model) if d.type != "cpu"}
+        if len(accelerators) > 1:
+            raise DeviceMismatchError(
+                f"the model is spread over several accelerators {sorted(map(str, accelerators))}; wandapp prunes models on "
+                "one accelerator, with the rest offloaded to CPU or disk: load it with device_map='auto' and "
+                "max_memory={0: ..., 'cpu': ...} (one GPU), or on one device"
+            )
         return execution_device(model)
-    devices = {p.device for p in model.parameters()}
     if len(devices) != 1:
         raise DeviceMismatchError(
             f"the model's parameters are on several devices {sorted(map(str, devices))}; "
