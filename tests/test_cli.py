@@ -37,10 +37,10 @@ def test_prune_saves_a_model_that_reloads_sparse(saved_model, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "total: 2/2 blocks pruned" in printed and "before: perplexity" in printed
-    assert {"model.safetensors", "config.json", "masks.safetensors", "report.json", "tokenizer.json"} <= set(os.listdir(out))
+    assert {"model.safetensors.index.json", "config.json", "masks", "report.json", "tokenizer.json"} <= set(os.listdir(out))
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert_nm(reloaded, 2, 4)
-    masks, meta = wandapp.load_masks(os.path.join(out, "masks.safetensors"), with_metadata=True)
+    masks, meta = wandapp.load_masks(os.path.join(out, "masks"), with_metadata=True)
     assert_masks_equal(reloaded, masks)
     assert meta["method"] == "wanda++" and meta["sparsity"] == "2:4" and json.loads(meta["config"])["ro_rounds"] == 1
     report = json.load(open(os.path.join(out, "report.json")))

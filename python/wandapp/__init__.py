@@ -27,12 +27,14 @@ from wandapp.errors import (
     NonFiniteError,
     PruneError,
     PruneInterrupted,
+    ResumeMismatchError,
     ShapeError,
     SparsityError,
     UnsupportedModelError,
     WandappError,
 )
 from wandapp.masks import apply_masks, load_masks, save_masks
+from wandapp.checkpoint import prune_checkpoint
 from wandapp.prune import prune
 from wandapp.report import PruneReport
 
@@ -51,6 +53,7 @@ __all__ = [
     "PruneError",
     "PruneInterrupted",
     "PruneReport",
+    "ResumeMismatchError",
     "ShapeError",
     "SparsityError",
     "UnsupportedModelError",
@@ -60,6 +63,7 @@ __all__ = [
     "kernels",
     "load_masks",
     "prune",
+    "prune_checkpoint",
     "save_masks",
 ]
 

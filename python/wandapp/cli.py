@@ -29,26 +29,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"wandapp: error: {message} (see `wandapp {self.prog.split()[-1]} --help`)\n")
 
 
-def _load(model: str, dtype: str) -> tuple[Any, Any]:
+def _load(model: str, dtype: str | None) -> tuple[Any, Any]:
     import torch
 
-    torch_dtype = getattr(torch, dtype)
     if model == "demo":
         from wandapp.models import load_demo_model
 
-        return load_demo_model(dtype=torch_dtype)
+        return load_demo_model(dtype=getattr(torch, dtype or "float32"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _require_folder(model)
+    return AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype) if dtype else "auto").eval(), AutoTokenizer.from_pretrained(model)
+
+
+def _require_folder(model: str) -> None:
     if not os.path.isdir(model):
         from wandapp.errors import InvalidArgumentError
 
         raise InvalidArgumentError(f"--model {model!r} is neither 'demo' nor a folder holding a saved model")
-    return AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).eval(), AutoTokenizer.from_pretrained(model)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo", help="'demo' (embedded SmolLM2-135M) or a folder from save_pretrained")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--model", default="demo", help="'demo' (embedded SmolLM2-135M) or a folder from save_pretrained (streamed block by block)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="default: the checkpoint's own (float32 for demo)")
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
@@ -57,6 +60,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    import torch
+
     import wandapp
     from wandapp import data
     from wandapp.config import PruneConfig, parse_sparsity
@@ -65,26 +70,53 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     parse_sparsity(args.sparsity)  # fail before the slow model load
     overrides = {field: getattr(args, field) for field in (*CONFIG_FLAGS, "ro_lr_search", "targets", "ignore") if getattr(args, field) is not None}
     config = (PruneConfig.paper() if args.paper else PruneConfig()).replace(nsamples=args.nsamples, seed=args.seed, **overrides)
-    model, tokenizer = _load(args.model, args.dtype)
-    calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-    before = None
-    if args.eval:
-        before = perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)
-    report = wandapp.prune(model, calib, sparsity=args.sparsity, method=args.method, config=config)
+    if args.model == "demo":
+        model, tokenizer = _load(args.model, args.dtype)
+        calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+        evaluate = lambda: perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)  # noqa: E731
+        before = evaluate() if args.eval else None
+        report = wandapp.prune(model, calib, sparsity=args.sparsity, method=args.method, config=config)
+        os.makedirs(os.path.join(args.out, "masks"), exist_ok=True)
+        model.save_pretrained(args.out)
+        tokenizer.save_pretrained(args.out)
+        wandapp.save_masks(os.path.join(args.out, "masks", "masks.safetensors"), report.masks, report=report)
+        after = evaluate() if args.eval else None
+    else:  # a checkpoint on disk: streamed block by block, resumable (wandapp.prune_checkpoint)
+        from transformers import AutoTokenizer
+
+        _require_folder(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+        before = _checkpoint_perplexity(args.model, tokenizer, args) if args.eval else None
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        report = wandapp.prune_checkpoint(args.model, args.out, calib, sparsity=args.sparsity, method=args.method, config=config, dtype=dtype)
+        after = _checkpoint_perplexity(args.out, tokenizer, args) if args.eval else None
     print(report)
-    os.makedirs(args.out, exist_ok=True)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    wandapp.save_masks(os.path.join(args.out, "masks.safetensors"), report.masks, report=report)
     result = report.to_dict()
-    if before is not None:
-        after = perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)
+    if before is not None and after is not None:
         result["perplexity"] = {"before": before.to_dict(), "after": after.to_dict()}
         print(f"before: {before}\nafter:  {after}")
     with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    print(f"wrote {args.out}/ (model, tokenizer, masks.safetensors, report.json)")
+    print(f"wrote {args.out}/ (model, tokenizer, masks/, report.json)")
     return 0
+
+
+def _checkpoint_perplexity(folder: str, tokenizer: Any, args: argparse.Namespace) -> Any:
+    """Perplexity of the checkpoint in ``folder`` with its weights offloaded to disk (read per
+    module, as prune_checkpoint reads them)."""
+    import tempfile
+
+    import torch
+
+    from wandapp.checkpoint import load_offloaded
+    from wandapp.eval import perplexity
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with tempfile.TemporaryDirectory(prefix="wandapp-offload-") as offload_folder:
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        model = load_offloaded(folder, device, offload_folder, dtype)
+        return perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -168,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ro-lr-search", action=argparse.BooleanOptionalAction, default=None, help="PruneConfig.ro_lr_search (see its docs)")
     for field in ("targets", "ignore"):
         p.add_argument(f"--{field}", nargs="+", default=None, metavar="NAME", help=f"PruneConfig.{field}: module names or name suffixes")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder; with --model DIR the run resumes there after a crash")
     p.add_argument("--eval", default=None, help="held-out text for perplexity before and after")
     _add_eval(p)
     p.set_defaults(run=_cmd_prune)

@@ -58,6 +58,11 @@ class MissingDependencyError(WandappError, ImportError):
     """An optional dependency is not installed; the message says what to install."""
 
 
+class ResumeMismatchError(WandappError, ValueError):
+    """An output folder records a run of another model, calibration data or settings than the
+    one asked to resume there."""
+
+
 class PruneError(WandappError, RuntimeError):
     """Pruning stopped part-way. ``report`` says which blocks are pruned; the failed block
     and every later one are untouched (bit-identical to before)."""

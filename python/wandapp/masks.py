@@ -17,7 +17,7 @@ from torch import nn
 
 from wandapp import _core
 from wandapp.adapters import matrix
-from wandapp.errors import MaskMismatchError
+from wandapp.errors import MaskFileError, MaskMismatchError
 
 
 def _versions() -> dict[str, str]:
@@ -37,10 +37,21 @@ def save_masks(path: str | os.PathLike[str], masks: Mapping[str, torch.Tensor], 
 
 
 def load_masks(path: str | os.PathLike[str], with_metadata: bool = False) -> Any:
-    """{name: bool mask on CPU}, or (masks, metadata) with ``with_metadata=True``. Raises
-    MaskFileError for a missing, corrupt or truncated file, or a mask whose hash does not match."""
-    pairs, metadata = _core.load_masks(os.fspath(path))
-    masks = dict(pairs)
+    """{name: bool mask on CPU}, or (masks, metadata) with ``with_metadata=True``, from a masks
+    file or a folder of them (``prune_checkpoint``'s ``masks/``, one file per block: merged, the
+    metadata of the last file). Raises MaskFileError for a missing, corrupt or truncated file, a
+    mask whose hash does not match, or a folder without masks files."""
+    path = os.fspath(path)
+    files = [path]
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise MaskFileError(f"{path!r} is a folder without masks files (*.safetensors)")
+    masks: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    for file in files:
+        pairs, metadata = _core.load_masks(file)
+        masks.update(pairs)
     return (masks, metadata) if with_metadata else masks
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import resource
 import time
-from typing import Any, Iterable, Union
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol, Union
 
 import torch
 from torch import nn
@@ -73,6 +74,53 @@ def prune(
         report = wandapp.prune(model, calib_ids, sparsity="2:4", nsamples=64)
         print(report)
     """
+    # wandapp owns its autograd: the caller's no_grad or inference_mode does not reach the
+    # gradient pass or RO, and its grad mode is back as it was on return.
+    with torch.inference_mode(False), torch.enable_grad():
+        return prune_blocks(prepare(model, calib_loader, sparsity, method, config, overrides))
+
+
+@dataclass
+class Job:
+    """A validated pruning run: what :func:`prune_blocks` needs."""
+
+    adapter: DecoderAdapter
+    sequences: list[Sequence]
+    method: str
+    pattern: Pattern
+    cfg: PruneConfig  # nsamples and ro_samples resolved
+    device: torch.device
+    offload: torch.device
+
+
+@dataclass
+class Resumed:
+    """Where a recorded run goes on: the inputs of its first unfinished block, OWL's plan and the
+    report so far."""
+
+    first_block: int
+    samples: list[Sample]
+    layers: owl.LayerSparsity | None
+    report: PruneReport
+
+
+class BlockSink(Protocol):
+    """Where finished blocks go instead of back into the model (``wandapp.checkpoint``)."""
+
+    def resume(self, job: Job) -> Resumed | None: ...
+
+    def started(self, samples: list[Sample], layers: owl.LayerSparsity | None, report: PruneReport) -> None: ...
+
+    def write_block(self, index: int, layer: nn.Module) -> None: ...
+
+    def finished_block(self, index: int, samples: list[Sample], report: PruneReport) -> None: ...
+
+
+def prepare(
+    model: nn.Module, calib_loader: Iterable[Any], sparsity: Union[float, str], method: str, config: PruneConfig | None, overrides: dict[str, Any]
+) -> Job:
+    """Every check :func:`prune` makes before any weight changes; the job they describe. Call it
+    with grad mode on (the caller's no_grad must not reach the gradient pass)."""
     cfg = (config or PruneConfig()).replace(**overrides)
     pattern = parse_sparsity(sparsity)
     method = parse_method(method)
@@ -87,72 +135,84 @@ def prune(
     offload = torch.device(cfg.offload) if cfg.offload is not None else (
         torch.device("cpu") if model_device.type == "cuda" else model_device
     )
-    # wandapp owns its autograd: the caller's no_grad or inference_mode does not reach the
-    # gradient pass or RO, and its grad mode is back as it was on return.
-    with torch.inference_mode(False), torch.enable_grad():
-        sequences = collect_sequences(calib_loader, cfg.nsamples)
-        cfg = cfg.replace(nsamples=len(sequences), ro_samples=cfg.ro_samples_for(len(sequences)))
-        if method in RO_METHODS and cfg.ro_rounds > 0 and cfg.ro_samples > len(sequences):
-            raise CalibrationError(
-                f"ro_samples={cfg.ro_samples} needs that many calibration sequences, but the run has {len(sequences)}; "
-                f"lower ro_samples (or leave it None), or pass more data"
-            )
-        vocab = model.get_input_embeddings().num_embeddings
-        for i, seq in enumerate(sequences):
-            if int(seq.input_ids.min()) < 0 or int(seq.input_ids.max()) >= vocab:
-                raise CalibrationError(f"calibration sequence {i} has token ids outside [0, {vocab}); was it tokenized for this model?")
-        return _prune_blocks(adapter, sequences, method, pattern, cfg, device, offload)
+    sequences = collect_sequences(calib_loader, cfg.nsamples)
+    cfg = cfg.replace(nsamples=len(sequences), ro_samples=cfg.ro_samples_for(len(sequences)))
+    if method in RO_METHODS and cfg.ro_rounds > 0 and cfg.ro_samples > len(sequences):
+        raise CalibrationError(
+            f"ro_samples={cfg.ro_samples} needs that many calibration sequences, but the run has {len(sequences)}; "
+            f"lower ro_samples (or leave it None), or pass more data"
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    for i, seq in enumerate(sequences):
+        if int(seq.input_ids.min()) < 0 or int(seq.input_ids.max()) >= vocab:
+            raise CalibrationError(f"calibration sequence {i} has token ids outside [0, {vocab}); was it tokenized for this model?")
+    return Job(adapter, sequences, method, pattern, cfg, device, offload)
 
 
-def _prune_blocks(
-    adapter: DecoderAdapter,
-    sequences: list[Sequence],
-    method: str,
-    pattern: Pattern,
-    cfg: PruneConfig,
-    device: torch.device,
-    offload: torch.device,
-) -> PruneReport:
-    """The block loop: capture once, then prune each block on the previous one's outputs."""
+def prune_blocks(job: Job, run: BlockSink | None = None) -> PruneReport:
+    """The block loop: capture once, then prune each block on the previous one's outputs.
+
+    wandapp owns its autograd: call it with grad mode on. With ``run`` (prune_checkpoint), each
+    finished block is handed to it (written to the checkpoint and recorded) instead of back into
+    the model, and a run it recorded earlier resumes at its first unfinished block."""
+    adapter, method, pattern, device = job.adapter, job.method, job.pattern, job.device
     model = adapter.model
     was_training = model.training
     model.eval()
     experts = [m for i in range(len(adapter.layers)) for m in adapter.experts_modules(i)]
     with eager_experts(experts):
         try:
-            act_stats: dict[str, _core.ActivationStats] | None = {} if cfg.layer_sparsity == "owl" else None
-            samples = capture_first_block(adapter, sequences, offload, pinned_offload(offload, device), act_stats, cfg.dense_check)
-            layers = owl.plan(adapter, act_stats, pattern, cfg, device) if act_stats is not None else None
-            batch_size = cfg.batch_size or _auto_batch_size(adapter, samples, device)
-            reason = batching_fails(adapter, samples, device) if batch_size > 1 else None
-            if reason is not None and cfg.batch_size is not None:
-                raise InvalidArgumentError(f"batch_size={cfg.batch_size} does not work for {type(model).__name__}: {reason}; use batch_size=1")
-            cfg = cfg.replace(batch_size=1 if reason is not None else batch_size)
-            report = PruneReport(
-                model=type(model).__name__,
-                method=method,
-                sparsity=str(pattern),
-                config=cfg.to_dict(),
-                nsamples=len(samples),
-                device=str(device),
-                blocks=[BlockReport(index=i, status="untouched") for i in range(len(adapter.layers))],
-            )
-            if layers is not None:
-                for index, ratio in layers.outlier_ratio.items():
-                    report.blocks[index].outlier_ratio = ratio
-                    report.blocks[index].target_sparsity = layers.block_sparsity[index]
-            bar = tqdm(range(len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not cfg.progress, unit="block")
+            resumed = run.resume(job) if run is not None else None
+            if resumed is None:
+                samples, layers, report = _capture(job)
+                if run is not None:
+                    run.started(samples, layers, report)
+            else:
+                samples, layers, report = resumed.samples, resumed.layers, resumed.report
+            cfg = PruneConfig.from_dict(report.config)  # batch_size resolved
+            first = 0 if resumed is None else resumed.first_block
+            bar = tqdm(range(first, len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not job.cfg.progress, unit="block")
             for index in bar:
                 if not adapter.targets(index):  # targets/ignore left nothing here
                     report.blocks[index].status = "skipped"
-                    samples = _run_unchanged(adapter, index, samples, device, cfg.batch_size)
-                    continue
-                samples = _prune_one_block(adapter, index, samples, method, pattern, layers, cfg, device, report)
-                block = report.blocks[index]
-                bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
+                    samples = _run_unchanged(adapter, index, samples, device, cfg.batch_size, run)
+                else:
+                    samples = _prune_one_block(adapter, index, samples, method, pattern, layers, cfg, device, report, run)
+                    block = report.blocks[index]
+                    bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
+                if run is not None:
+                    run.finished_block(index, samples, report)
         finally:
             model.train(was_training)
     return report
+
+
+def _capture(job: Job) -> tuple[list[Sample], owl.LayerSparsity | None, PruneReport]:
+    """The first block's inputs (the checked dense pass), OWL's plan, and the empty report with
+    the batch size resolved."""
+    adapter, cfg, device = job.adapter, job.cfg, job.device
+    act_stats: dict[str, _core.ActivationStats] | None = {} if cfg.layer_sparsity == "owl" else None
+    samples = capture_first_block(adapter, job.sequences, job.offload, pinned_offload(job.offload, device), act_stats, cfg.dense_check)
+    layers = owl.plan(adapter, act_stats, job.pattern, cfg, device) if act_stats is not None else None
+    batch_size = cfg.batch_size or _auto_batch_size(adapter, samples, device)
+    reason = batching_fails(adapter, samples, device) if batch_size > 1 else None
+    if reason is not None and cfg.batch_size is not None:
+        raise InvalidArgumentError(f"batch_size={cfg.batch_size} does not work for {type(adapter.model).__name__}: {reason}; use batch_size=1")
+    cfg = cfg.replace(batch_size=1 if reason is not None else batch_size)
+    report = PruneReport(
+        model=type(adapter.model).__name__,
+        method=job.method,
+        sparsity=str(job.pattern),
+        config=cfg.to_dict(),
+        nsamples=len(samples),
+        device=str(device),
+        blocks=[BlockReport(index=i, status="untouched") for i in range(len(adapter.layers))],
+    )
+    if layers is not None:
+        for index, ratio in layers.outlier_ratio.items():
+            report.blocks[index].outlier_ratio = ratio
+            report.blocks[index].target_sparsity = layers.block_sparsity[index]
+    return samples, layers, report
 
 
 def _prune_one_block(
@@ -165,9 +225,11 @@ def _prune_one_block(
     cfg: PruneConfig,
     device: torch.device,
     report: PruneReport,
+    run: BlockSink | None,
 ) -> list[Sample]:
     """Prunes block ``index`` (each matrix at ``pattern``, or at OWL's count in ``layers``) or
-    leaves it exactly as it was; returns the next block's inputs."""
+    leaves it exactly as it was; returns the next block's inputs. The pruned block goes back
+    into the model, or with ``run`` to the run's checkpoint."""
     targets = adapter.targets(index)
     counts = [layers.pruned_per_row[t.name] if layers else pattern.pruned_per_row(t.in_features) for t in targets]
     layer = adapter.layers[index]
@@ -183,7 +245,10 @@ def _prune_one_block(
                     p.requires_grad_(False)
                 result, outputs = _run_core(adapter, index, samples, method, pattern, counts if layers else None, cfg, device)
                 # Inside the try: a write-back that fails leaves the stored copies as they were.
-                placement.write_back([(t.module, t.param_name) for t in targets])
+                if run is None:
+                    placement.write_back([(t.module, t.param_name) for t in targets])
+                else:
+                    run.write_block(index, layer)
             except BaseException:
                 _restore(layer, snapshot)
                 raise
@@ -248,10 +313,15 @@ def _run_core(
         return result, runner.finish()
 
 
-def _run_unchanged(adapter: DecoderAdapter, index: int, samples: list[Sample], device: torch.device, batch_size: int) -> list[Sample]:
-    """The next block's inputs from a block left as it is."""
+def _run_unchanged(
+    adapter: DecoderAdapter, index: int, samples: list[Sample], device: torch.device, batch_size: int, run: BlockSink | None
+) -> list[Sample]:
+    """The next block's inputs from a block left as it is (written as it is to ``run``'s checkpoint)."""
     with placed(adapter.layers[index], device, adapter.model):
-        return next_block_inputs(samples, BlockRunner(adapter, index, samples, device, batch_size).outputs())
+        outputs = BlockRunner(adapter, index, samples, device, batch_size).outputs()
+        if run is not None:
+            run.write_block(index, adapter.layers[index])
+        return next_block_inputs(samples, outputs)
 
 
 @torch.no_grad()

@@ -50,6 +50,8 @@ class PruneReport:
     nsamples: int
     device: str
     blocks: list[BlockReport] = field(default_factory=list)
+    #: prune_checkpoint: the folder its masks were written to, block by block, and read from.
+    masks_folder: str | None = None
     _packed: dict[str, tuple[list[int], np.ndarray]] = field(default_factory=dict, repr=False)
 
     # -- building -----------------------------------------------------------------------
@@ -65,14 +67,41 @@ class PruneReport:
             )
         return layers
 
+    def take_masks(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The masks of ``names``, which the report then stops holding (they are kept in
+        ``masks_folder``)."""
+        masks = self.masks_of(names)
+        for name in names:
+            del self._packed[name]
+        return masks
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PruneReport":
+        """The report ``to_dict`` described (without masks held in memory)."""
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "blocks"}
+        blocks = [
+            BlockReport(**{**b, "layers": {name: LayerReport(**layer) for name, layer in b["layers"].items()}}) for b in d["blocks"]
+        ]
+        return cls(**fields, blocks=blocks)
+
     # -- reading ------------------------------------------------------------------------
     @property
     def masks(self) -> dict[str, torch.Tensor]:
         """{name: bool keep-mask [out, in] on CPU} of pruned matrices: a module name (as in
         ``model.named_modules()``), or ``<module>.<parameter>[<expert>]`` for an expert's slice
-        of a fused experts parameter."""
+        of a fused experts parameter. prune_checkpoint's are read from ``masks_folder``."""
         out = {}
-        for name, (shape, packed) in self._packed.items():
+        if self.masks_folder is not None:
+            from wandapp.masks import load_masks
+
+            out.update(load_masks(self.masks_folder))
+        out.update(self.masks_of(list(self._packed)))
+        return out
+
+    def masks_of(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in names:
+            shape, packed = self._packed[name]
             bits = np.unpackbits(packed, count=int(np.prod(shape))).astype(bool)
             out[name] = torch.from_numpy(bits).reshape(shape)
         return out

@@ -1,0 +1,339 @@
+"""``prune_checkpoint``: pruning a sharded safetensors checkpoint that fits neither the device nor
+the host's memory, block by block, resumable after a crash.
+
+The model is built by transformers with every weight offloaded to disk where it already lies (the
+source shards; accelerate's hooks read a module's tensors for its forward and drop them after),
+so the dense pass that captures the first block's inputs holds one module at a time. Each block
+is then loaded onto the device, pruned, and written as its own shard of the destination
+checkpoint; only one block's weights and the calibration activations are ever in memory.
+
+The destination folder doubles as the run's record (``.wandapp-run/``): after each block, its
+shard and masks, the next block's inputs and the report so far are written (each file written
+beside its final name and renamed over it, then the state file the same way, which is the commit
+point), so a run killed at any moment, SIGKILL included, resumes with the same call at its first
+unfinished block and ends bit-identical to an uninterrupted run. A resumed run checks that the
+model, the calibration data and the settings hash to the recorded ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterable, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from wandapp import _core, owl
+from wandapp.capture import Sample, stash, pinned_offload
+from wandapp.config import PruneConfig
+from wandapp.data import Sequence
+from wandapp.errors import InvalidArgumentError, ResumeMismatchError, UnsupportedModelError
+from wandapp.masks import save_masks
+from wandapp.prune import Job, Resumed, prepare, prune_blocks
+from wandapp.report import PruneReport
+
+#: The run's record inside the destination folder.
+RUN_DIR = ".wandapp-run"
+#: The pruned matrices' masks, one file per block (``wandapp.load_masks`` reads the folder).
+MASKS_DIR = "masks"
+_STATE_VERSION = 1
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def prune_checkpoint(
+    src: Union[str, os.PathLike[str]],
+    dst: Union[str, os.PathLike[str]],
+    calib_loader: Iterable[Any],
+    *,
+    sparsity: Union[float, str] = 0.5,
+    method: str = "wanda++",
+    config: PruneConfig | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides: Any,
+) -> PruneReport:
+    """Prunes the checkpoint in folder ``src`` (``save_pretrained`` output: sharded or single
+    safetensors) into folder ``dst``, streaming it block by block: peak host memory is about one
+    block's weights plus the calibration activations, whatever the depth (bench/results/memory.md).
+
+    ``dst`` receives a checkpoint that ``from_pretrained(dst)`` loads (one shard per decoder
+    block, one per other tensor, an index, the config and every other non-weight file of ``src``
+    such as the tokenizer), ``masks/`` (one masks file per block; ``wandapp.load_masks(dst +
+    "/masks")`` reads them all) and ``report.json``. ``src`` is only read.
+
+    Calling it again with the same arguments after a crash (even SIGKILL) resumes at the first
+    unfinished block, with bit-identical masks and weights to a run that was never stopped; after a
+    finished run it returns the recorded report at once. Before resuming it checks that the
+    model's files (every byte of the weights and config.json), the calibration token ids and the
+    settings (config, method, sparsity, dtype, device, wandapp version) hash to the recorded ones.
+
+    Args:
+        src, dst: folders; ``dst`` must be new, empty, or hold a run of this function.
+        calib_loader, sparsity, method, config, overrides: as :func:`wandapp.prune`.
+        dtype: the dtype to load and write the weights in; None keeps the checkpoint's own.
+
+    The device is ``config.device``, else ``cuda`` when available, else the CPU.
+
+    Returns the :class:`PruneReport` (its ``masks`` are read from ``dst/masks``).
+
+    Raises everything :func:`wandapp.prune` raises, before any block is written;
+    InvalidArgumentError when ``src`` holds no safetensors checkpoint or ``dst`` holds other
+    files; UnsupportedModelError when the checkpoint's tensor names are not the model's (a
+    checkpoint that transformers converts on load: load it with ``from_pretrained`` and use
+    ``wandapp.prune``); ResumeMismatchError when ``dst`` records a run of another model,
+    calibration data or settings. A failure part-way raises PruneError; the blocks written so far
+    stay recorded and the same call resumes.
+
+    Example::
+
+        report = wandapp.prune_checkpoint("Llama-2-70b-hf", "Llama-2-70b-2of4", calib_ids, sparsity="2:4")
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    weight_map = source_weight_map(src)
+    cfg = (config or PruneConfig()).replace(**overrides)
+    device = torch.device(cfg.device) if cfg.device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _require_usable_destination(dst)
+    with tempfile.TemporaryDirectory(prefix="wandapp-offload-") as offload_folder:
+        model = load_offloaded(src, device, offload_folder, dtype)
+        with torch.inference_mode(False), torch.enable_grad():
+            job = prepare(model, calib_loader, sparsity, method, cfg, {})
+            run = CheckpointRun(src, dst, weight_map, job, dtype)
+            report = prune_blocks(job, run)
+            run.finish(report)
+    return report
+
+
+def source_weight_map(src: str) -> dict[str, str]:
+    """{tensor name: shard file name} of the safetensors checkpoint in ``src``."""
+    if not os.path.isfile(os.path.join(src, "config.json")):
+        raise InvalidArgumentError(f"{src!r} holds no config.json: pass a folder written by save_pretrained")
+    index = os.path.join(src, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return dict(json.load(f)["weight_map"])
+    single = os.path.join(src, "model.safetensors")
+    if os.path.isfile(single):
+        with safe_open(single, "pt") as f:
+            return {name: "model.safetensors" for name in f.keys()}
+    raise InvalidArgumentError(
+        f"{src!r} holds no safetensors checkpoint (model.safetensors or model.safetensors.index.json); "
+        "prune_checkpoint streams safetensors shards: convert it with save_pretrained(..., safe_serialization=True)"
+    )
+
+
+def load_offloaded(src: str, device: torch.device, offload_folder: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model in ``src`` with every weight offloaded to disk where it lies (nothing is copied):
+    accelerate loads each module's tensors for its forward on ``device`` and drops them after."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from wandapp.adapters import resolve
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+    device_map = _disk_map(skeleton, resolve(skeleton).prefix, device)
+    return AutoModelForCausalLM.from_pretrained(src, device_map=device_map, offload_folder=offload_folder, dtype=dtype or "auto").eval()
+
+
+def _disk_map(skeleton: nn.Module, prefix: str, device: torch.device) -> dict[str, str]:
+    """A device map with each decoder block, and every other module along the way that holds
+    weights, on "disk"; modules without saved tensors (rotary embeddings) on ``device``, which
+    makes it the hooks' execution device."""
+    device_map: dict[str, str] = {}
+    module, path = skeleton, ""
+    for part in prefix.split("."):
+        for name, child in module.named_children():
+            if name != part:
+                device_map[path + name] = "disk" if child.state_dict() else str(device)
+        if next(module.parameters(recurse=False), None) is not None:
+            raise UnsupportedModelError(f"{type(skeleton).__name__} keeps weights directly on {path.rstrip('.') or 'the model'}; prune_checkpoint cannot stream it")
+        module, path = getattr(module, part), f"{path}{part}."
+    device_map.update({f"{prefix}.{i}": "disk" for i in range(len(module))})
+    return device_map
+
+
+def _require_usable_destination(dst: str) -> None:
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise InvalidArgumentError(f"the destination {dst!r} is a file; pass a folder")
+    if os.path.isdir(dst) and set(os.listdir(dst)) - {RUN_DIR} and not os.path.isfile(os.path.join(dst, RUN_DIR, "state.json")):
+        raise InvalidArgumentError(
+            f"the destination {dst!r} holds files but no run of prune_checkpoint; pass a new or empty folder"
+        )
+
+
+def _sha256_files(paths: list[str]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_sequences(sequences: list[Sequence]) -> str:
+    digest = hashlib.sha256()
+    for seq in sequences:
+        for t in (seq.input_ids, seq.attention_mask):
+            digest.update(b"none" if t is None else repr(tuple(t.shape)).encode() + t.to(torch.int64).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _atomic(path: str, write: Any) -> None:
+    """``write(tmp)`` beside ``path``, then renamed over it: a kill never leaves half a file."""
+    tmp = f"{path}.partial"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class CheckpointRun:
+    """The destination folder of :func:`prune_checkpoint`: the block loop hands it each finished
+    block (``prune.BlockSink``), and it holds what a resumed run needs."""
+
+    def __init__(self, src: str, dst: str, weight_map: dict[str, str], job: Job, dtype: torch.dtype | None) -> None:
+        self.src, self.dst, self.weight_map, self.job, self.dtype = src, dst, weight_map, job, dtype
+        self.folder = os.path.join(dst, RUN_DIR)
+        adapter = job.adapter
+        self.prefix, self.blocks = adapter.prefix, len(adapter.layers)
+        in_blocks = {f"{self.prefix}.{i}.": i for i in range(self.blocks)}
+        self.others = [name for name in weight_map if not any(name.startswith(p) for p in in_blocks)]
+        for i, layer in enumerate(adapter.layers):
+            expected = {f"{self.prefix}.{i}.{k}" for k in layer.state_dict()}
+            stored = {name for name in weight_map if name.startswith(f"{self.prefix}.{i}.")}
+            if expected != stored:
+                raise UnsupportedModelError(
+                    f"block {i}'s tensors in {src!r} ({sorted(stored - expected)[:2] or sorted(stored)[:2]}) are not the model's "
+                    f"({sorted(expected - stored)[:2]}): transformers converts this checkpoint on load. Load it with "
+                    "from_pretrained (device_map='auto' offloads what does not fit) and use wandapp.prune + save_pretrained"
+                )
+        total = self.blocks + len(self.others)
+        self.shard = lambda k: f"model-{k + 1:05d}-of-{total:05d}.safetensors"  # noqa: E731
+        self.fingerprint = self._fingerprint()
+        self.state = self._open()
+
+    # -- identity -------------------------------------------------------------------------
+    def _fingerprint(self) -> dict[str, str]:
+        files = [os.path.join(self.src, "config.json"), *sorted({os.path.join(self.src, f) for f in self.weight_map.values()})]
+        settings = {k: v for k, v in self.job.cfg.to_dict().items() if k != "progress"}
+        settings.update(
+            method=self.job.method, sparsity=str(self.job.pattern), dtype=str(self.dtype), device=str(self.job.device), wandapp=_core.__version__
+        )
+        return {
+            "model": _sha256_files(files),
+            "calibration data": _sha256_sequences(self.job.sequences),
+            "settings": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+        }
+
+    def _open(self) -> dict[str, Any]:
+        path = os.path.join(self.folder, "state.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+            differ = [k for k, v in self.fingerprint.items() if state.get("fingerprint", {}).get(k) != v]
+            if state.get("version") != _STATE_VERSION or differ:
+                raise ResumeMismatchError(
+                    f"{self.dst!r} records a run of prune_checkpoint with other {', '.join(differ) or 'record version'} "
+                    f"(recorded hashes: {state.get('fingerprint')}); resume with the same model, calibration data and "
+                    "settings, or pass a new destination folder (or delete this one to start over)"
+                )
+            return state
+        os.makedirs(self.folder, exist_ok=True)
+        state = {"version": _STATE_VERSION, "fingerprint": self.fingerprint, "captured": False, "blocks_done": 0, "finished": False}
+        self._commit(state)
+        return state
+
+    def _commit(self, state: dict[str, Any]) -> None:
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+        _atomic(os.path.join(self.folder, "state.json"), write)
+        self.state = state
+
+    # -- prune.BlockSink ------------------------------------------------------------------
+    def resume(self, job: Job) -> Resumed | None:
+        if not self.state["captured"]:
+            return None
+        report = PruneReport.from_dict(self.state["report"])
+        report.masks_folder = os.path.join(self.dst, MASKS_DIR)
+        layers = self.state["owl"] and owl.LayerSparsity(
+            {int(k): v for k, v in self.state["owl"]["outlier_ratio"].items()},
+            {int(k): v for k, v in self.state["owl"]["block_sparsity"].items()},
+            self.state["owl"]["pruned_per_row"],
+        )
+        samples = [] if self.state["finished"] else self._load_samples(job)
+        return Resumed(self.state["blocks_done"], samples, layers, report)
+
+    def started(self, samples: list[Sample], layers: owl.LayerSparsity | None, report: PruneReport) -> None:
+        extras = [{"kwargs": s.kwargs, "token_mask": s.token_mask} for s in samples]
+        _atomic(os.path.join(self.folder, "arguments.pt"), lambda tmp: torch.save(extras, tmp))
+        self._save_inputs(samples)
+        report.masks_folder = os.path.join(self.dst, MASKS_DIR)
+        owl_plan = None if layers is None else {"outlier_ratio": layers.outlier_ratio, "block_sparsity": layers.block_sparsity, "pruned_per_row": layers.pruned_per_row}
+        self._commit({**self.state, "captured": True, "blocks_done": 0, "report": report.to_dict(), "owl": owl_plan})
+
+    def write_block(self, index: int, layer: nn.Module) -> None:
+        tensors = {f"{self.prefix}.{index}.{k}": v.detach().to("cpu").contiguous().clone() for k, v in layer.state_dict().items()}
+        _atomic(os.path.join(self.dst, self.shard(index)), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+    def finished_block(self, index: int, samples: list[Sample], report: PruneReport) -> None:
+        names = list(report.blocks[index].layers)
+        if names:
+            os.makedirs(os.path.join(self.dst, MASKS_DIR), exist_ok=True)
+            masks = report.take_masks(names)  # on disk from now on: host memory stays one block's
+            path = os.path.join(self.dst, MASKS_DIR, f"block-{index:05d}.safetensors")
+            _atomic(path, lambda tmp: save_masks(tmp, masks, report=report))
+        self._save_inputs(samples)
+        self._commit({**self.state, "blocks_done": index + 1, "report": report.to_dict()})
+
+    # -- the next block's inputs ----------------------------------------------------------
+    def _save_inputs(self, samples: list[Sample]) -> None:
+        hidden = {str(i): s.hidden.detach().to("cpu").contiguous() for i, s in enumerate(samples)}
+        _atomic(os.path.join(self.folder, "inputs.safetensors"), lambda tmp: save_file(hidden, tmp))
+
+    def _load_samples(self, job: Job) -> list[Sample]:
+        extras = torch.load(os.path.join(self.folder, "arguments.pt"), weights_only=True)
+        hidden = load_file(os.path.join(self.folder, "inputs.safetensors"))
+        pin = pinned_offload(job.offload, job.device)
+        samples = [Sample(stash(hidden[str(i)], job.offload, pin), e["kwargs"], e["token_mask"]) for i, e in enumerate(extras)]
+        if pin:
+            torch.cuda.synchronize()
+        return samples
+
+    # -- the rest of the checkpoint -------------------------------------------------------
+    def finish(self, report: PruneReport) -> None:
+        """Writes every tensor outside the blocks (one shard each, read one at a time), the
+        index, the config and the source's other files, and the report; drops the inputs."""
+        weight_map = {name: self.shard(i) for i in range(self.blocks) for name in self._block_names(i)}
+        for k, name in enumerate(self.others):
+            with safe_open(os.path.join(self.src, self.weight_map[name]), "pt") as f:
+                tensor = f.get_tensor(name)
+            if self.dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(self.dtype)
+            shard = self.shard(self.blocks + k)
+            _atomic(os.path.join(self.dst, shard), lambda tmp: save_file({name: tensor}, tmp, metadata={"format": "pt"}))
+            weight_map[name] = shard
+        size = sum(os.path.getsize(os.path.join(self.dst, f)) for f in set(weight_map.values()))
+        index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+        with open(os.path.join(self.dst, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+        for name in os.listdir(self.src):
+            path = os.path.join(self.src, name)
+            if os.path.isfile(path) and not name.endswith(_WEIGHT_SUFFIXES) and not name.endswith(".index.json"):
+                shutil.copyfile(path, os.path.join(self.dst, name))
+        self.job.adapter.model.config.save_pretrained(self.dst)  # the dtype it was written in
+        report.to_json(os.path.join(self.dst, "report.json"))
+        self._commit({**self.state, "finished": True, "report": report.to_dict()})
+        for name in ("inputs.safetensors", "arguments.pt"):
+            if os.path.exists(os.path.join(self.folder, name)):
+                os.remove(os.path.join(self.folder, name))
+
+    def _block_names(self, index: int) -> list[str]:
+        return [name for name in self.weight_map if name.startswith(f"{self.prefix}.{index}.")]

@@ -1,0 +1,206 @@
+"""``wandapp.prune_checkpoint`` (python/wandapp/checkpoint.py): a sharded checkpoint pruned block by
+block equals the model pruned in memory bit for bit, and a run killed at any point (SIGKILL)
+resumes to the same result; a resumed run refuses another model, data or settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from conftest import calib_ids, tiny_model
+from safetensors.torch import load_file
+
+import wandapp
+from wandapp.checkpoint import RUN_DIR
+
+pytest.importorskip("accelerate")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+FAST = dict(ro_samples=6, ro_holdout=2, ro_rounds=2, progress=False)
+IDS = calib_ids(8, 16)
+
+
+def save_sharded(folder, **overrides) -> str:
+    """A tiny random LLaMA saved in several safetensors shards."""
+    tiny_model(**overrides).save_pretrained(folder, max_shard_size="100KB")
+    assert os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))
+    return str(folder)
+
+
+def written_tensors(folder) -> dict[str, torch.Tensor]:
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        files = set(json.load(f)["weight_map"].values())
+    out: dict[str, torch.Tensor] = {}
+    for name in files:
+        out.update(load_file(os.path.join(folder, name)))
+    return out
+
+
+def assert_same_masks(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "method, sparsity, extra",
+    [("wanda", "2:4", {}), ("wanda++", "2:4", {}), ("sparsegpt", 0.5, {}), ("wanda", 0.5, {"layer_sparsity": "owl", "owl_lambda": 0.2})],
+)
+def test_streamed_checkpoint_equals_the_model_pruned_in_memory(method, sparsity, extra, tmp_path):
+    src = save_sharded(tmp_path / "src", num_hidden_layers=4)
+    reference = AutoModelForCausalLM.from_pretrained(src)
+    expected = wandapp.prune(reference, IDS, method=method, sparsity=sparsity, **FAST, **extra)
+
+    dst = tmp_path / "dst"
+    report = wandapp.prune_checkpoint(src, dst, IDS, method=method, sparsity=sparsity, **FAST, **extra)
+
+    assert_same_masks(report.masks, expected.masks)
+    assert_same_masks(wandapp.load_masks(dst / "masks"), expected.masks)
+    reloaded = AutoModelForCausalLM.from_pretrained(dst)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
+    assert json.loads((dst / "report.json").read_text())["achieved_sparsity"] == pytest.approx(expected.achieved_sparsity)
+    # Blocks are written one shard each; the source is never written.
+    assert len([f for f in os.listdir(dst) if f.endswith(".safetensors")]) == 4 + 3
+
+
+def test_tied_embeddings_single_file_and_dtype(tmp_path):
+    src = tmp_path / "src"
+    tiny_model(tie_word_embeddings=True).save_pretrained(src)  # one model.safetensors, lm_head tied
+    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    expected = wandapp.prune(reference, IDS, method="wanda", **FAST)
+    report = wandapp.prune_checkpoint(src, tmp_path / "dst", IDS, method="wanda", dtype=torch.bfloat16, **FAST)
+    assert_same_masks(report.masks, expected.masks)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dst")
+    assert reloaded.dtype == torch.bfloat16 and reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS[:2]).logits, reference(IDS[:2]).logits)
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from conftest import calib_ids
+    import wandapp
+    wandapp.prune_checkpoint({src!r}, {dst!r}, calib_ids(8, 16), method="wanda++", sparsity="2:4", ro_samples=6, ro_holdout=2,
+                             ro_rounds=3, progress=False)
+    """
+)
+
+
+def state(dst) -> dict | None:
+    try:
+        with open(os.path.join(dst, RUN_DIR, "state.json")) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def run_and_kill(src: str, dst: str, done_blocks: int | None) -> dict | None:
+    """Starts a run in a subprocess and SIGKILLs it once ``done_blocks`` blocks are recorded (None:
+    once the run folder exists, before the capture pass is recorded); returns the state at the
+    kill, or None when the run finished first."""
+    code = WORKER.format(tests=os.path.dirname(__file__), src=src, dst=dst)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None:
+            s = state(dst)
+            if s is not None and (done_blocks is None or (s["captured"] and s["blocks_done"] >= done_blocks)):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return state(dst)
+            time.sleep(0.005)
+        assert proc.returncode == 0, proc.stderr.read().decode()
+        return None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_run_killed_at_any_point_resumes_to_the_same_result(tmp_path):
+    src = save_sharded(tmp_path / "src", num_hidden_layers=6)
+    kwargs = dict(method="wanda++", sparsity="2:4", ro_samples=6, ro_holdout=2, ro_rounds=3, progress=False)
+    expected = wandapp.prune_checkpoint(src, tmp_path / "uninterrupted", IDS, **kwargs)
+    expected_tensors = written_tensors(tmp_path / "uninterrupted")
+
+    killed_after = []
+    for n, point in enumerate([None, 0, 2, 5]):
+        dst = str(tmp_path / f"killed{n}")
+        at_kill = run_and_kill(src, dst, point)
+        if point is not None and point > 0:  # a later kill: once more, a block further on
+            at_kill = run_and_kill(src, dst, (at_kill or {"blocks_done": 5})["blocks_done"] + 1) or at_kill
+        killed_after.append(None if at_kill is None else at_kill["blocks_done"])
+        report = wandapp.prune_checkpoint(src, dst, IDS, **kwargs)
+        assert_same_masks(report.masks, expected.masks)
+        tensors = written_tensors(dst)
+        assert tensors.keys() == expected_tensors.keys()
+        assert all(torch.equal(tensors[k], expected_tensors[k]) for k in tensors), n
+        if at_kill is not None and at_kill["captured"]:
+            # Resumed, not redone: the blocks recorded before the kill keep their recorded timings.
+            for i in range(at_kill["blocks_done"]):
+                assert report.blocks[i].seconds == at_kill["report"]["blocks"][i]["seconds"]
+    assert any(k is not None and 0 < k < 6 for k in killed_after), f"no kill landed mid-run: {killed_after}"
+
+
+def test_resume_refuses_another_model_data_or_settings(tmp_path):
+    src = save_sharded(tmp_path / "src")
+    dst = tmp_path / "dst"
+    wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
+    with pytest.raises(wandapp.ResumeMismatchError, match="calibration data"):
+        wandapp.prune_checkpoint(src, dst, calib_ids(8, 16, seed=2), method="wanda", **FAST)
+    with pytest.raises(wandapp.ResumeMismatchError, match="settings"):
+        wandapp.prune_checkpoint(src, dst, IDS, method="wanda", sparsity=0.6, **FAST)
+    other = save_sharded(tmp_path / "other", seed=1)
+    with pytest.raises(wandapp.ResumeMismatchError, match="model"):
+        wandapp.prune_checkpoint(other, dst, IDS, method="wanda", **FAST)
+    again = wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)  # the same call: the recorded result
+    assert again.pruned_blocks == [0, 1]
+
+
+def test_bad_folders_are_refused_before_any_work(tmp_path):
+    src = save_sharded(tmp_path / "src")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(wandapp.InvalidArgumentError, match="holds files but no run"):
+        wandapp.prune_checkpoint(src, busy, IDS, **FAST)
+    with pytest.raises(wandapp.InvalidArgumentError, match="no config.json"):
+        wandapp.prune_checkpoint(tmp_path / "nothing", tmp_path / "dst", IDS, **FAST)
+    tiny_model().save_pretrained(tmp_path / "bin", safe_serialization=False)
+    if not any(f.endswith(".safetensors") for f in os.listdir(tmp_path / "bin")):
+        with pytest.raises(wandapp.InvalidArgumentError, match="no safetensors"):
+            wandapp.prune_checkpoint(tmp_path / "bin", tmp_path / "dst", IDS, **FAST)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_a_failed_block_stays_unrecorded_and_the_same_call_resumes(tmp_path, monkeypatch):
+    src = save_sharded(tmp_path / "src", num_hidden_layers=4)
+    expected = wandapp.prune_checkpoint(src, tmp_path / "uninterrupted", IDS, method="wanda", **FAST)
+
+    core = sys.modules["wandapp.prune"]._core
+    real = core.prune_block_
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "prune_block_", failing)
+    dst = tmp_path / "dst"
+    with pytest.raises(wandapp.PruneError, match="block 2") as err:
+        wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
+    assert err.value.report.pruned_blocks == [0, 1] and state(dst)["blocks_done"] == 2
+    monkeypatch.setattr(core, "prune_block_", real)
+    report = wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
+    assert_same_masks(report.masks, expected.masks)
+    tensors, reference = written_tensors(dst), written_tensors(tmp_path / "uninterrupted")
+    assert all(torch.equal(tensors[k], reference[k]) for k in reference)
