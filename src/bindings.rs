@@ -364,9 +364,10 @@ impl Block for PyBlock<'_> {
         tensor_arg(&m, "token_mask").map(Some)
     }
 
-    fn backward(&self, loss: &Tensor) -> Result<()> {
+    fn gradients(&self, loss: &Tensor, weights: &[Tensor]) -> Result<Vec<Tensor>> {
         let loss = loss.shallow_clone();
-        Ok(self.obj.py().allow_threads(move || loss.f_backward())?)
+        let weights: Vec<Tensor> = weights.iter().map(Tensor::shallow_clone).collect();
+        Ok(self.obj.py().allow_threads(move || Tensor::f_run_backward(&[loss], &weights, false, false))?)
     }
 }
 

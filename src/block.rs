@@ -40,10 +40,11 @@ pub trait Block {
     fn set_outputs(&self, batch: &[usize], out: &Tensor) -> Result<()>;
     /// [b, seq] bool, True on real tokens; None when no sequence of the batch has padding.
     fn token_mask(&self, batch: &[usize]) -> Result<Option<Tensor>>;
-    /// Backpropagates `loss`; an implementation that holds a lock the autograd engine needs
-    /// (the GIL) releases it here.
-    fn backward(&self, loss: &Tensor) -> Result<()> {
-        Ok(loss.f_backward()?)
+    /// d loss / d weight for each of `weights` (undefined for a weight `loss` does not reach),
+    /// returned rather than accumulated into `.grad`: no zeroing pass and no accumulation pass per
+    /// call. An implementation that holds a lock the autograd engine needs (the GIL) releases it.
+    fn gradients(&self, loss: &Tensor, weights: &[Tensor]) -> Result<Vec<Tensor>> {
+        Ok(Tensor::f_run_backward(&[loss], weights, false, false)?)
     }
 }
 
@@ -115,10 +116,9 @@ fn gradient_rms(block: &dyn Block, weights: &[Tensor], subset: &[usize]) -> Resu
     let mut stats = weights.iter().map(|w| GradientStats::new(w.size())).collect::<Result<Vec<_>>>()?;
     let mut norms = InputStats::new(weights)?;
     let mut subset_norms = InputStats::new(weights)?;
-    let tracking = GradTracking::enable(weights);
+    let _tracking = GradTracking::enable(weights);
     for i in 0..block.len() {
-        tracking.zero_grads();
-        tch::with_grad(|| -> Result<()> {
+        let grads = tch::with_grad(|| -> Result<Vec<Tensor>> {
             let mask = block.token_mask(&[i])?;
             let (inputs, out) = block.linear_inputs(&[i])?;
             norms.update(&inputs, mask.as_ref(), 1)?;
@@ -126,14 +126,13 @@ fn gradient_rms(block: &dyn Block, weights: &[Tensor], subset: &[usize]) -> Resu
                 subset_norms.update(&inputs, mask.as_ref(), 1)?;
             }
             block.set_targets(&[i], &out.f_detach()?)?;
-            block.backward(&regional_norm(&out, mask.as_ref())?)?;
-            Ok(())
+            block.gradients(&regional_norm(&out, mask.as_ref())?, weights)
         })?;
-        for (st, w) in stats.iter_mut().zip(weights) {
-            st.update(&w.grad())?;
+        for ((st, g), w) in stats.iter_mut().zip(grads).zip(weights) {
+            // A weight this sequence does not reach (an expert it routes no token to) has gradient 0.
+            st.update(&if g.defined() { g } else { w.f_zeros_like()? })?;
         }
     }
-    tracking.zero_grads();
     let subset_norms = if subset.is_empty() { Vec::new() } else { subset_norms.finish()? };
     Ok((stats.iter().map(GradientStats::rms).collect::<Result<_>>()?, norms.finish()?, subset_norms))
 }

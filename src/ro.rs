@@ -147,11 +147,6 @@ impl<'a> GradTracking<'a> {
         Self { weights, before }
     }
 
-    pub fn zero_grads(&self) {
-        for w in self.weights {
-            w.shallow_clone().zero_grad();
-        }
-    }
 }
 
 impl Drop for GradTracking<'_> {
@@ -166,7 +161,8 @@ impl Drop for GradTracking<'_> {
 /// writes it back, so bfloat16/float16 models still receive updates smaller than their ulp.
 pub struct MaskedRmsprop {
     lr: f64,
-    masks: Vec<Tensor>,
+    /// True where a weight is pruned (the complement of the keep-masks).
+    pruned: Vec<Tensor>,
     master: Vec<Tensor>,
     square_avg: Vec<Tensor>,
 }
@@ -181,24 +177,25 @@ impl MaskedRmsprop {
             square_avg.push(m.f_zeros_like()?);
             master.push(m);
         }
-        let masks = masks.iter().map(|m| m.f_to_kind(Kind::Float)).collect::<std::result::Result<_, _>>()?;
-        Ok(Self { lr, masks, master, square_avg })
+        let pruned = masks.iter().map(|m| m.f_logical_not()).collect::<std::result::Result<_, _>>()?;
+        Ok(Self { lr, pruned, master, square_avg })
     }
 
-    pub fn step(&mut self, weights: &[Tensor]) -> Result<()> {
+    /// One step with `grads` (one per weight; undefined: no step for that weight), in place, the
+    /// update of torch.optim.RMSprop: v = a v + (1 - a) g^2 (addcmul), w -= lr g / (sqrt(v) + eps)
+    /// (addcdiv), then pruned entries set to exactly 0 (whatever g held there, inf or NaN included).
+    pub fn step(&mut self, weights: &[Tensor], grads: &[Tensor]) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        for (k, w) in weights.iter().enumerate() {
-            let grad = w.grad();
+        for (k, (w, grad)) in weights.iter().zip(grads).enumerate() {
             if !grad.defined() {
                 continue;
             }
-            // In place, as torch.optim.RMSprop does: v = a v + (1 - a) g^2; w -= lr g / (sqrt(v) + eps).
-            let g = grad.f_to_kind(Kind::Float)?.f_mul(&self.masks[k])?;
+            let g = grad.f_to_kind(Kind::Float)?;
             let avg = &mut self.square_avg[k];
-            let _ = avg.f_mul_scalar_(RMSPROP_ALPHA)?.f_add_(&g.f_square()?.f_mul_scalar_(1.0 - RMSPROP_ALPHA)?)?;
-            let mut step = g.f_div(&avg.f_sqrt()?.f_add_scalar_(RMSPROP_EPS)?)?;
+            let _ = avg.f_mul_scalar_(RMSPROP_ALPHA)?.f_addcmul_(&g, &g.f_mul_scalar(1.0 - RMSPROP_ALPHA)?)?;
+            let denom = avg.f_sqrt()?.f_add_scalar_(RMSPROP_EPS)?;
             let master = &mut self.master[k];
-            let _ = master.f_sub_(&step.f_mul_scalar_(self.lr)?)?.f_mul_(&self.masks[k])?;
+            let _ = master.f_addcdiv_(&g.f_mul_scalar(-self.lr)?, &denom)?.f_masked_fill_(&self.pruned[k], 0.0)?;
             w.shallow_clone().f_copy_(master)?;
         }
         Ok(())
@@ -329,18 +326,16 @@ impl<'a> RoRun<'a> {
         // Summed on the device and read once per round: no host synchronisation per step.
         let mut loss_sum = DeviceSum::default();
         for &i in &order {
-            tracking.zero_grads();
-            let loss = tch::with_grad(|| -> Result<Tensor> {
+            let (loss, grads) = tch::with_grad(|| -> Result<(Tensor, Vec<Tensor>)> {
                 let mask = block.token_mask(&[i])?;
                 let loss = masked_mse(&block.forward(&[i])?, &block.target(&[i])?, mask.as_ref())?;
-                block.backward(&loss)?;
-                Ok(loss)
+                let grads = block.gradients(&loss, weights)?;
+                Ok((loss.f_detach()?, grads))
             })?;
             loss_sum.add(&loss)?;
-            opt.step(weights)?;
+            opt.step(weights, &grads)?;
         }
         let loss_sum = loss_sum.read()?;
-        tracking.zero_grads();
         drop(tracking);
 
         let mut after = holdout_pass(block, weights, holdout, self.record_inputs)?;
@@ -415,11 +410,8 @@ mod tests {
         let mut v = vec![0.0; n];
         for _ in 0..4 {
             let g = draw(n);
-            // Set the gradient to `g` through autograd: d/dw sum(w * g) = g.
             let gt = Tensor::from_slice(&g).to_kind(Kind::Float).view([rows, cols]);
-            weight.zero_grad();
-            (&weight * &gt).sum(Kind::Float).backward();
-            opt.step(&[weight.shallow_clone()]).unwrap();
+            opt.step(&[weight.shallow_clone()], &[gt]).unwrap();
             let g32: Vec<f64> = g.iter().map(|x| *x as f32 as f64).collect();
             reference_rmsprop(&mut expected, &mut v, &g32, &keep, lr);
         }

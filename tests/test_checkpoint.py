@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import calib_ids, tiny_model
+from conftest import ARCHITECTURES, calib_ids, tiny_architecture, tiny_model
 from safetensors.torch import load_file
 
 import wandapp
@@ -50,7 +50,13 @@ def assert_same_masks(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize(
     "method, sparsity, extra",
-    [("wanda", "2:4", {}), ("wanda++", "2:4", {}), ("sparsegpt", 0.5, {}), ("wanda", 0.5, {"layer_sparsity": "owl", "owl_lambda": 0.2})],
+    [
+        ("wanda", "2:4", {}),
+        ("wanda++", "2:4", {}),
+        ("sparsegpt", 0.5, {}),
+        ("wanda", 0.5, {"layer_sparsity": "owl", "owl_lambda": 0.2}),
+        ("wanda", 0.5, {"ignore": r".*\.layers\.1\..*"}),  # block 1 written as it was
+    ],
 )
 def test_streamed_checkpoint_equals_the_model_pruned_in_memory(method, sparsity, extra, tmp_path):
     src = save_sharded(tmp_path / "src", num_hidden_layers=4)
@@ -204,3 +210,38 @@ def test_a_failed_block_stays_unrecorded_and_the_same_call_resumes(tmp_path, mon
     assert_same_masks(report.masks, expected.masks)
     tensors, reference = written_tensors(dst), written_tensors(tmp_path / "uninterrupted")
     assert all(torch.equal(tensors[k], reference[k]) for k in reference)
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_every_architecture_streams_and_resumes_or_is_refused_clearly(model_type, tmp_path, monkeypatch):
+    """Each supported architecture either streams, stops in block 1 and resumes there (the captured
+    arguments reloaded from the run folder) to the in-memory result, or is refused up front because
+    transformers converts its checkpoint on load."""
+    src = tmp_path / "src"
+    tiny_architecture(model_type).save_pretrained(src)
+    reference = AutoModelForCausalLM.from_pretrained(src)
+    dst = tmp_path / "dst"
+    core = sys.modules["wandapp.prune"]._core
+    real = core.prune_block_
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("stopped in block 1 (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "prune_block_", failing)
+    try:
+        with pytest.raises(wandapp.PruneError, match="block 1"):
+            wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
+    except wandapp.UnsupportedModelError as err:
+        assert "converts this checkpoint on load" in str(err) and not dst.exists()
+        return
+    monkeypatch.setattr(core, "prune_block_", real)
+    report = wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
+    expected = wandapp.prune(reference, IDS, method="wanda", **FAST)
+    assert_same_masks(report.masks, expected.masks)
+    reloaded = AutoModelForCausalLM.from_pretrained(dst).state_dict()
+    for name, value in reference.state_dict().items():
+        assert torch.equal(reloaded[name], value), name

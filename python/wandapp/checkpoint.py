@@ -77,7 +77,10 @@ def prune_checkpoint(
         calib_loader, sparsity, method, config, overrides: as :func:`wandapp.prune`.
         dtype: the dtype to load and write the weights in; None keeps the checkpoint's own.
 
-    The device is ``config.device``, else ``cuda`` when available, else the CPU.
+    The device is ``config.device``, else ``cuda`` when available, else the CPU. Without a
+    ``config``, ``dense_check`` defaults to False here: the whole dense pass reads every weight
+    from disk once per calibration sequence; without it only the replay check's sequence does
+    (``layer_sparsity="owl"`` needs the whole pass).
 
     Returns the :class:`PruneReport` (its ``masks`` are read from ``dst/masks``).
 
@@ -95,7 +98,7 @@ def prune_checkpoint(
     """
     src, dst = os.fspath(src), os.fspath(dst)
     weight_map = source_weight_map(src)
-    cfg = (config or PruneConfig()).replace(**overrides)
+    cfg = (config or PruneConfig(dense_check=False)).replace(**overrides)
     device = torch.device(cfg.device) if cfg.device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _require_usable_destination(dst)
     with tempfile.TemporaryDirectory(prefix="wandapp-offload-") as offload_folder:
@@ -280,7 +283,14 @@ class CheckpointRun:
         self._commit({**self.state, "captured": True, "blocks_done": 0, "report": report.to_dict(), "owl": owl_plan})
 
     def write_block(self, index: int, layer: nn.Module) -> None:
-        tensors = {f"{self.prefix}.{index}.{k}": v.detach().to("cpu").contiguous().clone() for k, v in layer.state_dict().items()}
+        tensors: dict[str, torch.Tensor] = {}
+        storages: set[int] = set()
+        for name, value in layer.state_dict().items():
+            t = value.detach().to("cpu").contiguous()
+            if t.untyped_storage().data_ptr() in storages:  # a tied tensor: safetensors stores each storage once
+                t = t.clone()
+            storages.add(t.untyped_storage().data_ptr())
+            tensors[f"{self.prefix}.{index}.{name}"] = t
         _atomic(os.path.join(self.dst, self.shard(index)), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
     def finished_block(self, index: int, samples: list[Sample], report: PruneReport) -> None:
