@@ -62,10 +62,11 @@ demo: setup ## the main job: prune the embedded SmolLM2 with magnitude, wanda, w
 wheel: setup ## build a release wheel for the venv's torch into dist/torch-$(TORCH)/ (abi3: Python 3.10-3.13)
 	$(PY) -m maturin build --release --out dist/torch-$(TORCH) --manifest-path $(MANIFEST)
 
-bench: setup ## kernel, quality and LoRA benchmarks (tables in bench/results; bench/ro_lr.py is separate)
+bench: setup ## kernel, quality, LoRA and memory benchmarks (tables in bench/results; bench/ro_lr.py is separate)
 	$(PY) bench/kernels.py
 	$(PY) bench/quality.py
 	$(PY) bench/lora.py
+	$(PY) bench/memory.py
 
 lint: setup ## clippy (warnings are errors) and the .pyi stub against the compiled module
 	cargo clippy --quiet --all-targets --features python --manifest-path $(MANIFEST) -- -D warnings

@@ -8,7 +8,7 @@ same narrow width and 4, 16 or 64 blocks, saved as a sharded safetensors checkpo
 transformers and wandapp, before loading anything.
 
     python bench/memory.py            # writes bench/results/memory.md
-    python bench/memory.py --smoke    # 2 and 4 blocks, a quick check of the script itself
+    python bench/memory.py --smoke    # 2 blocks, prints only: a quick check of the script itself
 """
 
 from __future__ import annotations
@@ -83,10 +83,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depths", default="4,16,64")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--smoke", action="store_true", help="2 and 4 blocks; prints, writes nothing")
+    parser.add_argument("--smoke", action="store_true", help="2 blocks; prints, writes nothing")
     parser.add_argument("--out", default="memory.md")
     args = parser.parse_args()
-    depths = [2, 4] if args.smoke else [int(d) for d in args.depths.split(",")]
+    depths = [2] if args.smoke else [int(d) for d in args.depths.split(",")]
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
     rows = []
     with tempfile.TemporaryDirectory(prefix="wandapp-bench-memory-") as scratch:

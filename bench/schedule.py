@@ -161,15 +161,17 @@ def main() -> None:
 
 
 def paper_ratio(dense: torch.nn.Module, tokenizer) -> None:
-    """wanda and wanda++ (defaults) at the paper's N=128, M=32, K=5, back to back."""
+    """wanda and wanda++ (defaults) at the paper's N=128, M=32, K=5, back to back: wanda before
+    and after wanda++, so that a machine that slows down or speeds up during the run shows."""
     paper = data.text_calibration(tokenizer, data.CALIBRATION_TEXT, 128, 64, 0)
-    seconds = {}
-    for method in ("wanda", "wanda++"):
+    runs = []
+    for method in ("wanda", "wanda++", "wanda"):
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         wandapp.prune(model, paper, method=method, sparsity="2:4", nsamples=128, ro_samples=32, ro_rounds=5, progress=False)
-        seconds[method] = time.perf_counter() - start
-        print(f"{method} at N=128, M=32, K=5: {seconds[method]:.1f} s", flush=True)
+        runs.append(time.perf_counter() - start)
+        print(f"{method} at N=128, M=32, K=5: {runs[-1]:.1f} s", flush=True)
+    seconds = {"wanda": (runs[0] + runs[2]) / 2, "wanda++": runs[1]}
     write_results("paper_ratio.md", [
         "# wanda++ against wanda at the paper's sizes: SmolLM2-135M-Instruct (float32, CPU)",
         "",
@@ -179,7 +181,7 @@ def paper_ratio(dense: torch.nn.Module, tokenizer) -> None:
         "",
         "| method | seconds |",
         "|---|---|",
-        f"| wanda | {seconds['wanda']:.1f} |",
+        f"| wanda (before, after wanda++; mean) | {runs[0]:.1f}, {runs[2]:.1f}; {seconds['wanda']:.1f} |",
         f"| wanda++ | {seconds['wanda++']:.1f} |",
         f"| ratio wanda++ / wanda | {seconds['wanda++'] / seconds['wanda']:.2f} |",
     ])

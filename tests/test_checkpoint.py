@@ -202,7 +202,7 @@ def test_a_failed_block_stays_unrecorded_and_the_same_call_resumes(tmp_path, mon
 
     monkeypatch.setattr(core, "prune_block_", failing)
     dst = tmp_path / "dst"
-    with pytest.raises(wandapp.PruneError, match="block 2") as err:
+    with pytest.raises(wandapp.PruneError, match="the same call resumes at block 2") as err:
         wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
     assert err.value.report.pruned_blocks == [0, 1] and state(dst)["blocks_done"] == 2
     monkeypatch.setattr(core, "prune_block_", real)

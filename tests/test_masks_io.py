@@ -85,3 +85,24 @@ def test_damaged_files_are_rejected(pruned, tmp_path, damage):
 def test_missing_file():
     with pytest.raises(wandapp.MaskFileError, match="No such file"):
         wandapp.load_masks("/nonexistent/masks.safetensors")
+
+
+def test_a_folder_of_mask_files_loads_as_one(pruned, tmp_path):
+    _, report = pruned
+    masks = report.masks
+    names = sorted(masks)
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    wandapp.save_masks(folder / "block-00000.safetensors", {n: masks[n] for n in names[: len(names) // 2]})
+    wandapp.save_masks(folder / "block-00001.safetensors", {n: masks[n] for n in names[len(names) // 2 :]})
+    loaded = wandapp.load_masks(folder)
+    assert loaded.keys() == masks.keys() and all(torch.equal(loaded[n], masks[n]) for n in names)
+    with pytest.raises(wandapp.MaskFileError, match="without masks files"):
+        wandapp.load_masks(tmp_path)
+
+
+def test_report_round_trips_through_its_dict(pruned):
+    _, report = pruned
+    again = wandapp.PruneReport.from_dict(json.loads(report.to_json()))
+    assert again.to_dict() == report.to_dict() and str(again) == str(report)
+    assert again.masks == {}  # masks are not part of the dict

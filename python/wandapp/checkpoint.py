@@ -33,7 +33,7 @@ from wandapp import _core, owl
 from wandapp.capture import Sample, stash, pinned_offload
 from wandapp.config import PruneConfig
 from wandapp.data import Sequence
-from wandapp.errors import InvalidArgumentError, ResumeMismatchError, UnsupportedModelError
+from wandapp.errors import InvalidArgumentError, PruneError, ResumeMismatchError, UnsupportedModelError
 from wandapp.masks import save_masks
 from wandapp.prune import Job, Resumed, prepare, prune_blocks
 from wandapp.report import PruneReport
@@ -106,7 +106,11 @@ def prune_checkpoint(
         with torch.inference_mode(False), torch.enable_grad():
             job = prepare(model, calib_loader, sparsity, method, cfg, {})
             run = CheckpointRun(src, dst, weight_map, job, dtype)
-            report = prune_blocks(job, run)
+            try:
+                report = prune_blocks(job, run)
+            except PruneError as err:
+                hint = f" {dst!r} keeps the blocks before it: the same call resumes at block {err.block}."
+                raise type(err)(f"{err}{hint}", report=err.report, block=err.block) from err.__cause__
             run.finish(report)
     return report
 
