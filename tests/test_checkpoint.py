@@ -245,3 +245,30 @@ def test_every_architecture_streams_and_resumes_or_is_refused_clearly(model_type
     reloaded = AutoModelForCausalLM.from_pretrained(dst).state_dict()
     for name, value in reference.state_dict().items():
         assert torch.equal(reloaded[name], value), name
+
+
+def test_a_stop_between_writing_the_next_inputs_and_the_commit_resumes_right(tmp_path, monkeypatch):
+    """The next block's inputs are on disk but the state still names the block before: the
+    resumed run must redo that block on its own inputs, not on the next block's."""
+    from wandapp.checkpoint import CheckpointRun
+
+    src = save_sharded(tmp_path / "src", num_hidden_layers=3)
+    expected = wandapp.prune_checkpoint(src, tmp_path / "uninterrupted", IDS, method="wanda", **FAST)
+    real = CheckpointRun._commit
+
+    def commit(self, new_state):
+        if new_state.get("blocks_done") == 1 and new_state.get("report") and self.state.get("blocks_done") == 0 and self.state["captured"]:
+            raise OSError("disk full (injected) before the commit")
+        real(self, new_state)
+
+    monkeypatch.setattr(CheckpointRun, "_commit", commit)
+    dst = tmp_path / "dst"
+    with pytest.raises(wandapp.PruneError, match="disk full"):
+        wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
+    assert state(dst)["blocks_done"] == 0 and (dst / RUN_DIR / "inputs-00001.safetensors").exists()
+    monkeypatch.setattr(CheckpointRun, "_commit", real)
+    report = wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
+    assert_same_masks(report.masks, expected.masks)
+    tensors, reference = written_tensors(dst), written_tensors(tmp_path / "uninterrupted")
+    assert all(torch.equal(tensors[k], reference[k]) for k in reference)
+    assert os.listdir(dst / RUN_DIR) == ["state.json"]

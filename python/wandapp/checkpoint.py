@@ -31,8 +31,8 @@ from torch import nn
 
 from wandapp import _core, owl
 from wandapp.capture import Sample, stash, pinned_offload
-from wandapp.config import PruneConfig
-from wandapp.data import Sequence
+from wandapp.config import Pattern, PruneConfig, parse_method, parse_sparsity
+from wandapp.data import Sequence, collect_sequences
 from wandapp.errors import InvalidArgumentError, PruneError, ResumeMismatchError, UnsupportedModelError
 from wandapp.masks import save_masks
 from wandapp.prune import Job, Resumed, prepare, prune_blocks
@@ -68,7 +68,7 @@ def prune_checkpoint(
 
     Calling it again with the same arguments after a crash (even SIGKILL) resumes at the first
     unfinished block, with bit-identical masks and weights to a run that was never stopped; after a
-    finished run it returns the recorded report at once. Before resuming it checks that the
+    finished run it returns the recorded report without loading the model. Before either it checks that the
     model's files (every byte of the weights and config.json), the calibration token ids and the
     settings (config, method, sparsity, dtype, device, wandapp version) hash to the recorded ones.
 
@@ -82,7 +82,8 @@ def prune_checkpoint(
     from disk once per calibration sequence; without it only the replay check's sequence does
     (``layer_sparsity="owl"`` needs the whole pass).
 
-    Returns the :class:`PruneReport` (its ``masks`` are read from ``dst/masks``).
+    Returns the :class:`PruneReport`. Its ``masks`` property reads every mask from ``dst/masks``
+    into memory (one byte per weight): for a big model, read the per-block files one at a time.
 
     Raises everything :func:`wandapp.prune` raises, before any block is written;
     InvalidArgumentError when ``src`` holds no safetensors checkpoint or ``dst`` holds other
@@ -99,13 +100,19 @@ def prune_checkpoint(
     src, dst = os.fspath(src), os.fspath(dst)
     weight_map = source_weight_map(src)
     cfg = (config or PruneConfig(dense_check=False)).replace(**overrides)
-    device = torch.device(cfg.device) if cfg.device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device is None:
+        cfg = cfg.replace(device="cuda" if torch.cuda.is_available() else "cpu")
     _require_usable_destination(dst)
+    sequences = collect_sequences(calib_loader, cfg.nsamples)
+    fingerprint = _fingerprint(src, weight_map, sequences, cfg, parse_method(method), parse_sparsity(sparsity), dtype)
+    state = read_record(dst, fingerprint)
+    if state is not None and state["finished"]:
+        return _recorded_report(dst, state)
     with tempfile.TemporaryDirectory(prefix="wandapp-offload-") as offload_folder:
-        model = load_offloaded(src, device, offload_folder, dtype)
+        model = load_offloaded(src, torch.device(cfg.device), offload_folder, dtype)
         with torch.inference_mode(False), torch.enable_grad():
-            job = prepare(model, calib_loader, sparsity, method, cfg, {})
-            run = CheckpointRun(src, dst, weight_map, job, dtype)
+            job = prepare(model, None, sparsity, method, cfg, {}, sequences)
+            run = CheckpointRun(src, dst, weight_map, job, dtype, fingerprint, state)
             try:
                 report = prune_blocks(job, run)
             except PruneError as err:
@@ -191,18 +198,74 @@ def _sha256_sequences(sequences: list[Sequence]) -> str:
     return digest.hexdigest()
 
 
+def _fingerprint(
+    src: str, weight_map: dict[str, str], sequences: list[Sequence], cfg: PruneConfig, method: str, pattern: Pattern, dtype: torch.dtype | None
+) -> dict[str, str]:
+    """What a resumed run must share with the recorded one, hashed: every byte of the model's
+    files, the calibration token ids, and the settings that change the result."""
+    files = [os.path.join(src, "config.json"), *sorted({os.path.join(src, f) for f in weight_map.values()})]
+    resolved = cfg.replace(nsamples=len(sequences), ro_samples=cfg.ro_samples_for(len(sequences)))
+    settings = {k: v for k, v in resolved.to_dict().items() if k != "progress"}
+    settings.update(method=method, sparsity=str(pattern), dtype=str(dtype), wandapp=_core.__version__)
+    return {
+        "model": _sha256_files(files),
+        "calibration data": _sha256_sequences(sequences),
+        "settings": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def read_record(dst: str, fingerprint: dict[str, str]) -> dict[str, Any] | None:
+    """The state recorded in ``dst``, or None for a new run; ResumeMismatchError when it records
+    a run of another model, calibration data or settings."""
+    path = os.path.join(dst, RUN_DIR, "state.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        state = json.load(f)
+    differ = [k for k, v in fingerprint.items() if state.get("fingerprint", {}).get(k) != v]
+    if state.get("version") != _STATE_VERSION or differ:
+        raise ResumeMismatchError(
+            f"{dst!r} records a run of prune_checkpoint with other {', '.join(differ) or 'record version'} "
+            f"(recorded hashes: {state.get('fingerprint')}); resume with the same model, calibration data and "
+            "settings, or pass a new destination folder (or delete this one to start over)"
+        )
+    return state
+
+
+def _recorded_report(dst: str, state: dict[str, Any]) -> PruneReport:
+    report = PruneReport.from_dict(state["report"])
+    report.masks_folder = os.path.join(dst, MASKS_DIR)
+    return report
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic(path: str, write: Any) -> None:
-    """``write(tmp)`` beside ``path``, then renamed over it: a kill never leaves half a file."""
+    """``write(tmp)`` beside ``path``, flushed to disk, then renamed over it (and the rename
+    flushed): neither a kill nor a power loss leaves half a file under ``path``."""
     tmp = f"{path}.partial"
     write(tmp)
+    _fsync(tmp)
     os.replace(tmp, path)
+    try:
+        _fsync(os.path.dirname(path) or ".")
+    except OSError:  # a filesystem that cannot sync a folder: the rename is still atomic
+        pass
 
 
 class CheckpointRun:
     """The destination folder of :func:`prune_checkpoint`: the block loop hands it each finished
     block (``prune.BlockSink``), and it holds what a resumed run needs."""
 
-    def __init__(self, src: str, dst: str, weight_map: dict[str, str], job: Job, dtype: torch.dtype | None) -> None:
+    def __init__(
+        self, src: str, dst: str, weight_map: dict[str, str], job: Job, dtype: torch.dtype | None, fingerprint: dict[str, str], state: dict[str, Any] | None
+    ) -> None:
         self.src, self.dst, self.weight_map, self.job, self.dtype = src, dst, weight_map, job, dtype
         self.folder = os.path.join(dst, RUN_DIR)
         adapter = job.adapter
@@ -220,46 +283,18 @@ class CheckpointRun:
                 )
         total = self.blocks + len(self.others)
         self.shard = lambda k: f"model-{k + 1:05d}-of-{total:05d}.safetensors"  # noqa: E731
-        self.fingerprint = self._fingerprint()
-        self.state = self._open()
-
-    # -- identity -------------------------------------------------------------------------
-    def _fingerprint(self) -> dict[str, str]:
-        files = [os.path.join(self.src, "config.json"), *sorted({os.path.join(self.src, f) for f in self.weight_map.values()})]
-        settings = {k: v for k, v in self.job.cfg.to_dict().items() if k != "progress"}
-        settings.update(
-            method=self.job.method, sparsity=str(self.job.pattern), dtype=str(self.dtype), device=str(self.job.device), wandapp=_core.__version__
-        )
-        return {
-            "model": _sha256_files(files),
-            "calibration data": _sha256_sequences(self.job.sequences),
-            "settings": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
-        }
-
-    def _open(self) -> dict[str, Any]:
-        path = os.path.join(self.folder, "state.json")
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                state = json.load(f)
-            differ = [k for k, v in self.fingerprint.items() if state.get("fingerprint", {}).get(k) != v]
-            if state.get("version") != _STATE_VERSION or differ:
-                raise ResumeMismatchError(
-                    f"{self.dst!r} records a run of prune_checkpoint with other {', '.join(differ) or 'record version'} "
-                    f"(recorded hashes: {state.get('fingerprint')}); resume with the same model, calibration data and "
-                    "settings, or pass a new destination folder (or delete this one to start over)"
-                )
-            return state
-        os.makedirs(self.folder, exist_ok=True)
-        state = {"version": _STATE_VERSION, "fingerprint": self.fingerprint, "captured": False, "blocks_done": 0, "finished": False}
-        self._commit(state)
-        return state
+        if state is None:
+            os.makedirs(self.folder, exist_ok=True)
+            state = {"version": _STATE_VERSION, "fingerprint": fingerprint, "captured": False, "blocks_done": 0, "finished": False}
+            self._commit(state)
+        self.state = state
 
     def _commit(self, state: dict[str, Any]) -> None:
+        """Records ``state``: the commit point of everything written before it."""
+
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(state, f)
-                f.flush()
-                os.fsync(f.fileno())
 
         _atomic(os.path.join(self.folder, "state.json"), write)
         self.state = state
@@ -268,20 +303,26 @@ class CheckpointRun:
     def resume(self, job: Job) -> Resumed | None:
         if not self.state["captured"]:
             return None
-        report = PruneReport.from_dict(self.state["report"])
-        report.masks_folder = os.path.join(self.dst, MASKS_DIR)
+        report = _recorded_report(self.dst, self.state)
         layers = self.state["owl"] and owl.LayerSparsity(
             {int(k): v for k, v in self.state["owl"]["outlier_ratio"].items()},
             {int(k): v for k, v in self.state["owl"]["block_sparsity"].items()},
             self.state["owl"]["pruned_per_row"],
         )
-        samples = [] if self.state["finished"] else self._load_samples(job)
-        return Resumed(self.state["blocks_done"], samples, layers, report)
+        return Resumed(self.state["blocks_done"], self._load_samples(job, self.state["blocks_done"]), layers, report)
 
     def started(self, samples: list[Sample], layers: owl.LayerSparsity | None, report: PruneReport) -> None:
         extras = [{"kwargs": s.kwargs, "token_mask": s.token_mask} for s in samples]
-        _atomic(os.path.join(self.folder, "arguments.pt"), lambda tmp: torch.save(extras, tmp))
-        self._save_inputs(samples)
+        path = os.path.join(self.folder, "arguments.pt")
+        _atomic(path, lambda tmp: torch.save(extras, tmp))
+        try:  # read back now, as a resumed run will: a record that cannot be resumed fails here, not then
+            torch.load(path, weights_only=True)
+        except Exception as err:
+            raise UnsupportedModelError(
+                f"the arguments {type(self.job.adapter.model).__name__} passes its blocks cannot be recorded for a resume "
+                f"({type(err).__name__}: {err}); load the model with from_pretrained and use wandapp.prune"
+            ) from err
+        self._save_inputs(samples, 0)
         report.masks_folder = os.path.join(self.dst, MASKS_DIR)
         owl_plan = None if layers is None else {"outlier_ratio": layers.outlier_ratio, "block_sparsity": layers.block_sparsity, "pruned_per_row": layers.pruned_per_row}
         self._commit({**self.state, "captured": True, "blocks_done": 0, "report": report.to_dict(), "owl": owl_plan})
@@ -304,17 +345,25 @@ class CheckpointRun:
             masks = report.take_masks(names)  # on disk from now on: host memory stays one block's
             path = os.path.join(self.dst, MASKS_DIR, f"block-{index:05d}.safetensors")
             _atomic(path, lambda tmp: save_masks(tmp, masks, report=report))
-        self._save_inputs(samples)
+        self._save_inputs(samples, index + 1)
         self._commit({**self.state, "blocks_done": index + 1, "report": report.to_dict()})
+        os.remove(self._inputs(index))  # only after the commit: until then a resumed run needs it
 
-    # -- the next block's inputs ----------------------------------------------------------
-    def _save_inputs(self, samples: list[Sample]) -> None:
+    # -- a block's inputs -----------------------------------------------------------------
+    def _inputs(self, index: int) -> str:
+        """The file of block ``index``'s inputs: one per block, so a kill between writing the next
+        block's and committing never leaves the recorded block with the wrong inputs."""
+        return os.path.join(self.folder, f"inputs-{index:05d}.safetensors")
+
+    def _save_inputs(self, samples: list[Sample], index: int) -> None:
         hidden = {str(i): s.hidden.detach().to("cpu").contiguous() for i, s in enumerate(samples)}
-        _atomic(os.path.join(self.folder, "inputs.safetensors"), lambda tmp: save_file(hidden, tmp))
+        _atomic(self._inputs(index), lambda tmp: save_file(hidden, tmp))
 
-    def _load_samples(self, job: Job) -> list[Sample]:
+    def _load_samples(self, job: Job, index: int) -> list[Sample]:
+        if index == self.blocks:  # every block recorded; only finish() was left
+            return []
         extras = torch.load(os.path.join(self.folder, "arguments.pt"), weights_only=True)
-        hidden = load_file(os.path.join(self.folder, "inputs.safetensors"))
+        hidden = load_file(self._inputs(index))
         pin = pinned_offload(job.offload, job.device)
         samples = [Sample(stash(hidden[str(i)], job.offload, pin), e["kwargs"], e["token_mask"]) for i, e in enumerate(extras)]
         if pin:
@@ -336,8 +385,12 @@ class CheckpointRun:
             weight_map[name] = shard
         size = sum(os.path.getsize(os.path.join(self.dst, f)) for f in set(weight_map.values()))
         index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
-        with open(os.path.join(self.dst, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
+
+        def write_index(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+
+        _atomic(os.path.join(self.dst, "model.safetensors.index.json"), write_index)
         for name in os.listdir(self.src):
             path = os.path.join(self.src, name)
             if os.path.isfile(path) and not name.endswith(_WEIGHT_SUFFIXES) and not name.endswith(".index.json"):
@@ -345,8 +398,8 @@ class CheckpointRun:
         self.job.adapter.model.config.save_pretrained(self.dst)  # the dtype it was written in
         report.to_json(os.path.join(self.dst, "report.json"))
         self._commit({**self.state, "finished": True, "report": report.to_dict()})
-        for name in ("inputs.safetensors", "arguments.pt"):
-            if os.path.exists(os.path.join(self.folder, name)):
+        for name in os.listdir(self.folder):
+            if name != "state.json":
                 os.remove(os.path.join(self.folder, name))
 
     def _block_names(self, index: int) -> list[str]:

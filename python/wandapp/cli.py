@@ -68,7 +68,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from wandapp.eval import perplexity
 
     parse_sparsity(args.sparsity)  # fail before the slow model load
-    overrides = {field: getattr(args, field) for field in (*CONFIG_FLAGS, "ro_lr_search", "targets", "ignore") if getattr(args, field) is not None}
+    overrides = {
+        field: getattr(args, field) for field in (*CONFIG_FLAGS, "ro_lr_search", "dense_check", "targets", "ignore") if getattr(args, field) is not None
+    }
     config = (PruneConfig.paper() if args.paper else PruneConfig()).replace(nsamples=args.nsamples, seed=args.seed, **overrides)
     if args.model == "demo":
         model, tokenizer = _load(args.model, args.dtype)
@@ -85,6 +87,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         _require_folder(args.model)
+        if args.dense_check is None:  # as prune_checkpoint: the whole dense pass would read the model once per sequence
+            config = config.replace(dense_check=False)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
         before = _checkpoint_perplexity(args.model, tokenizer, args) if args.eval else None
@@ -198,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     for field, kind in CONFIG_FLAGS.items():
         p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None, help=f"PruneConfig.{field} (see its docs)")
     p.add_argument("--ro-lr-search", action=argparse.BooleanOptionalAction, default=None, help="PruneConfig.ro_lr_search (see its docs)")
+    p.add_argument(
+        "--dense-check", action=argparse.BooleanOptionalAction, default=None,
+        help="PruneConfig.dense_check (default: on for demo, off for --model DIR, which reads the model from disk)",
+    )
     for field in ("targets", "ignore"):
         p.add_argument(f"--{field}", nargs="+", default=None, metavar="NAME", help=f"PruneConfig.{field}: module names or name suffixes")
     p.add_argument("--out", required=True, help="output folder; with --model DIR the run resumes there after a crash")

@@ -117,10 +117,17 @@ class BlockSink(Protocol):
 
 
 def prepare(
-    model: nn.Module, calib_loader: Iterable[Any], sparsity: Union[float, str], method: str, config: PruneConfig | None, overrides: dict[str, Any]
+    model: nn.Module,
+    calib_loader: Iterable[Any],
+    sparsity: Union[float, str],
+    method: str,
+    config: PruneConfig | None,
+    overrides: dict[str, Any],
+    sequences: list[Sequence] | None = None,
 ) -> Job:
     """Every check :func:`prune` makes before any weight changes; the job they describe. Call it
-    with grad mode on (the caller's no_grad must not reach the gradient pass)."""
+    with grad mode on (the caller's no_grad must not reach the gradient pass). ``sequences``:
+    the loader's, already collected (then ``calib_loader`` is not read)."""
     cfg = (config or PruneConfig()).replace(**overrides)
     pattern = parse_sparsity(sparsity)
     method = parse_method(method)
@@ -135,7 +142,8 @@ def prepare(
     offload = torch.device(cfg.offload) if cfg.offload is not None else (
         torch.device("cpu") if model_device.type == "cuda" else model_device
     )
-    sequences = collect_sequences(calib_loader, cfg.nsamples)
+    if sequences is None:
+        sequences = collect_sequences(calib_loader, cfg.nsamples)
     cfg = cfg.replace(nsamples=len(sequences), ro_samples=cfg.ro_samples_for(len(sequences)))
     if method in RO_METHODS and cfg.ro_rounds > 0 and cfg.ro_samples > len(sequences):
         raise CalibrationError(
@@ -173,18 +181,34 @@ def prune_blocks(job: Job, run: BlockSink | None = None) -> PruneReport:
             first = 0 if resumed is None else resumed.first_block
             bar = tqdm(range(first, len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not job.cfg.progress, unit="block")
             for index in bar:
-                if not adapter.targets(index):  # targets/ignore left nothing here
-                    report.blocks[index].status = "skipped"
-                    samples = _run_unchanged(adapter, index, samples, device, cfg.batch_size, run)
-                else:
+                if adapter.targets(index):
                     samples = _prune_one_block(adapter, index, samples, method, pattern, layers, cfg, device, report, run)
                     block = report.blocks[index]
                     bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
-                if run is not None:
-                    run.finished_block(index, samples, report)
+                try:
+                    if not adapter.targets(index):  # targets/ignore left nothing here
+                        report.blocks[index].status = "skipped"
+                        samples = _run_unchanged(adapter, index, samples, device, cfg.batch_size, run)
+                    if run is not None:
+                        run.finished_block(index, samples, report)
+                except BaseException as err:  # the block's weights are as they were; the run did not record it
+                    report.blocks[index].status = "restored"
+                    raise _stopped(err, index, report) from err
         finally:
             model.train(was_training)
     return report
+
+
+def _stopped(err: BaseException, index: int, report: PruneReport) -> PruneError:
+    """The PruneError (PruneInterrupted for Ctrl-C) for a run that stopped in block ``index``."""
+    done = [i for i in report.pruned_blocks if i < index]
+    message = (
+        f"pruning stopped in block {index} ({type(err).__name__}: {err}). "
+        + (f"Blocks {done[0]}..{done[-1]} are pruned; " if done else "No block is pruned; ")
+        + f"block {index} was restored and blocks {index}.. are untouched. See err.report."
+    )
+    cls = PruneInterrupted if isinstance(err, KeyboardInterrupt) else PruneError
+    return cls(message, report=report, block=index)
 
 
 def _capture(job: Job) -> tuple[list[Sample], owl.LayerSparsity | None, PruneReport]:
@@ -256,14 +280,7 @@ def _prune_one_block(
                 _release_grads(requires_grad)
     except BaseException as err:
         report.blocks[index].status = "restored"
-        done = report.pruned_blocks
-        message = (
-            f"pruning stopped in block {index} ({type(err).__name__}: {err}). Blocks {done[0]}..{done[-1]} are pruned; "
-            if done
-            else f"pruning stopped in block {index} ({type(err).__name__}: {err}). No block is pruned; "
-        ) + f"block {index} was restored and blocks {index}.. are untouched. See err.report."
-        cls = PruneInterrupted if isinstance(err, KeyboardInterrupt) else PruneError
-        raise cls(message, report=report, block=index) from err
+        raise _stopped(err, index, report) from err
 
     block = report.blocks[index]
     block.status = "pruned"
