@@ -404,7 +404,7 @@ mod tests {
         let n = (rows * cols) as usize;
         let keep: Vec<bool> = (0..n).map(|j| j % 3 != 0).collect();
         let mut expected: Vec<f64> = draw(n).iter().zip(&keep).map(|(x, k)| if *k { *x } else { 0.0 }).collect();
-        let mut weight = Tensor::from_slice(&expected).to_kind(Kind::Float).view([rows, cols]).set_requires_grad(true);
+        let weight = Tensor::from_slice(&expected).to_kind(Kind::Float).view([rows, cols]);
         let mask = Tensor::from_slice(&keep).view([rows, cols]);
         let mut opt = MaskedRmsprop::new(&[weight.shallow_clone()], &[mask], lr).unwrap();
         let mut v = vec![0.0; n];
