@@ -17,7 +17,7 @@ from conftest import calib_ids, tiny_architecture, tiny_model
 
 DEVICE = os.environ.get("WANDAPP_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA device (set WANDAPP_TEST_DEVICE to choose one)")
-METHODS = ["magnitude", "wanda", "rgs", "wanda++"]
+METHODS = ["magnitude", "wanda", "rgs", "wanda++", "sparsegpt", "sparsegpt+ro"]
 FAST = dict(ro_samples=8, ro_holdout=4, ro_rounds=2, progress=False)
 #: Mask bits that may differ between a model pruned on the device and on CPU: the device sums in
 #: another order, and near-ties in the scores can then swap (measured by bench/gpu.py).
@@ -53,7 +53,7 @@ def test_prune_on_the_device(method, dtype):
     assert torch.isfinite(model(ids[:2].to(DEVICE)).logits.float()).all()
 
 
-@pytest.mark.parametrize("method", ["wanda", "rgs"])
+@pytest.mark.parametrize("method", ["wanda", "rgs", "sparsegpt"])
 def test_masks_pruned_on_the_device_match_cpu(method):
     ids = calib_ids()
     on_cpu = wandapp.prune(tiny_model("llama"), ids, sparsity=0.5, method=method, progress=False).masks
@@ -82,3 +82,14 @@ def test_architectures_on_the_device(model_type):
     assert_nm(model, 2, 4)
     assert report.pruned_blocks == [0, 1]
     assert torch.isfinite(model(ids[:2].to(DEVICE)).logits.float()).all()
+
+
+def test_a_checkpoint_streamed_on_the_device(tmp_path):
+    """prune_checkpoint with its blocks on the device: the written checkpoint is 2:4 and loads."""
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("accelerate")
+    tiny_model("llama").save_pretrained(tmp_path / "src")
+    report = wandapp.prune_checkpoint(tmp_path / "src", tmp_path / "dst", calib_ids(), sparsity="2:4", method="wanda++", device=DEVICE, **FAST)
+    assert report.pruned_blocks == [0, 1] and report.device.startswith(DEVICE)
+    assert_nm(AutoModelForCausalLM.from_pretrained(tmp_path / "dst"), 2, 4)
