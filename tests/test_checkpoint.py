@@ -155,7 +155,7 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_result(tmp_path):
     assert any(k is not None and 0 < k < 6 for k in killed_after), f"no kill landed mid-run: {killed_after}"
 
 
-def test_resume_refuses_another_model_data_or_settings(tmp_path):
+def test_resume_refuses_another_model_data_or_settings(tmp_path, monkeypatch):
     src = save_sharded(tmp_path / "src")
     dst = tmp_path / "dst"
     wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
@@ -166,8 +166,10 @@ def test_resume_refuses_another_model_data_or_settings(tmp_path):
     other = save_sharded(tmp_path / "other", seed=1)
     with pytest.raises(wandapp.ResumeMismatchError, match="model"):
         wandapp.prune_checkpoint(other, dst, IDS, method="wanda", **FAST)
-    again = wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)  # the same call: the recorded result
-    assert again.pruned_blocks == [0, 1]
+    # The same call: the recorded result, without loading the model.
+    monkeypatch.setattr("wandapp.checkpoint.load_offloaded", lambda *a, **k: pytest.fail("a finished run loaded the model"))
+    again = wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
+    assert again.pruned_blocks == [0, 1] and len(again.masks) == 14
 
 
 def test_bad_folders_are_refused_before_any_work(tmp_path):

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from wandapp import _core, owl
 from wandapp.capture import Sample, stash, pinned_offload
@@ -180,13 +181,17 @@ def _require_usable_destination(dst: str) -> None:
         )
 
 
-def _sha256_files(paths: list[str]) -> str:
+def _sha256_files(paths: list[str], progress: bool) -> str:
+    """SHA-256 of the files' names and bytes (about a minute per 100 GB; a bar when ``progress``)."""
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(os.path.basename(path).encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
+    total = sum(os.path.getsize(p) for p in paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="wandapp: hashing the checkpoint", disable=not progress) as bar:
+        for path in paths:
+            digest.update(os.path.basename(path).encode() + b"\0")
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    bar.update(len(chunk))
     return digest.hexdigest()
 
 
@@ -208,7 +213,7 @@ def _fingerprint(
     settings = {k: v for k, v in resolved.to_dict().items() if k != "progress"}
     settings.update(method=method, sparsity=str(pattern), dtype=str(dtype), wandapp=_core.__version__)
     return {
-        "model": _sha256_files(files),
+        "model": _sha256_files(files, cfg.progress),
         "calibration data": _sha256_sequences(sequences),
         "settings": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
     }
