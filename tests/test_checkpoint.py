@@ -188,26 +188,32 @@ def test_bad_folders_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "dst").exists()
 
 
-def test_a_failed_block_stays_unrecorded_and_the_same_call_resumes(tmp_path, monkeypatch):
-    src = save_sharded(tmp_path / "src", num_hidden_layers=4)
-    expected = wandapp.prune_checkpoint(src, tmp_path / "uninterrupted", IDS, method="wanda", **FAST)
-
+def fail_core_call(monkeypatch, call: int, message: str):
+    """Makes the ``call``-th block the core prunes raise RuntimeError(message); returns the undo."""
     core = sys.modules["wandapp.prune"]._core
     real = core.prune_block_
     calls = []
 
     def failing(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("out of memory (injected)")
+        if len(calls) == call:
+            raise RuntimeError(message)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(core, "prune_block_", failing)
+    return lambda: monkeypatch.setattr(core, "prune_block_", real)
+
+
+def test_a_failed_block_stays_unrecorded_and_the_same_call_resumes(tmp_path, monkeypatch):
+    src = save_sharded(tmp_path / "src", num_hidden_layers=4)
+    expected = wandapp.prune_checkpoint(src, tmp_path / "uninterrupted", IDS, method="wanda", **FAST)
+
+    undo = fail_core_call(monkeypatch, 3, "out of memory (injected)")
     dst = tmp_path / "dst"
     with pytest.raises(wandapp.PruneError, match="the same call resumes at block 2") as err:
         wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
     assert err.value.report.pruned_blocks == [0, 1] and state(dst)["blocks_done"] == 2
-    monkeypatch.setattr(core, "prune_block_", real)
+    undo()
     report = wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
     assert_same_masks(report.masks, expected.masks)
     tensors, reference = written_tensors(dst), written_tensors(tmp_path / "uninterrupted")
@@ -223,24 +229,14 @@ def test_every_architecture_streams_and_resumes_or_is_refused_clearly(model_type
     tiny_architecture(model_type).save_pretrained(src)
     reference = AutoModelForCausalLM.from_pretrained(src)
     dst = tmp_path / "dst"
-    core = sys.modules["wandapp.prune"]._core
-    real = core.prune_block_
-    calls = []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("stopped in block 1 (injected)")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(core, "prune_block_", failing)
+    undo = fail_core_call(monkeypatch, 2, "stopped in block 1 (injected)")
     try:
         with pytest.raises(wandapp.PruneError, match="block 1"):
             wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
     except wandapp.UnsupportedModelError as err:
         assert "converts this checkpoint on load" in str(err) and not dst.exists()
         return
-    monkeypatch.setattr(core, "prune_block_", real)
+    undo()
     report = wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
     expected = wandapp.prune(reference, IDS, method="wanda", **FAST)
     assert_same_masks(report.masks, expected.masks)

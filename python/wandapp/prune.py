@@ -181,12 +181,13 @@ def prune_blocks(job: Job, run: BlockSink | None = None) -> PruneReport:
             first = 0 if resumed is None else resumed.first_block
             bar = tqdm(range(first, len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not job.cfg.progress, unit="block")
             for index in bar:
-                if adapter.targets(index):
+                has_targets = bool(adapter.targets(index))  # targets/ignore may leave nothing here
+                if has_targets:
                     samples = _prune_one_block(adapter, index, samples, method, pattern, layers, cfg, device, report, run)
                     block = report.blocks[index]
                     bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
                 try:
-                    if not adapter.targets(index):  # targets/ignore left nothing here
+                    if not has_targets:
                         report.blocks[index].status = "skipped"
                         samples = _run_unchanged(adapter, index, samples, device, cfg.batch_size, run)
                     if run is not None:
