@@ -274,11 +274,13 @@ impl PyGradientStats {
 
 /// A Python object with `__len__`, `batches(indices)`, `forward`, `linear_inputs` (returning
 /// (inputs, output)), `target` and `token_mask` taking a list of indices (one batch), and
-/// `set_targets` / `set_outputs` taking a batch and a tensor. The first exception it raises is kept
-/// and re-raised unchanged.
+/// `set_targets` / `set_outputs` taking a batch and a tensor; with `world_size()` > 1 also
+/// `local()` and `all_reduce(tensors)` (`Block`). The first exception it raises is kept and
+/// re-raised unchanged.
 struct PyBlock<'py> {
     obj: Bound<'py, PyAny>,
     len: usize,
+    world_size: usize,
     error: RefCell<Option<PyErr>>,
 }
 
@@ -369,6 +371,25 @@ impl Block for PyBlock<'_> {
         let weights: Vec<Tensor> = weights.iter().map(Tensor::shallow_clone).collect();
         Ok(self.obj.py().allow_threads(move || Tensor::f_run_backward(&[loss], &weights, false, false))?)
     }
+
+    fn local(&self) -> Result<Vec<usize>> {
+        if self.world_size == 1 {
+            return Ok((0..self.len).collect());
+        }
+        self.invoke("local", ())?
+            .extract()
+            .map_err(|_| Error::InvalidArgument { arg: "block.local", reason: "must return a list of indices".into() })
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce(&self, tensors: &[Tensor]) -> Result<()> {
+        let py = self.obj.py();
+        let tensors = tensors.iter().map(|t| to_py(py, t.shallow_clone())).collect::<PyResult<Vec<_>>>().map_err(|e| Error::Callback(e.to_string()))?;
+        self.invoke("all_reduce", (tensors,)).map(|_| ())
+    }
 }
 
 /// Runs one block's whole schedule (SPEC step 6) on `weights`, in place; returns a dict with
@@ -377,7 +398,7 @@ impl Block for PyBlock<'_> {
 /// counts (OWL); `ro_lr_search` scales RO's first round by a line search on the held-out sequences.
 #[pyfunction]
 #[pyo3(signature = (block, weights, *, method, sparsity = 0.5, nm = None, pruned_per_row = None, alpha = 100.0,
-                    ro_rounds = 5, ro_samples = 32, ro_holdout = 8, ro_lr = 3e-7, ro_lr_search = false, seed = 0))]
+                    ro_rounds = 5, ro_samples = 32, ro_holdout = 8, ro_lr = 3e-7, ro_lr_search = false, ro_batch_size = 1, seed = 0))]
 #[allow(clippy::too_many_arguments)]
 fn prune_block_<'py>(
     py: Python<'py>,
@@ -393,6 +414,7 @@ fn prune_block_<'py>(
     ro_holdout: usize,
     ro_lr: f64,
     ro_lr_search: bool,
+    ro_batch_size: usize,
     seed: u64,
 ) -> PyResult<Bound<'py, PyDict>> {
     let weights = weights.iter().map(|w| tensor_arg(w, "weights")).collect::<Result<Vec<_>>>()?;
@@ -407,10 +429,12 @@ fn prune_block_<'py>(
         method: Method::parse(method)?,
         patterns,
         alpha,
-        ro: RoSettings { rounds: ro_rounds, samples: ro_samples, holdout: ro_holdout, lr: ro_lr, lr_search: ro_lr_search, seed },
+        ro: RoSettings { rounds: ro_rounds, samples: ro_samples, holdout: ro_holdout, lr: ro_lr, lr_search: ro_lr_search, seed, batch: ro_batch_size },
     };
     let len = block.len()?;
-    let block = PyBlock { obj: block, len, error: RefCell::new(None) };
+    // A block without `world_size` (the trait's own tests, user blocks) runs alone.
+    let world_size = if block.hasattr("world_size")? { block.call_method0("world_size")?.extract()? } else { 1 };
+    let block = PyBlock { obj: block, len, world_size, error: RefCell::new(None) };
     let outcome = match run_schedule(&block, &weights, &plan) {
         Ok(outcome) => outcome,
         Err(Error::Callback(message)) => {

@@ -1,13 +1,18 @@
 //! One decoder block's schedule (SPEC step 6): gradients once, K rounds of
 //! score -> mask -> RO, a final prune. The block itself runs behind the `Block` trait, so the
 //! HuggingFace module runs unchanged in Python while autograd does the backward here.
+//!
+//! Calibration may be spread over processes (torch.distributed): each runs its own share of the
+//! sequences (`Block::local`) and every sum over sequences is added up over the processes through
+//! `Block::all_reduce` before anything is decided from it, so every process takes the same
+//! decisions and ends with the same weights. The hook keeps the core free of any process-group API.
 
 use crate::error::{Error, Result};
 use crate::mask::{apply_mask_, select, Pattern};
 use crate::ro::{block_mse, regional_norm, summed_mse, DeviceSum, GradTracking, RoRun, RoSettings, RoundRecord};
 use crate::score::{magnitude_score, rgs_score, wanda_score};
 use crate::sparsegpt::{sparsegpt_prune_, HessianStats, BLOCK_SIZE, PERCDAMP};
-use crate::stats::{check_inputs, rescaled_norms, GradientStats, InputNorms, InputStats};
+use crate::stats::{all_reduce_sums, check_inputs, rescaled_norms, GradientStats, InputNorms, InputStats, SequenceSum};
 use tch::Tensor;
 
 /// A decoder block over its captured calibration sequences, addressed by index. Methods take a
@@ -46,6 +51,27 @@ pub trait Block {
     fn gradients(&self, loss: &Tensor, weights: &[Tensor]) -> Result<Vec<Tensor>> {
         Ok(Tensor::f_run_backward(&[loss], weights, false, false)?)
     }
+    /// The sequences this process runs, sorted: all of them, or its share when the calibration is
+    /// spread over processes. The core passes the methods above only these indices.
+    fn local(&self) -> Result<Vec<usize>> {
+        Ok((0..self.len()).collect())
+    }
+    /// Processes that share the calibration (1: this one alone).
+    fn world_size(&self) -> usize {
+        1
+    }
+    /// Sums each of `tensors` in place over the processes. Every process calls it at the same
+    /// point of the schedule with tensors of the same shapes and dtypes; called only when
+    /// `world_size() > 1`.
+    fn all_reduce(&self, _tensors: &[Tensor]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The indices of `samples` this process runs (`Block::local`), in the order given.
+pub fn local_share(block: &dyn Block, samples: &[usize]) -> Result<Vec<usize>> {
+    let local = block.local()?;
+    Ok(samples.iter().copied().filter(|i| local.binary_search(i).is_ok()).collect())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,7 +143,7 @@ fn gradient_rms(block: &dyn Block, weights: &[Tensor], subset: &[usize]) -> Resu
     let mut norms = InputStats::new(weights)?;
     let mut subset_norms = InputStats::new(weights)?;
     let _tracking = GradTracking::enable(weights);
-    for i in 0..block.len() {
+    for i in block.local()? {
         let grads = tch::with_grad(|| -> Result<Vec<Tensor>> {
             let mask = block.token_mask(&[i])?;
             let (inputs, out) = block.linear_inputs(&[i])?;
@@ -133,17 +159,19 @@ fn gradient_rms(block: &dyn Block, weights: &[Tensor], subset: &[usize]) -> Resu
             st.update(&if g.defined() { g } else { w.f_zeros_like()? })?;
         }
     }
+    norms.all_reduce(block)?;
+    subset_norms.all_reduce(block)?;
+    all_reduce_sums(block, &mut stats.iter_mut().map(|s| s as &mut dyn SequenceSum).collect::<Vec<_>>())?;
     let subset_norms = if subset.is_empty() { Vec::new() } else { subset_norms.finish()? };
     Ok((stats.iter().map(GradientStats::rms).collect::<Result<_>>()?, norms.finish()?, subset_norms))
 }
 
-/// One pass over every sequence, batch by batch on the dense block, recording linear inputs:
+/// One pass over this process's sequences, batch by batch on the dense block, recording linear inputs:
 /// feeds them to `feed(x, mask, sequences)` (x is [b, seq, in] with the batch's token mask, or
 /// [rows, in] routed to an expert); the outputs become the targets.
 fn for_each_input(block: &dyn Block, weights: &[Tensor], mut feed: impl FnMut(&[Tensor], Option<&Tensor>, i64) -> Result<()>) -> Result<()> {
     let _guard = tch::no_grad_guard();
-    let all: Vec<usize> = (0..block.len()).collect();
-    for batch in block.batches(&all)? {
+    for batch in block.batches(&block.local()?)? {
         let (inputs, out) = block.linear_inputs(&batch)?;
         check_inputs(&inputs, weights.len())?;
         block.set_targets(&batch, &out)?;
@@ -157,6 +185,7 @@ fn for_each_input(block: &dyn Block, weights: &[Tensor], mut feed: impl FnMut(&[
 fn activation_norms(block: &dyn Block, weights: &[Tensor]) -> Result<InputNorms> {
     let mut norms = InputStats::new(weights)?;
     for_each_input(block, weights, |inputs, mask, sequences| norms.update(inputs, mask, sequences))?;
+    norms.all_reduce(block)?;
     norms.finish()
 }
 
@@ -174,14 +203,14 @@ fn hessians(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Option<Tensor>>
         }
         Ok(())
     })?;
+    all_reduce_sums(block, &mut stats.iter_mut().map(|s| s as &mut dyn SequenceSum).collect::<Vec<_>>())?;
     stats.iter().map(|st| if st.saw_tokens() { st.hessian().map(Some) } else { Ok(None) }).collect()
 }
 
 /// The dense outputs as targets, for a method that records no linear input (magnitude).
 fn dense_targets(block: &dyn Block) -> Result<()> {
     let _guard = tch::no_grad_guard();
-    let all: Vec<usize> = (0..block.len()).collect();
-    for batch in block.batches(&all)? {
+    for batch in block.batches(&block.local()?)? {
         block.set_targets(&batch, &block.forward(&batch)?)?;
     }
     Ok(())
@@ -239,15 +268,14 @@ fn finite(mse: f64) -> Result<f64> {
 /// inputs) and, from the same forwards, its mean error against the dense outputs.
 fn final_outputs(block: &dyn Block) -> Result<f64> {
     let _guard = tch::no_grad_guard();
-    let all: Vec<usize> = (0..block.len()).collect();
     let mut total = DeviceSum::default();
-    for batch in block.batches(&all)? {
+    for batch in block.batches(&block.local()?)? {
         let out = block.forward(&batch)?;
         let mask = block.token_mask(&batch)?;
         total.add(&summed_mse(&out, &block.target(&batch)?, mask.as_ref())?)?;
         block.set_outputs(&batch, &out)?;
     }
-    finite(total.read()? / all.len().max(1) as f64)
+    finite(total.all_reduced(block)? / block.len().max(1) as f64)
 }
 
 /// Prunes `weights` (the block's linear weights, shared with the model) in place. Forward passes
@@ -265,6 +293,13 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
     }
     if block.is_empty() {
         return Err(Error::InvalidArgument { arg: "block", reason: "has no calibration sequences".into() });
+    }
+    let local = block.local()?;
+    if local.is_empty() || local.windows(2).any(|w| w[0] >= w[1]) || local.last().is_some_and(|&i| i >= block.len()) {
+        return Err(Error::InvalidArgument {
+            arg: "block.local",
+            reason: format!("must list this process's sequences, at least one, sorted, each below {}", block.len()),
+        });
     }
     let n = block.len();
     // RO after re-pruning (wanda++) records the input norms of its held-out passes for the next prune.
@@ -411,7 +446,7 @@ mod tests {
             method,
             patterns: vec![Pattern::nm(2, 4).unwrap(); 2],
             alpha: 100.0,
-            ro: RoSettings { rounds: 3, samples: 8, holdout: 4, lr, lr_search: false, seed: 0 },
+            ro: RoSettings { rounds: 3, samples: 8, holdout: 4, lr, lr_search: false, seed: 0, batch: 1 },
         }
     }
 

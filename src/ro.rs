@@ -1,8 +1,8 @@
 //! Regional optimization (SPEC step 5): make the pruned block's output match the dense one with
-//! masked RMSprop, one calibration sequence per step, and roll a round back when it makes the
-//! held-out block error worse or non-finite.
+//! masked RMSprop, `batch` calibration sequences per step (the paper: one), and roll a round back
+//! when it makes the held-out block error worse or non-finite.
 
-use crate::block::Block;
+use crate::block::{local_share, Block};
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
 use crate::stats::{InputNorms, InputStats};
@@ -22,6 +22,10 @@ pub struct RoSettings {
     /// later rounds at the learning rate found (`lr_search_factors`).
     pub lr_search: bool,
     pub seed: u64,
+    /// Sequences per step: the step's gradient is their mean. Processes that share the
+    /// calibration each take the step's sequences they hold, so more processes than `batch`
+    /// leave some idle.
+    pub batch: usize,
 }
 
 /// The line search's scales of the first round's update: powers of two from 2^-10 to 2^6, so a
@@ -40,6 +44,9 @@ pub struct RoSplit {
 
 impl RoSettings {
     pub fn split(&self, nsamples: usize) -> Result<RoSplit> {
+        if self.batch == 0 {
+            return Err(Error::InvalidArgument { arg: "ro_batch_size", reason: "must be at least 1".into() });
+        }
         if self.samples == 0 || self.samples > nsamples {
             return Err(Error::InvalidArgument {
                 arg: "ro_samples",
@@ -100,6 +107,16 @@ impl DeviceSum {
     pub fn read(self) -> Result<f64> {
         Ok(self.0.map_or(Ok(0.0), f64::try_from)?)
     }
+
+    /// The sum over the processes of `block` (`Block::all_reduce`), read back.
+    pub fn all_reduced(self, block: &dyn Block) -> Result<f64> {
+        if block.world_size() == 1 {
+            return self.read();
+        }
+        let sum = self.0.unwrap_or_else(|| Tensor::zeros([], (Kind::Double, tch::Device::Cpu)));
+        block.all_reduce(&[sum.shallow_clone()])?;
+        Ok(f64::try_from(sum)?)
+    }
 }
 
 /// Sum over a batch [b, seq, hidden] of each sequence's MSE over its real tokens (float32). A
@@ -120,16 +137,17 @@ pub fn summed_mse(out: &Tensor, target: &Tensor, token_mask: Option<&Tensor>) ->
     Ok(per_sequence.f_sum(Kind::Float)?)
 }
 
-/// Mean block-output MSE against the dense outputs over `samples`, without autograd, in the
-/// block's batches; read back once (no host synchronisation per batch).
+/// Mean block-output MSE against the dense outputs over `samples` (those this process holds, then
+/// summed over the processes), without autograd, in the block's batches; read back once (no host
+/// synchronisation per batch).
 pub fn block_mse(block: &dyn Block, samples: &[usize]) -> Result<f64> {
     let _guard = tch::no_grad_guard();
     let mut total = DeviceSum::default();
-    for batch in block.batches(samples)? {
+    for batch in block.batches(&local_share(block, samples)?)? {
         let mask = block.token_mask(&batch)?;
         total.add(&summed_mse(&block.forward(&batch)?, &block.target(&batch)?, mask.as_ref())?)?;
     }
-    Ok(total.read()? / samples.len().max(1) as f64)
+    Ok(total.all_reduced(block)? / samples.len().max(1) as f64)
 }
 
 /// Marks `weights` as requiring gradients for as long as it lives, then restores each flag.
@@ -202,6 +220,48 @@ impl MaskedRmsprop {
     }
 }
 
+/// The gradient of one RO step on the sequences `step`: one backward per sequence this process
+/// holds, their mean over the step (summed over the processes). A step of one sequence in a
+/// single process keeps autograd's gradients as they are (undefined for a weight the sequence does
+/// not reach: no update); otherwise such a weight's gradient counts as 0, as in PyTorch's
+/// DistributedDataParallel. Adds each sequence's loss to `loss_sum`.
+fn step_gradients(block: &dyn Block, weights: &[Tensor], step: &[usize], loss_sum: &mut DeviceSum) -> Result<Vec<Tensor>> {
+    let mut sum: Vec<Option<Tensor>> = weights.iter().map(|_| None).collect();
+    for i in local_share(block, step)? {
+        let (loss, grads) = tch::with_grad(|| -> Result<(Tensor, Vec<Tensor>)> {
+            let mask = block.token_mask(&[i])?;
+            let loss = masked_mse(&block.forward(&[i])?, &block.target(&[i])?, mask.as_ref())?;
+            let grads = block.gradients(&loss, weights)?;
+            Ok((loss.f_detach()?, grads))
+        })?;
+        loss_sum.add(&loss)?;
+        for (acc, g) in sum.iter_mut().zip(grads) {
+            if g.defined() {
+                *acc = Some(match acc.take() {
+                    None => g,
+                    Some(a) => a.f_to_kind(Kind::Float)?.f_add(&g)?,
+                });
+            }
+        }
+    }
+    if block.world_size() == 1 && step.len() == 1 {
+        return Ok(sum.into_iter().map(|g| g.unwrap_or_else(Tensor::new)).collect());
+    }
+    let _guard = tch::no_grad_guard();
+    let sum = sum
+        .into_iter()
+        .zip(weights)
+        .map(|(g, w)| match g {
+            Some(g) => g.f_to_kind(Kind::Float),
+            None => Tensor::f_zeros(w.size(), (Kind::Float, w.device())),
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    if block.world_size() > 1 {
+        block.all_reduce(&sum)?;
+    }
+    sum.iter().map(|g| Ok(g.f_div_scalar(step.len() as f64)?)).collect()
+}
+
 /// What one RO round did.
 #[derive(Clone, Debug)]
 pub struct RoundRecord {
@@ -233,13 +293,14 @@ fn holdout_pass(block: &dyn Block, weights: &[Tensor], holdout: &[usize], record
     let _guard = tch::no_grad_guard();
     let mut stats = InputStats::new(weights)?;
     let mut total = DeviceSum::default();
-    for batch in block.batches(holdout)? {
+    for batch in block.batches(&local_share(block, holdout)?)? {
         let mask = block.token_mask(&batch)?;
         let (inputs, out) = block.linear_inputs(&batch)?;
         stats.update(&inputs, mask.as_ref(), batch.len() as i64)?;
         total.add(&summed_mse(&out, &block.target(&batch)?, mask.as_ref())?)?;
     }
-    Ok((total.read()? / holdout.len().max(1) as f64, Some(stats.finish()?)))
+    stats.all_reduce(block)?;
+    Ok((total.all_reduced(block)? / holdout.len().max(1) as f64, Some(stats.finish()?)))
 }
 
 /// A held-out measurement: the error and, when recorded, the input norms at that point.
@@ -325,17 +386,11 @@ impl<'a> RoRun<'a> {
         let tracking = GradTracking::enable(weights);
         // Summed on the device and read once per round: no host synchronisation per step.
         let mut loss_sum = DeviceSum::default();
-        for &i in &order {
-            let (loss, grads) = tch::with_grad(|| -> Result<(Tensor, Vec<Tensor>)> {
-                let mask = block.token_mask(&[i])?;
-                let loss = masked_mse(&block.forward(&[i])?, &block.target(&[i])?, mask.as_ref())?;
-                let grads = block.gradients(&loss, weights)?;
-                Ok((loss.f_detach()?, grads))
-            })?;
-            loss_sum.add(&loss)?;
+        for step in order.chunks(self.settings.batch) {
+            let grads = step_gradients(block, weights, step, &mut loss_sum)?;
             opt.step(weights, &grads)?;
         }
-        let loss_sum = loss_sum.read()?;
+        let loss_sum = loss_sum.all_reduced(block)?;
         drop(tracking);
 
         let mut after = holdout_pass(block, weights, holdout, self.record_inputs)?;
@@ -377,7 +432,7 @@ mod tests {
 
     #[test]
     fn split_is_seeded_and_disjoint() {
-        let s = RoSettings { rounds: 1, samples: 4, holdout: 3, lr: 1e-3, lr_search: false, seed: 3 };
+        let s = RoSettings { rounds: 1, samples: 4, holdout: 3, lr: 1e-3, lr_search: false, seed: 3, batch: 1 };
         let a = s.split(10).unwrap();
         assert_eq!(a, s.split(10).unwrap());
         assert_eq!(a.train.len(), 4);

@@ -10,6 +10,7 @@
 
 use crate::error::{Error, Result};
 use crate::mask::{lowest_k_mask, nm_mask, Pattern};
+use crate::stats::{never_fed, SequenceSum};
 use crate::tensor_check::{require_finite, require_float, require_rank, require_same_device, require_shape, weight_dims};
 use tch::{Kind, Tensor};
 
@@ -19,7 +20,8 @@ pub const BLOCK_SIZE: i64 = 128;
 pub const PERCDAMP: f64 = 0.01;
 
 /// The Hessian H = 2/N sum over real tokens of x x^T of one linear layer's input (N: sequences),
-/// in float32, fed one batch at a time.
+/// in float32, fed one batch at a time. Each batch's product is float32; the sum over batches is
+/// float64, so that batches (or processes) added up in another order give the same float32 H.
 pub struct HessianStats {
     in_features: i64,
     sum: Option<Tensor>,
@@ -63,12 +65,13 @@ impl HessianStats {
             return Err(Error::Shape { arg: "x", got: rows.size(), expected: format!("[.., {}] (in_features)", self.in_features) });
         }
         let x = rows.f_to_kind(Kind::Float)?;
-        let outer = x.f_tr()?.f_matmul(&x)?;
+        let outer = x.f_tr()?.f_matmul(&x)?.f_to_kind(Kind::Double)?;
         self.sum = Some(match self.sum.take() {
             None => outer,
-            Some(acc) => {
+            Some(mut acc) => {
                 require_same_device(&outer, "x", &acc, "earlier batches")?;
-                acc.f_add(&outer)?
+                let _ = acc.f_add_(&outer)?;
+                acc
             }
         });
         self.nsamples += sequences;
@@ -82,9 +85,19 @@ impl HessianStats {
             arg: "HessianStats",
             reason: "hessian() called before any update(); feed at least one batch".into(),
         })?;
-        let h = sum.f_mul_scalar(2.0 / self.nsamples.max(1) as f64)?;
+        let h = sum.f_mul_scalar(2.0 / self.nsamples.max(1) as f64)?.f_to_kind(Kind::Float)?;
         require_finite(&h, "the Hessian of a layer's inputs")?;
         Ok(h)
+    }
+}
+
+impl SequenceSum for HessianStats {
+    fn sum_mut(&mut self) -> Result<&mut Tensor> {
+        self.sum.as_mut().ok_or_else(|| never_fed("HessianStats"))
+    }
+
+    fn counts_mut(&mut self) -> Vec<&mut i64> {
+        vec![&mut self.nsamples, &mut self.rows]
     }
 }
 

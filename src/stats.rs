@@ -1,9 +1,48 @@
-//! Streaming statistics for scoring. Accumulators are float64 (activations) and float32
-//! (gradients) whatever the input dtype, so half-precision models do not lose the small terms.
+//! Streaming statistics for scoring. Accumulators are float64 whatever the input dtype, so
+//! half-precision models do not lose the small terms and sums added up in another order (batches,
+//! processes) round to the same float32 statistic.
 
+use crate::block::Block;
 use crate::error::{Error, Result};
 use crate::tensor_check::{require_bool, require_finite, require_float, require_rank, require_same_device, require_shape};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+
+/// A sum over calibration sequences with its counts: what processes that share the calibration
+/// (torch.distributed) add up before a statistic is read.
+pub trait SequenceSum {
+    /// The running sum; zeros where this process added nothing, or an error where it must have.
+    fn sum_mut(&mut self) -> Result<&mut Tensor>;
+    fn counts_mut(&mut self) -> Vec<&mut i64>;
+}
+
+/// Adds each of `sums` over the processes of `block` in one `Block::all_reduce` call: the sums in
+/// place and the counts. Nothing to do for a single process.
+pub fn all_reduce_sums(block: &dyn Block, sums: &mut [&mut dyn SequenceSum]) -> Result<()> {
+    if block.world_size() == 1 {
+        return Ok(());
+    }
+    let mut tensors = Vec::with_capacity(sums.len() + 1);
+    let mut counts = Vec::new();
+    for s in sums.iter_mut() {
+        tensors.push(s.sum_mut()?.shallow_clone());
+        counts.extend(s.counts_mut().into_iter().map(|c| *c));
+    }
+    let counted = Tensor::from_slice(&counts);
+    tensors.push(counted.shallow_clone());
+    block.all_reduce(&tensors)?;
+    let mut reduced = Vec::<i64>::try_from(&counted)?.into_iter();
+    for s in sums.iter_mut() {
+        for c in s.counts_mut() {
+            *c = reduced.next().expect("one reduced count per count");
+        }
+    }
+    Ok(())
+}
+
+/// The error for a sum a process must have fed before a reduction.
+pub fn never_fed(what: &'static str) -> Error {
+    Error::InvalidArgument { arg: what, reason: "summed over processes before this process fed it; every process needs at least one sequence".into() }
+}
 
 /// Per-feature input norms of one linear layer, fed one batch at a time.
 ///
@@ -12,6 +51,8 @@ use tch::{Kind, Tensor};
 /// tokens routed to it (`update_routed`); a sequence that routed none adds zero to its sums.
 pub struct ActivationStats {
     in_features: i64,
+    /// Where the sum lives when this process feeds none (the other processes' sums are there).
+    device: Device,
     sum_sq: Option<Tensor>,
     nsamples: i64,
     /// Token rows fed, counted from shapes (padding included): 0 means no token reached it.
@@ -20,13 +61,18 @@ pub struct ActivationStats {
 
 impl ActivationStats {
     pub fn new(in_features: i64) -> Result<Self> {
+        Self::on(in_features, Device::Cpu)
+    }
+
+    /// Statistics whose sum is on `device` also when this process feeds no batch.
+    pub fn on(in_features: i64, device: Device) -> Result<Self> {
         if in_features < 1 {
             return Err(Error::InvalidArgument {
                 arg: "in_features",
                 reason: format!("must be a positive integer, got {in_features}"),
             });
         }
-        Ok(Self { in_features, sum_sq: None, nsamples: 0, rows: 0 })
+        Ok(Self { in_features, device, sum_sq: None, nsamples: 0, rows: 0 })
     }
 
     pub fn in_features(&self) -> i64 {
@@ -114,6 +160,17 @@ impl ActivationStats {
     }
 }
 
+impl SequenceSum for ActivationStats {
+    fn sum_mut(&mut self) -> Result<&mut Tensor> {
+        let (n, device) = (self.in_features, self.device);
+        Ok(self.sum_sq.get_or_insert_with(|| Tensor::zeros([n], (Kind::Double, device))))
+    }
+
+    fn counts_mut(&mut self) -> Vec<&mut i64> {
+        vec![&mut self.nsamples, &mut self.rows]
+    }
+}
+
 /// Fails unless a block recorded one input per weight (`Block::linear_inputs`).
 pub fn check_inputs(inputs: &[Tensor], weights: usize) -> Result<()> {
     if inputs.len() != weights {
@@ -135,7 +192,12 @@ pub type InputNorms = Vec<Option<Tensor>>;
 
 impl InputStats {
     pub fn new(weights: &[Tensor]) -> Result<Self> {
-        weights.iter().map(|w| ActivationStats::new(w.size()[1])).collect::<Result<Vec<_>>>().map(InputStats)
+        weights.iter().map(|w| ActivationStats::on(w.size()[1], w.device())).collect::<Result<Vec<_>>>().map(InputStats)
+    }
+
+    /// Adds the statistics over the processes that share the calibration.
+    pub fn all_reduce(&mut self, block: &dyn Block) -> Result<()> {
+        all_reduce_sums(block, &mut self.0.iter_mut().map(|s| s as &mut dyn SequenceSum).collect::<Vec<_>>())
     }
 
     pub fn update(&mut self, inputs: &[Tensor], mask: Option<&Tensor>, sequences: i64) -> Result<()> {
@@ -177,7 +239,7 @@ pub fn rescaled_norms(all: &InputNorms, subset_then: &InputNorms, subset_now: &I
         .collect()
 }
 
-/// Root mean square of per-sample gradients of one weight.
+/// Root mean square of per-sample gradients of one weight (squares summed in float64).
 pub struct GradientStats {
     shape: Vec<i64>,
     sum_sq: Option<Tensor>,
@@ -207,7 +269,7 @@ impl GradientStats {
     pub fn update(&mut self, grad: &Tensor) -> Result<()> {
         require_float(grad, "grad")?;
         require_shape(grad, "grad", &self.shape, "the shape given to GradientStats")?;
-        let sq = grad.f_to_kind(Kind::Float)?.f_square()?;
+        let sq = grad.f_to_kind(Kind::Double)?.f_square()?;
         self.sum_sq = Some(match self.sum_sq.take() {
             None => sq,
             Some(mut acc) => {
@@ -221,7 +283,7 @@ impl GradientStats {
     }
 
     /// float32 tensor of `shape`: sqrt(sum of squares / nsamples). NonFinite when a gradient
-    /// was infinite or NaN, or the sum of squares overflowed float32.
+    /// was infinite or NaN.
     pub fn rms(&self) -> Result<Tensor> {
         match &self.sum_sq {
             None => Err(Error::InvalidArgument {
@@ -229,11 +291,21 @@ impl GradientStats {
                 reason: "rms() called before any update(); feed at least one gradient".into(),
             }),
             Some(acc) => {
-                let rms = acc.f_div_scalar(self.nsamples as f64)?.f_sqrt()?;
+                let rms = acc.f_div_scalar(self.nsamples as f64)?.f_sqrt()?.f_to_kind(Kind::Float)?;
                 require_finite(&rms, "gradients")?;
                 Ok(rms)
             }
         }
+    }
+}
+
+impl SequenceSum for GradientStats {
+    fn sum_mut(&mut self) -> Result<&mut Tensor> {
+        self.sum_sq.as_mut().ok_or_else(|| never_fed("GradientStats"))
+    }
+
+    fn counts_mut(&mut self) -> Vec<&mut i64> {
+        vec![&mut self.nsamples]
     }
 }
 
@@ -311,10 +383,10 @@ mod tests {
             grad.update(&x.view([1, 2])).unwrap();
             assert!(matches!(grad.rms(), Err(Error::NonFinite { .. })), "{bad}");
         }
-        // float32 squares overflow although each gradient is finite.
+        // Squares beyond float32's range are summed in float64: the RMS is the finite gradient.
         let mut grad = GradientStats::new(vec![1, 1]).unwrap();
         grad.update(&Tensor::from_slice(&[1e30f32]).view([1, 1])).unwrap();
-        assert!(matches!(grad.rms(), Err(Error::NonFinite { .. })));
+        assert_eq!(f64::try_from(grad.rms().unwrap().view([-1]).get(0)).unwrap(), 1e30f32 as f64);
         // A padded token's infinity is not a statistic.
         let x = Tensor::from_slice(&[1.0f32, f32::INFINITY]).view([1, 2, 1]);
         let mut act = ActivationStats::new(1).unwrap();

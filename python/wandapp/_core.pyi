@@ -75,6 +75,8 @@ class _Block(Protocol):
     def target(self, batch: list[int]) -> torch.Tensor: ...
     def set_outputs(self, batch: list[int], out: torch.Tensor) -> None: ...
     def token_mask(self, batch: list[int]) -> torch.Tensor | None: ...
+    # Optional: a block whose calibration is spread over processes (world_size() > 1) also has
+    # local() -> list[int] (its sequences, sorted) and all_reduce(tensors: list[torch.Tensor]) -> None.
 
 class _RoundResult(TypedDict):
     loss: float
@@ -104,6 +106,7 @@ def prune_block_(
     ro_holdout: int = 8,
     ro_lr: float = 3e-7,
     ro_lr_search: bool = False,
+    ro_batch_size: int = 1,
     seed: int = 0,
 ) -> _BlockResult: ...
 

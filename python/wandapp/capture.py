@@ -14,6 +14,7 @@ from torch import nn
 from wandapp._core import ActivationStats
 from wandapp.adapters import DecoderAdapter, Target
 from wandapp.data import Sequence
+from wandapp.distributed import Share
 from wandapp.errors import NonFiniteError, UnsupportedModelError
 from wandapp.experts import routed_inputs
 from wandapp.offload import input_device, placed
@@ -376,24 +377,44 @@ class BlockRunner:
     ``batches`` groups sequences of one length without padding into batches of up to
     ``batch_size`` (their captured arguments are then identical); a padded sequence runs alone.
     The core runs per-sequence quantities (regional gradients, RO steps) one index at a time.
+
+    With ``share`` (calibration spread over torch.distributed ranks), ``samples`` are this rank's
+    sequences, ``share.indices`` their indices among all ``share.nsamples``; the core addresses
+    sequences by those indices and sums over the ranks through ``all_reduce``.
     """
 
-    def __init__(self, adapter: DecoderAdapter, index: int, samples: list[Sample], device: torch.device, batch_size: int = 1):
+    def __init__(
+        self, adapter: DecoderAdapter, index: int, samples: list[Sample], device: torch.device, batch_size: int = 1, share: Share | None = None
+    ):
         self.layer = adapter.layers[index]
         self.kind = adapter.kinds[index]
         self.matrices = adapter.targets(index)
-        self.samples = samples
+        self.share = share or Share(None, len(samples))
+        self.indices = self.share.indices
+        if len(self.indices) != len(samples):
+            raise AssertionError(f"{len(samples)} samples for a share of {len(self.indices)} sequences")
+        #: By sequence index: the sample, and on the offload device the dense block's outputs (set
+        #: by the core from its first pass) and the pruned block's (its last pass: the next inputs).
+        self.samples = dict(zip(self.indices, samples))
+        self.targets: dict[int, torch.Tensor | None] = dict.fromkeys(self.indices)
+        self.results: dict[int, torch.Tensor | None] = dict.fromkeys(self.indices)
         self.device = device
         self.batch_size = batch_size
         self.pin = pinned_offload(samples[0].hidden.device, device)
-        #: Per sequence, on the offload device: the dense block's outputs (set by the core from its
-        #: first pass) and the pruned block's (set by its last pass: the next block's inputs).
-        self.targets: list[torch.Tensor | None] = [None] * len(samples)
-        self.results: list[torch.Tensor | None] = [None] * len(samples)
         self._arguments: dict[Any, dict[str, Any]] = {}
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return self.share.nsamples
+
+    def local(self) -> list[int]:
+        return self.indices
+
+    def world_size(self) -> int:
+        return 1 if self.share.world is None else self.share.world.size
+
+    def all_reduce(self, tensors: list[torch.Tensor]) -> None:
+        assert self.share.world is not None, "the core sums over processes only when world_size() > 1"
+        self.share.world.all_reduce(tensors)
 
     def batches(self, indices: list[int]) -> list[list[int]]:
         out: list[list[int]] = []
@@ -448,7 +469,7 @@ class BlockRunner:
     def set_outputs(self, indices: list[int], out: torch.Tensor) -> None:
         self._keep(self.results, indices, out)
 
-    def _keep(self, store: list[torch.Tensor | None], indices: list[int], out: torch.Tensor) -> None:
+    def _keep(self, store: dict[int, torch.Tensor | None], indices: list[int], out: torch.Tensor) -> None:
         """Each sequence's rows of ``out``, padding zeroed, moved to where activations wait
         (pinned for a CUDA block: the copy does not wait; ``finish`` synchronises once)."""
         for i, row in zip(indices, out.detach().split(1)):
@@ -471,7 +492,7 @@ class BlockRunner:
     @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:
         """The block's output for every sample as it is now, padding zeroed, on the offload device."""
-        for batch in self.batches(list(range(len(self)))):
+        for batch in self.batches(self.indices):
             self.set_outputs(batch, self.forward(batch))
         return self.finish()
 
@@ -479,9 +500,10 @@ class BlockRunner:
         """The outputs handed to ``set_outputs`` (the next block's inputs), once every copy landed."""
         if self.pin:
             torch.cuda.synchronize(self.device)
-        if any(r is None for r in self.results):
+        results = [self.results[i] for i in self.indices]
+        if any(r is None for r in results):
             raise RuntimeError("the core did not hand the outputs of every sequence")
-        return [r for r in self.results if r is not None]
+        return [r for r in results if r is not None]
 
     @contextmanager
     def _recording(self, token_mask: torch.Tensor | None) -> Iterator[list[torch.Tensor]]:

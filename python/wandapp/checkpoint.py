@@ -34,6 +34,7 @@ from wandapp import _core, owl
 from wandapp.capture import Sample, stash, pinned_offload
 from wandapp.config import Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences
+from wandapp.distributed import World
 from wandapp.errors import InvalidArgumentError, PruneError, ResumeMismatchError, UnsupportedModelError
 from wandapp.masks import save_masks
 from wandapp.prune import Job, Resumed, prepare, prune_blocks
@@ -88,7 +89,8 @@ def prune_checkpoint(
 
     Raises everything :func:`wandapp.prune` raises, before any block is written;
     InvalidArgumentError when ``src`` holds no safetensors checkpoint or ``dst`` holds other
-    files; UnsupportedModelError when the checkpoint's tensor names are not the model's (a
+    files, or when called under a torch.distributed group of several ranks (a streamed run is one
+    process: spread the calibration with ``wandapp.prune`` on a loaded model instead); UnsupportedModelError when the checkpoint's tensor names are not the model's (a
     checkpoint that transformers converts on load: load it with ``from_pretrained`` and use
     ``wandapp.prune``); ResumeMismatchError when ``dst`` records a run of another model,
     calibration data or settings. A failure part-way raises PruneError; the blocks written so far
@@ -98,6 +100,11 @@ def prune_checkpoint(
 
         report = wandapp.prune_checkpoint("Llama-2-70b-hf", "Llama-2-70b-2of4", calib_ids, sparsity="2:4")
     """
+    if World.current() is not None:
+        raise InvalidArgumentError(
+            "prune_checkpoint runs in one process, but a torch.distributed group of several ranks is initialised; "
+            "run it without torchrun, or load the model on every rank and call wandapp.prune (README: several GPUs)"
+        )
     src, dst = os.fspath(src), os.fspath(dst)
     weight_map = source_weight_map(src)
     cfg = (config or PruneConfig(dense_check=False)).replace(**overrides)

@@ -59,12 +59,31 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=int, default=None, help="cap on evaluated tokens")
 
 
+def _join_torchrun() -> Any:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): the default process group, initialised
+    here unless the caller did (NCCL with this rank's GPU, LOCAL_RANK, when CUDA is available;
+    gloo otherwise), as a ``wandapp.distributed.World``; else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    from wandapp.distributed import World
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return World.current()
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     import torch
 
     import wandapp
     from wandapp import data
     from wandapp.config import PruneConfig, parse_sparsity
+    from wandapp.distributed import guarded
     from wandapp.eval import perplexity
 
     parse_sparsity(args.sparsity)  # fail before the slow model load
@@ -72,12 +91,16 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         field: getattr(args, field) for field in (*CONFIG_FLAGS, "ro_lr_search", "dense_check", "targets", "ignore") if getattr(args, field) is not None
     }
     config = (PruneConfig.paper() if args.paper else PruneConfig()).replace(nsamples=args.nsamples, seed=args.seed, **overrides)
-    if args.model == "demo":
-        model, tokenizer = _load(args.model, args.dtype)
-        calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-        evaluate = lambda: perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)  # noqa: E731
-        before = evaluate() if args.eval else None
-        report = wandapp.prune(model, calib, sparsity=args.sparsity, method=args.method, config=config)
+    world = _join_torchrun()
+    if args.model == "demo" or world is not None:  # in memory; under torchrun every rank holds the model
+        with guarded(world):  # a rank that fails loading stops the others too
+            model, tokenizer = _load(args.model, args.dtype)
+            calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+            evaluate = lambda: perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)  # noqa: E731
+            before = evaluate() if args.eval else None
+            report = wandapp.prune(model, calib, sparsity=args.sparsity, method=args.method, config=config)
+        if world is not None and world.rank != 0:  # every rank holds the same weights; rank 0 writes
+            return 0
         os.makedirs(os.path.join(args.out, "masks"), exist_ok=True)
         model.save_pretrained(args.out)
         tokenizer.save_pretrained(args.out)

@@ -98,6 +98,11 @@ class PruneConfig:
             ``ro_lr`` gives each block's rate. False = ``ro_lr`` everywhere (the paper's way).
         ro_holdout: sequences held out of RO to guard it: a round that makes their block
             error worse or non-finite is rolled back. 0 guards on the training sequences.
+        ro_batch_size: calibration sequences per RO step, whose gradients are averaged (the
+            paper: 1). None = 1 in one process; under torch.distributed, the number of ranks, so
+            that each step takes one sequence per rank and RO runs in parallel (a round then takes
+            ``ro_samples / ranks`` steps). Set it to make RO's result independent of the number of
+            ranks (up to float summation order); README: several GPUs.
         seed: seeds every random choice (RO sample choice and order).
         nsamples: calibration sequences taken from the loader (paper: 128). None = every
             sequence the loader yields, up to 128 (the report's ``nsamples`` says how many);
@@ -146,6 +151,7 @@ class PruneConfig:
     ro_lr: float = DEFAULT_RO_LR
     ro_lr_search: bool = True
     ro_holdout: int = 8
+    ro_batch_size: Optional[int] = None
     seed: int = 0
     nsamples: Optional[int] = None
     batch_size: Optional[int] = None
@@ -172,6 +178,7 @@ class PruneConfig:
         need(self.ro_samples is None or (is_int(self.ro_samples) and self.ro_samples >= 1), "ro_samples", "must be None or an integer >= 1")
         need(isinstance(self.ro_lr, (int, float)) and self.ro_lr > 0, "ro_lr", "must be a number > 0")
         need(is_int(self.ro_holdout) and self.ro_holdout >= 0, "ro_holdout", "must be an integer >= 0")
+        need(self.ro_batch_size is None or (is_int(self.ro_batch_size) and self.ro_batch_size >= 1), "ro_batch_size", "must be None or an integer >= 1")
         need(is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
         need(self.nsamples is None or (is_int(self.nsamples) and self.nsamples >= 1), "nsamples", "must be None or an integer >= 1")
         need(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1), "batch_size", "must be None or an integer >= 1")

@@ -73,5 +73,15 @@ class PruneError(WandappError, RuntimeError):
         self.block = block
 
 
+class RankFailedError(PruneError):
+    """Another process of the torch.distributed group that shares the calibration failed, and this
+    one stopped with it (``rank``: the failed one; ``wandapp.distributed``). As for any
+    PruneError, the block in progress is restored on every rank."""
+
+    def __init__(self, message: str, rank: int, report: Any = None, block: int | None = None):
+        super().__init__(message, report=report, block=block)
+        self.rank = rank
+
+
 class PruneInterrupted(PruneError, KeyboardInterrupt):
     """Ctrl-C during pruning: a :class:`PruneError` that ``except KeyboardInterrupt`` still catches."""

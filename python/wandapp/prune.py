@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import resource
 import time
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from wandapp.adapters import DecoderAdapter, require_materialized, resolve
 from wandapp.capture import BlockRunner, Sample, batching_fails, capture_first_block, next_block_inputs, pinned_offload
 from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences
+from wandapp.distributed import Share, World, guarded
 from wandapp.errors import CalibrationError, DeviceMismatchError, InvalidArgumentError, PruneError, PruneInterrupted, SparsityError
 from wandapp.experts import eager_experts, unfused
 from wandapp.offload import execution_device, execution_devices, is_dispatched, placed
@@ -54,9 +57,16 @@ def prune(
             "sparsegpt+ro" (SparseGPT, then RO with its masks fixed).
         config: a :class:`PruneConfig`; keyword ``overrides`` replace its fields.
 
-    Returns a :class:`PruneReport` whose ``config`` holds the values used (``nsamples`` and
-    ``ro_samples`` resolved). The caller's grad mode (``no_grad``, ``inference_mode``) does not
-    matter and is unchanged on return.
+    Returns a :class:`PruneReport` whose ``config`` holds the values used (``nsamples``,
+    ``ro_samples`` and ``ro_batch_size`` resolved). The caller's grad mode (``no_grad``,
+    ``inference_mode``) does not matter and is unchanged on return.
+
+    Under an initialised ``torch.distributed`` process group of several ranks (torchrun), call it
+    on every rank with the same model, data and settings: each rank runs its share of the
+    calibration sequences, the statistics and RO's gradients are summed over the ranks, and every
+    rank ends with the same weights and report (README: several GPUs; ``wandapp.distributed``).
+    A failure on one rank raises on every rank (:class:`RankFailedError` on the others), each
+    with its block restored.
 
     Raises, before any weight changes: SparsityError, InvalidArgumentError (bad settings,
     ``targets``/``ignore`` entries that match nothing, or weights that are inference tensors),
@@ -76,8 +86,9 @@ def prune(
     """
     # wandapp owns its autograd: the caller's no_grad or inference_mode does not reach the
     # gradient pass or RO, and its grad mode is back as it was on return.
-    with torch.inference_mode(False), torch.enable_grad():
-        return prune_blocks(prepare(model, calib_loader, sparsity, method, config, overrides))
+    world = World.current()
+    with torch.inference_mode(False), torch.enable_grad(), guarded(world):
+        return prune_blocks(prepare(model, calib_loader, sparsity, method, config, overrides, world=world))
 
 
 @dataclass
@@ -88,9 +99,15 @@ class Job:
     sequences: list[Sequence]
     method: str
     pattern: Pattern
-    cfg: PruneConfig  # nsamples and ro_samples resolved
+    cfg: PruneConfig  # nsamples, ro_samples and ro_batch_size resolved
     device: torch.device
     offload: torch.device
+    world: World | None = None  # the ranks that share the calibration (wandapp.distributed)
+
+    @property
+    def share(self) -> Share:
+        """The sequences this process runs."""
+        return Share(self.world, len(self.sequences))
 
 
 @dataclass
@@ -124,10 +141,12 @@ def prepare(
     config: PruneConfig | None,
     overrides: dict[str, Any],
     sequences: list[Sequence] | None = None,
+    world: World | None = None,
 ) -> Job:
     """Every check :func:`prune` makes before any weight changes; the job they describe. Call it
     with grad mode on (the caller's no_grad must not reach the gradient pass). ``sequences``:
-    the loader's, already collected (then ``calib_loader`` is not read)."""
+    the loader's, already collected (then ``calib_loader`` is not read). ``world``: the ranks
+    that share the calibration (every rank must then call it alike)."""
     cfg = (config or PruneConfig()).replace(**overrides)
     pattern = parse_sparsity(sparsity)
     method = parse_method(method)
@@ -144,7 +163,9 @@ def prepare(
     )
     if sequences is None:
         sequences = collect_sequences(calib_loader, cfg.nsamples)
-    cfg = cfg.replace(nsamples=len(sequences), ro_samples=cfg.ro_samples_for(len(sequences)))
+    cfg = cfg.replace(
+        nsamples=len(sequences), ro_samples=cfg.ro_samples_for(len(sequences)), ro_batch_size=cfg.ro_batch_size or (world.size if world else 1)
+    )
     if method in RO_METHODS and cfg.ro_rounds > 0 and cfg.ro_samples > len(sequences):
         raise CalibrationError(
             f"ro_samples={cfg.ro_samples} needs that many calibration sequences, but the run has {len(sequences)}; "
@@ -154,7 +175,30 @@ def prepare(
     for i, seq in enumerate(sequences):
         if int(seq.input_ids.min()) < 0 or int(seq.input_ids.max()) >= vocab:
             raise CalibrationError(f"calibration sequence {i} has token ids outside [0, {vocab}); was it tokenized for this model?")
-    return Job(adapter, sequences, method, pattern, cfg, device, offload)
+    if world is not None:
+        _check_world(world, adapter, sequences, method, pattern, cfg)
+    return Job(adapter, sequences, method, pattern, cfg, device, offload, world)
+
+
+def _check_world(world: World, adapter: DecoderAdapter, sequences: list[Sequence], method: str, pattern: Pattern, cfg: PruneConfig) -> None:
+    """What a run spread over ``world`` needs: a sequence per rank, and the same model structure,
+    data and settings on every rank (compared by hash: InvalidArgumentError on every rank)."""
+    if len(sequences) < world.size:
+        raise CalibrationError(f"{len(sequences)} calibration sequences for {world.size} processes; each needs at least one: pass more data")
+    if cfg.layer_sparsity == "owl":
+        raise InvalidArgumentError(
+            "layer_sparsity='owl' runs in one process only (its dense pre-pass is not summed over ranks yet); "
+            "run it without torch.distributed, or use layer_sparsity='uniform'"
+        )
+    digest = hashlib.sha256()
+    for seq in sequences:
+        digest.update(seq.input_ids.cpu().numpy().tobytes())
+        digest.update(b"-" if seq.attention_mask is None else seq.attention_mask.cpu().numpy().tobytes())
+    # Where and how fast each rank runs may differ; what it computes may not.
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "offload", "progress", "batch_size")}
+    structure = [(name, tuple(p.shape), str(p.dtype)) for name, p in adapter.layers.named_parameters()]
+    digest.update(json.dumps([method, str(pattern), settings, structure], sort_keys=True, default=str).encode())
+    world.require_same("models, calibration data or settings", digest.digest())
 
 
 def prune_blocks(job: Job, run: BlockSink | None = None) -> PruneReport:
@@ -183,13 +227,13 @@ def prune_blocks(job: Job, run: BlockSink | None = None) -> PruneReport:
             for index in bar:
                 has_targets = bool(adapter.targets(index))  # targets/ignore may leave nothing here
                 if has_targets:
-                    samples = _prune_one_block(adapter, index, samples, method, pattern, layers, cfg, device, report, run)
+                    samples = _prune_one_block(adapter, index, samples, method, pattern, layers, cfg, device, report, run, job.share)
                     block = report.blocks[index]
                     bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
                 try:
                     if not has_targets:
                         report.blocks[index].status = "skipped"
-                        samples = _run_unchanged(adapter, index, samples, device, cfg.batch_size, run)
+                        samples = _run_unchanged(adapter, index, samples, device, cfg.batch_size, run, job.share)
                     if run is not None:
                         run.finished_block(index, samples, report)
                 except BaseException as err:  # the block's weights are as they were; the run did not record it
@@ -217,7 +261,8 @@ def _capture(job: Job) -> tuple[list[Sample], owl.LayerSparsity | None, PruneRep
     the batch size resolved."""
     adapter, cfg, device = job.adapter, job.cfg, job.device
     act_stats: dict[str, _core.ActivationStats] | None = {} if cfg.layer_sparsity == "owl" else None
-    samples = capture_first_block(adapter, job.sequences, job.offload, pinned_offload(job.offload, device), act_stats, cfg.dense_check)
+    mine = [job.sequences[i] for i in job.share.indices]
+    samples = capture_first_block(adapter, mine, job.offload, pinned_offload(job.offload, device), act_stats, cfg.dense_check)
     layers = owl.plan(adapter, act_stats, job.pattern, cfg, device) if act_stats is not None else None
     batch_size = cfg.batch_size or _auto_batch_size(adapter, samples, device)
     reason = batching_fails(adapter, samples, device) if batch_size > 1 else None
@@ -229,7 +274,7 @@ def _capture(job: Job) -> tuple[list[Sample], owl.LayerSparsity | None, PruneRep
         method=job.method,
         sparsity=str(job.pattern),
         config=cfg.to_dict(),
-        nsamples=len(samples),
+        nsamples=len(job.sequences),
         device=str(device),
         blocks=[BlockReport(index=i, status="untouched") for i in range(len(adapter.layers))],
     )
@@ -251,6 +296,7 @@ def _prune_one_block(
     device: torch.device,
     report: PruneReport,
     run: BlockSink | None,
+    share: Share,
 ) -> list[Sample]:
     """Prunes block ``index`` (each matrix at ``pattern``, or at OWL's count in ``layers``) or
     leaves it exactly as it was; returns the next block's inputs. The pruned block goes back
@@ -268,7 +314,7 @@ def _prune_one_block(
             try:
                 for p in layer.parameters():
                     p.requires_grad_(False)
-                result, outputs = _run_core(adapter, index, samples, method, pattern, counts if layers else None, cfg, device)
+                result, outputs = _run_core(adapter, index, samples, method, pattern, counts if layers else None, cfg, device, share)
                 # Inside the try: a write-back that fails leaves the stored copies as they were.
                 if run is None:
                     placement.write_back([(t.module, t.param_name) for t in targets])
@@ -307,12 +353,13 @@ def _run_core(
     counts: list[int] | None,
     cfg: PruneConfig,
     device: torch.device,
+    share: Share,
 ) -> tuple[dict, list[torch.Tensor]]:
     """The core's schedule on block ``index`` (already on ``device``): its result and the next
     block's inputs."""
     targets = adapter.targets(index)
     with unfused(targets) as leaves:
-        runner = BlockRunner(adapter, index, samples, device, cfg.batch_size)
+        runner = BlockRunner(adapter, index, samples, device, cfg.batch_size, share)
         result = _core.prune_block_(
             runner,
             [t.weight() if t.expert is None else leaves[t.name] for t in targets],
@@ -326,17 +373,18 @@ def _run_core(
             ro_holdout=cfg.ro_holdout,
             ro_lr=cfg.ro_lr,
             ro_lr_search=cfg.ro_lr_search,
+            ro_batch_size=cfg.ro_batch_size,
             seed=cfg.seed + index,
         )
         return result, runner.finish()
 
 
 def _run_unchanged(
-    adapter: DecoderAdapter, index: int, samples: list[Sample], device: torch.device, batch_size: int, run: BlockSink | None
+    adapter: DecoderAdapter, index: int, samples: list[Sample], device: torch.device, batch_size: int, run: BlockSink | None, share: Share
 ) -> list[Sample]:
     """The next block's inputs from a block left as it is (written as it is to ``run``'s checkpoint)."""
     with placed(adapter.layers[index], device, adapter.model):
-        outputs = BlockRunner(adapter, index, samples, device, batch_size).outputs()
+        outputs = BlockRunner(adapter, index, samples, device, batch_size, share).outputs()
         if run is not None:
             run.write_block(index, adapter.layers[index])
         return next_block_inputs(samples, outputs)

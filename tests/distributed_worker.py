@@ -1,0 +1,88 @@
+"""One rank of tests/test_distributed.py: joins a gloo group from the environment (RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT, as torchrun sets them), prunes the tiny model conftest builds
+with the settings in argv[1] (JSON) and saves what the test compares to argv[2]/rank{r}.pt: the
+masks, the weights before and after, the report, or the error raised.
+
+Spec keys: method, sparsity, n (sequences), layers, config (PruneConfig overrides), other_data_rank
+(that rank passes other calibration data), fail ({"rank", "block", "where": "capture" | "forward"
+| "ro"}: that rank raises there).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import calib_ids, tiny_model  # noqa: E402
+
+import wandapp  # noqa: E402
+from wandapp import capture  # noqa: E402
+
+prune_module = importlib.import_module("wandapp.prune")  # `wandapp.prune` is the function
+
+
+class Injected(RuntimeError):
+    """The failure a test asks one rank to raise."""
+
+
+def inject(fail: dict, model: torch.nn.Module) -> None:
+    """Makes this rank raise ``Injected`` at ``fail["where"]`` (in block ``fail["block"]``)."""
+    if fail["where"] == "capture":
+
+        def broken_capture(*args, **kwargs):
+            raise Injected("injected failure while capturing")
+
+        prune_module.capture_first_block = broken_capture
+        return
+    layer = model.model.layers[fail["block"]]
+
+    def failing(original):
+        def call(self, indices):
+            if self.layer is layer and torch.is_grad_enabled():
+                raise Injected(f"injected failure in block {fail['block']}")
+            return original(self, indices)
+
+        return call
+
+    # "forward": the first pass over the block (the regional gradients' forwards record the linear
+    # inputs); "ro": an RO step (the only forward with autograd on).
+    if fail["where"] == "forward":
+        capture.BlockRunner.linear_inputs = failing(capture.BlockRunner.linear_inputs)  # type: ignore[method-assign]
+    else:
+        capture.BlockRunner.forward = failing(capture.BlockRunner.forward)  # type: ignore[method-assign]
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    out = sys.argv[2]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    model = tiny_model("llama", num_hidden_layers=spec.get("layers", 3))
+    ids = calib_ids(spec["n"], 16, seed=2 if spec.get("other_data_rank") == rank else 1)
+    if spec.get("fail", {}).get("rank") == rank:
+        inject(spec["fail"], model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result: dict = {"rank": rank, "before": before}
+    try:
+        report = wandapp.prune(model, ids, sparsity=spec["sparsity"], method=spec["method"], progress=False, **spec.get("config", {}))
+        result["report"] = report.to_dict()
+        result["masks"] = report.masks
+    except Exception as err:  # the test inspects it
+        result["error"] = type(err).__name__
+        result["message"] = str(err)
+        result["cause"] = type(err.__cause__).__name__ if err.__cause__ is not None else None
+        result["report"] = err.report.to_dict() if getattr(err, "report", None) is not None else None
+    result["after"] = model.state_dict()
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

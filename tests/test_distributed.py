@@ -1,0 +1,142 @@
+"""Calibration spread over torch.distributed ranks (gloo on CPU): 1, 2 and 3 processes against the
+single-process run, uneven shares, a failing rank, refusals. Each rank is a subprocess running
+tests/distributed_worker.py, time-limited so that a hang fails the test instead of blocking CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import wandapp
+from conftest import calib_ids, tiny_model
+
+WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+#: Seconds a group of ranks may take: a rank that waits for a collective that never comes fails the test.
+TIME_LIMIT = 240
+
+
+def run_ranks(tmp_path, world: int, **spec) -> list[dict]:
+    """Runs ``world`` worker processes on one gloo group; returns each rank's saved result."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = {"layers": 3, "sparsity": 0.5, **spec}
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, WORKER, json.dumps(spec), str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=TIME_LIMIT)[0].decode(errors="replace"))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"a rank hung: {world} ranks did not finish within {TIME_LIMIT} s ({spec})")
+    for rank, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{out[-3000:]}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def single_process(n: int, method: str, layers: int = 3, sparsity=0.5, **config):
+    model = tiny_model("llama", num_hidden_layers=layers)
+    report = wandapp.prune(model, calib_ids(n, 16), sparsity=sparsity, method=method, progress=False, **config)
+    return model, report
+
+
+def mask_bits_differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> int:
+    assert a.keys() == b.keys()
+    return sum(int((a[k] != b[k]).sum()) for k in a)
+
+
+def assert_ranks_agree(results: list[dict]) -> None:
+    """Every rank ends with the same masks, weights and block errors, bit for bit."""
+    first = results[0]
+    for other in results[1:]:
+        assert mask_bits_differing(first["masks"], other["masks"]) == 0
+        for k, v in first["after"].items():
+            assert torch.equal(v, other["after"][k]), f"rank {other['rank']}: {k}"
+        assert [b["mse_final"] for b in first["report"]["blocks"]] == [b["mse_final"] for b in other["report"]["blocks"]]
+
+
+@pytest.mark.parametrize("method", ["wanda", "rgs", "sparsegpt"])
+def test_statistics_summed_over_ranks_give_the_single_process_masks(tmp_path, method):
+    # The reference is the single-process run (one rank: no process group) with the workers'
+    # thread count, so that float results compare. 7 sequences: shares of 4 + 3 and 3 + 2 + 2.
+    alone = run_ranks(tmp_path, 1, method=method, n=7)[0]
+    assert alone["report"]["nsamples"] == 7
+    for world in (2, 3):
+        results = run_ranks(tmp_path, world, method=method, n=7)
+        assert_ranks_agree(results)
+        assert results[0]["report"]["nsamples"] == 7
+        assert mask_bits_differing(results[0]["masks"], alone["masks"]) == 0, f"{world} ranks"
+        for k, v in alone["after"].items():
+            if method == "sparsegpt":  # its weight updates solve with a Hessian summed in another order
+                torch.testing.assert_close(results[0]["after"][k], v, rtol=1e-4, atol=1e-6, msg=f"{world} ranks: {k}")
+            else:  # the kept weights are the dense ones
+                assert torch.equal(results[0]["after"][k], v), f"{world} ranks: {k}"
+        got = [b["mse_final"] for b in results[0]["report"]["blocks"]]
+        assert got == pytest.approx([b["mse_final"] for b in alone["report"]["blocks"]], rel=1e-5), f"{world} ranks"
+
+
+def test_wanda_plus_plus_with_a_fixed_ro_batch_matches_one_process_up_to_summation_order(tmp_path):
+    # ro_batch_size fixed: every step averages the same sequences' gradients whatever the number of
+    # ranks, so only float summation order differs.
+    config = dict(ro_batch_size=2, ro_samples=4, ro_holdout=2, ro_rounds=2)
+    _, report = single_process(7, "wanda++", **config)
+    for world in (2, 3):
+        results = run_ranks(tmp_path, world, method="wanda++", n=7, config=config)
+        assert_ranks_agree(results)
+        assert results[0]["report"]["config"]["ro_batch_size"] == 2
+        total = sum(m.numel() for m in report.masks.values())
+        assert mask_bits_differing(results[0]["masks"], report.masks) <= 1e-4 * total, f"{world} ranks"
+        got = [b["mse_final"] for b in results[0]["report"]["blocks"]]
+        assert got == pytest.approx([b.mse_final for b in report.blocks], rel=1e-3), f"{world} ranks"
+
+
+def test_wanda_plus_plus_by_default_takes_one_sequence_per_rank_per_step(tmp_path):
+    config = dict(ro_samples=4, ro_holdout=2, ro_rounds=2)
+    results = run_ranks(tmp_path, 2, method="wanda++", n=6, config=config)
+    assert_ranks_agree(results)
+    assert results[0]["report"]["config"]["ro_batch_size"] == 2
+    # The same run in one process with RO steps of two sequences: equal up to summation order.
+    _, report = single_process(6, "wanda++", **config, ro_batch_size=2)
+    got = [b["mse_final"] for b in results[0]["report"]["blocks"]]
+    assert got == pytest.approx([b.mse_final for b in report.blocks], rel=1e-3)
+
+
+@pytest.mark.parametrize("where", ["capture", "forward", "ro"])
+def test_a_rank_that_fails_stops_every_rank_with_its_block_restored(tmp_path, where):
+    block = 1
+    results = run_ranks(tmp_path, 3, method="wanda++", n=6, config=dict(ro_samples=3, ro_holdout=2, ro_rounds=1), fail={"rank": 1, "block": block, "where": where})
+    for r in results:
+        before, after = r["before"], r["after"]
+        if r["rank"] == 1:
+            assert r["error"] == ("Injected" if where == "capture" else "PruneError"), r.get("message")
+        else:
+            assert r["error"] in ("RankFailedError", "PruneError"), r.get("message")
+            assert "rank 1" in r["message"]
+            if r["error"] == "PruneError":
+                assert r["cause"] == "RankFailedError"
+        pruned = set() if where == "capture" else set(range(block))
+        for k, v in before.items():
+            inside = k.startswith("model.layers.") and int(k.split(".")[2]) in pruned
+            if not inside:
+                assert torch.equal(after[k], v), f"rank {r['rank']}: {k} changed"
+        if where != "capture":
+            statuses = [b["status"] for b in r["report"]["blocks"]]
+            assert statuses == ["pruned"] * block + ["restored"] + ["untouched"] * (3 - block - 1), f"rank {r['rank']}: {statuses}"
+
+
+def test_ranks_with_other_data_or_too_few_sequences_are_refused_on_every_rank(tmp_path):
+    results = run_ranks(tmp_path, 2, method="wanda", n=4, other_data_rank=1)
+    assert all(r["error"] == "InvalidArgumentError" and "different" in r["message"] for r in results)
+    assert all(torch.equal(r["after"][k], v) for r in results for k, v in r["before"].items())
+    results = run_ranks(tmp_path, 3, method="wanda", n=2)
+    assert all(r["error"] == "CalibrationError" and "3 processes" in r["message"] for r in results)
