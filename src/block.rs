@@ -641,6 +641,129 @@ mod tests {
         }
     }
 
+    /// Ranks of one process group as threads: `all_reduce` adds every rank's tensors into a
+    /// shared sum (in the order the threads arrive), then hands each rank the total.
+    struct Ranks {
+        size: usize,
+        barrier: std::sync::Barrier,
+        sums: std::sync::Mutex<Vec<Tensor>>,
+    }
+
+    impl Ranks {
+        fn all_reduce(&self, tensors: &[Tensor]) {
+            {
+                let mut sums = self.sums.lock().unwrap();
+                if sums.is_empty() {
+                    *sums = tensors.iter().map(|t| t.zeros_like()).collect();
+                }
+                for (acc, t) in sums.iter_mut().zip(tensors) {
+                    *acc = &*acc + t;
+                }
+            }
+            self.barrier.wait();
+            for (t, acc) in tensors.iter().zip(self.sums.lock().unwrap().iter()) {
+                t.shallow_clone().copy_(acc);
+            }
+            if self.barrier.wait().is_leader() {
+                self.sums.lock().unwrap().clear();
+            }
+            self.barrier.wait();
+        }
+    }
+
+    /// Rank `rank`'s view of the toy block: sequences rank, rank + size, ...
+    struct Shard<'a> {
+        toy: ToyBlock,
+        rank: usize,
+        ranks: &'a Ranks,
+    }
+
+    impl Block for Shard<'_> {
+        fn len(&self) -> usize {
+            self.toy.len()
+        }
+        fn forward(&self, batch: &[usize]) -> Result<Tensor> {
+            self.toy.forward(batch)
+        }
+        fn linear_inputs(&self, batch: &[usize]) -> Result<(Vec<Tensor>, Tensor)> {
+            self.toy.linear_inputs(batch)
+        }
+        fn set_targets(&self, batch: &[usize], out: &Tensor) -> Result<()> {
+            self.toy.set_targets(batch, out)
+        }
+        fn target(&self, batch: &[usize]) -> Result<Tensor> {
+            self.toy.target(batch)
+        }
+        fn set_outputs(&self, batch: &[usize], out: &Tensor) -> Result<()> {
+            self.toy.set_outputs(batch, out)
+        }
+        fn token_mask(&self, batch: &[usize]) -> Result<Option<Tensor>> {
+            self.toy.token_mask(batch)
+        }
+        fn local(&self) -> Result<Vec<usize>> {
+            Ok((self.rank..self.toy.len()).step_by(self.ranks.size).collect())
+        }
+        fn world_size(&self) -> usize {
+            self.ranks.size
+        }
+        fn all_reduce(&self, tensors: &[Tensor]) -> Result<()> {
+            self.ranks.all_reduce(tensors);
+            Ok(())
+        }
+    }
+
+    /// Every rank's outcome of `plan` on the toy block of `seed` (its 12 sequences shared by `size`
+    /// ranks), weights after, and the outputs handed to `set_outputs`.
+    #[allow(clippy::type_complexity)]
+    fn on_ranks(size: usize, seed: u64, plan: &Plan) -> Vec<(BlockOutcome, Vec<Tensor>, Vec<Option<Tensor>>)> {
+        let ranks = Ranks { size, barrier: std::sync::Barrier::new(size), sums: std::sync::Mutex::new(Vec::new()) };
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..size)
+                .map(|rank| {
+                    let ranks = &ranks;
+                    scope.spawn(move || {
+                        let shard = Shard { toy: ToyBlock::new(seed), rank, ranks };
+                        let outcome = prune_block_(&shard, &shard.toy.weights(), plan).unwrap();
+                        (outcome, shard.toy.weights(), shard.toy.outputs.into_inner())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn ranks_that_share_the_sequences_agree_with_one_process() {
+        for method in [Method::Wanda, Method::Rgs, Method::SparseGpt, Method::WandaPlusPlus] {
+            let mut p = plan(method, 1e-3);
+            p.ro.batch = 3; // RO steps of 3 sequences whatever the number of ranks
+            let one = ToyBlock::new(11);
+            let alone = prune_block_(&one, &one.weights(), &p).unwrap();
+            for size in [2, 3, 5] {
+                let results = on_ranks(size, 11, &p);
+                for (rank, (outcome, weights, outputs)) in results.iter().enumerate() {
+                    // Every rank holds the same weights and masks.
+                    for (w, w0) in weights.iter().zip(&results[0].1) {
+                        assert!(w.equal(w0), "{method:?} {size} ranks");
+                    }
+                    for (m, m0) in outcome.masks.iter().zip(&alone.masks) {
+                        assert!(m.equal(m0), "{method:?} {size} ranks: masks differ from one process");
+                    }
+                    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-12);
+                    assert!(close(outcome.mse_final, alone.mse_final), "{method:?} {size} ranks: {} vs {}", outcome.mse_final, alone.mse_final);
+                    // A rank keeps the next block's inputs of its own sequences only.
+                    for (i, out) in outputs.iter().enumerate() {
+                        let expected = one.outputs.borrow()[i].as_ref().unwrap().shallow_clone();
+                        match out {
+                            Some(out) => assert!(i % size == rank && out.allclose(&expected, 1e-5, 1e-6, false), "{method:?} {size} ranks: output {i}"),
+                            None => assert!(i % size != rank, "{method:?} {size} ranks: rank {rank} lacks output {i}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn same_seed_same_masks() {
         let run = || {

@@ -106,6 +106,21 @@ def test_argument_errors_are_one_line(argv, needle, capsys):
     assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
+def test_torchrun_prunes_on_every_rank_and_rank_0_writes(saved_model, tmp_path):
+    args = ["prune", "--model", saved_model, "--sparsity", "2:4", "--method", "wanda", "--calib", "persuasion", "--nsamples", "6", "--seqlen", "32"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "wandapp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "ranks")], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.count("total: 2/2 blocks pruned") == 1  # rank 0 alone prints and writes
+    report = json.load(open(tmp_path / "ranks" / "report.json"))
+    assert report["nsamples"] == 6 and report["config"]["ro_batch_size"] == 2
+    # One process (the checkpoint streamed) finds the same masks: wanda's statistics are summed exactly.
+    assert main([*args, "--out", str(tmp_path / "alone")]) == 0
+    ranks, alone = wandapp.load_masks(str(tmp_path / "ranks" / "masks")), wandapp.load_masks(str(tmp_path / "alone" / "masks"))
+    assert ranks.keys() == alone.keys() and all(torch.equal(ranks[k], alone[k]) for k in alone)
+
+
 def test_python_dash_m_entry_point(saved_model):
     done = subprocess.run([sys.executable, "-m", "wandapp", "prune", "--model", saved_model, "--sparsity", "5:4", "--out", "x"],
                           capture_output=True, text=True)

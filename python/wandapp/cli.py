@@ -6,6 +6,7 @@ Argument and input errors print one line (``wandapp: error: ...``) and exit non-
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import json
 import os
@@ -50,7 +51,10 @@ def _require_folder(model: str) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo", help="'demo' (embedded SmolLM2-135M) or a folder from save_pretrained (streamed block by block)")
+    p.add_argument(
+        "--model", default="demo",
+        help="'demo' (embedded SmolLM2-135M) or a folder from save_pretrained (streamed block by block; under torchrun loaded by every rank)",
+    )
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: the checkpoint's own (float32 for demo)")
 
 
@@ -74,6 +78,7 @@ def _join_torchrun() -> Any:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)
     return World.current()
 
 
