@@ -48,11 +48,12 @@ test-rust: setup ## Rust unit tests (pure core, no Python)
 test-python: setup ## pytest (unit tests, CLI, real-model quality, notebook)
 	$(PY) -m pytest -q
 
+FAST ?= not slow and not demo_model
 test-fast: setup test-rust ## cargo test + the fast pytest subset (no real-model runs)
-	$(PY) -m pytest -q -m "not slow and not demo_model"
+	$(PY) -m pytest -q -m "$(FAST)"
 
-test-torch-2.11: ## cargo test + fast pytest against torch 2.11 (the GPU machine's) in .venv-torch2.11
-	$(MAKE) test-fast VENV=.venv-torch2.11 TORCH=2.11.0
+test-torch-2.11: ## cargo test + fast pytest against torch 2.11 (the GPU machine's) in .venv-torch2.11, without the multi-process tests
+	$(MAKE) test-fast VENV=.venv-torch2.11 TORCH=2.11.0 FAST="not slow and not demo_model and not processes"
 
 test: setup test-rust test-python test-torch-2.11 ## everything CI runs: torch 2.13 in full, then torch 2.11 fast
 

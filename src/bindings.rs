@@ -9,7 +9,7 @@ use crate::owl;
 use crate::ro::RoSettings;
 use crate::score;
 use crate::sparsegpt;
-use crate::stats::{ActivationStats, GradientStats};
+use crate::stats::{all_reduce_sums, ActivationStats, GradientStats, Processes};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -216,6 +216,18 @@ impl PyActivationStats {
         Ok(self.0.update(&tensor_arg(x, "x")?, mask.as_ref())?)
     }
 
+    /// Adds the statistics of the other processes that share the calibration (torch.distributed):
+    /// `reduce(tensors)` sums each tensor in place over the `world_size` processes
+    /// (``wandapp.distributed.World.all_reduce``). Every process calls it at the same point.
+    fn all_reduce(&mut self, reduce: Bound<'_, PyAny>, world_size: usize) -> PyResult<()> {
+        let processes = PyReduce { reduce, world_size, error: RefCell::new(None) };
+        match all_reduce_sums(&processes, &mut [&mut self.0]) {
+            Ok(()) => Ok(()),
+            Err(Error::Callback(message)) => Err(processes.error.take().unwrap_or_else(|| Error::Callback(message).into())),
+            Err(other) => Err(other.into()),
+        }
+    }
+
     /// float32 [in]: sqrt of the mean over sequences of each sequence's sum of squares.
     fn norm(&self, py: Python<'_>) -> PyResult<PyObject> {
         to_py(py, self.0.norm()?)
@@ -381,14 +393,42 @@ impl Block for PyBlock<'_> {
             .map_err(|_| Error::InvalidArgument { arg: "block.local", reason: "must return a list of indices".into() })
     }
 
+}
+
+impl Processes for PyBlock<'_> {
     fn world_size(&self) -> usize {
         self.world_size
     }
 
     fn all_reduce(&self, tensors: &[Tensor]) -> Result<()> {
-        let py = self.obj.py();
-        let tensors = tensors.iter().map(|t| to_py(py, t.shallow_clone())).collect::<PyResult<Vec<_>>>().map_err(|e| Error::Callback(e.to_string()))?;
-        self.invoke("all_reduce", (tensors,)).map(|_| ())
+        self.invoke("all_reduce", (py_tensors(self.obj.py(), tensors)?,)).map(|_| ())
+    }
+}
+
+/// The core's tensors handed to Python (sharing storage: Python's in-place changes reach the core).
+fn py_tensors(py: Python<'_>, tensors: &[Tensor]) -> Result<Vec<PyObject>> {
+    tensors.iter().map(|t| to_py(py, t.shallow_clone())).collect::<PyResult<Vec<_>>>().map_err(|e| Error::Callback(e.to_string()))
+}
+
+/// `Processes` whose sum is a Python callable `reduce(tensors)` (torch.distributed through
+/// `wandapp.distributed.World.all_reduce`); its first exception is kept and re-raised unchanged.
+struct PyReduce<'py> {
+    reduce: Bound<'py, PyAny>,
+    world_size: usize,
+    error: RefCell<Option<PyErr>>,
+}
+
+impl Processes for PyReduce<'_> {
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce(&self, tensors: &[Tensor]) -> Result<()> {
+        self.reduce.call1((py_tensors(self.reduce.py(), tensors)?,)).map(|_| ()).map_err(|e| {
+            let message = e.to_string();
+            self.error.borrow_mut().get_or_insert(e);
+            Error::Callback(message)
+        })
     }
 }
 

@@ -12,13 +12,14 @@ use crate::mask::{apply_mask_, select, Pattern};
 use crate::ro::{block_mse, regional_norm, summed_mse, DeviceSum, GradTracking, RoRun, RoSettings, RoundRecord};
 use crate::score::{magnitude_score, rgs_score, wanda_score};
 use crate::sparsegpt::{sparsegpt_prune_, HessianStats, BLOCK_SIZE, PERCDAMP};
-use crate::stats::{all_reduce_sums, check_inputs, rescaled_norms, GradientStats, InputNorms, InputStats, SequenceSum};
+use crate::stats::{all_reduce_sums, check_inputs, rescaled_norms, GradientStats, InputNorms, InputStats, Processes, SequenceSum};
 use tch::Tensor;
 
 /// A decoder block over its captured calibration sequences, addressed by index. Methods take a
 /// batch of indices (one element of `batches`, or a single sequence) and return tensors with
-/// that many rows in the leading dimension.
-pub trait Block {
+/// that many rows in the leading dimension. As `Processes`, it sums over the processes that share
+/// the calibration.
+pub trait Block: Processes {
     /// Number of calibration sequences.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -55,16 +56,6 @@ pub trait Block {
     /// spread over processes. The core passes the methods above only these indices.
     fn local(&self) -> Result<Vec<usize>> {
         Ok((0..self.len()).collect())
-    }
-    /// Processes that share the calibration (1: this one alone).
-    fn world_size(&self) -> usize {
-        1
-    }
-    /// Sums each of `tensors` in place over the processes. Every process calls it at the same
-    /// point of the schedule with tensors of the same shapes and dtypes; called only when
-    /// `world_size() > 1`.
-    fn all_reduce(&self, _tensors: &[Tensor]) -> Result<()> {
-        Ok(())
     }
 }
 
@@ -407,6 +398,8 @@ mod tests {
         }
     }
 
+    impl Processes for ToyBlock {}
+
     impl Block for ToyBlock {
         fn len(&self) -> usize {
             self.xs.len()
@@ -544,6 +537,8 @@ mod tests {
     /// The toy block as a mixture of one expert that no token reaches: its second weight gets
     /// routed inputs with no rows.
     struct IdleExpert(ToyBlock);
+
+    impl Processes for IdleExpert {}
 
     impl Block for IdleExpert {
         fn len(&self) -> usize {
@@ -703,6 +698,9 @@ mod tests {
         fn local(&self) -> Result<Vec<usize>> {
             Ok((self.rank..self.toy.len()).step_by(self.ranks.size).collect())
         }
+    }
+
+    impl Processes for Shard<'_> {
         fn world_size(&self) -> usize {
             self.ranks.size
         }

@@ -5,7 +5,7 @@
 use crate::block::{local_share, Block};
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
-use crate::stats::{InputNorms, InputStats};
+use crate::stats::{InputNorms, InputStats, Processes};
 use tch::{Kind, Tensor};
 
 /// torch.optim.RMSprop's defaults, which the paper uses.
@@ -108,13 +108,13 @@ impl DeviceSum {
         Ok(self.0.map_or(Ok(0.0), f64::try_from)?)
     }
 
-    /// The sum over the processes of `block` (`Block::all_reduce`), read back.
-    pub fn all_reduced(self, block: &dyn Block) -> Result<f64> {
-        if block.world_size() == 1 {
+    /// The sum over the processes (`Processes::all_reduce`), read back.
+    pub fn all_reduced(self, processes: &dyn Processes) -> Result<f64> {
+        if processes.world_size() == 1 {
             return self.read();
         }
         let sum = self.0.unwrap_or_else(|| Tensor::zeros([], (Kind::Double, tch::Device::Cpu)));
-        block.all_reduce(&[sum.shallow_clone()])?;
+        processes.all_reduce(&[sum.shallow_clone()])?;
         Ok(f64::try_from(sum)?)
     }
 }

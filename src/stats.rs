@@ -2,10 +2,24 @@
 //! half-precision models do not lose the small terms and sums added up in another order (batches,
 //! processes) round to the same float32 statistic.
 
-use crate::block::Block;
 use crate::error::{Error, Result};
 use crate::tensor_check::{require_bool, require_finite, require_float, require_rank, require_same_device, require_shape};
 use tch::{Device, Kind, Tensor};
+
+/// The processes that share the calibration (torch.distributed ranks) as the sums over sequences
+/// see them: a `Block`, or the reduction Python hands `ActivationStats`. A single process (the
+/// defaults) has nothing to add.
+pub trait Processes {
+    /// Processes that share the calibration (1: this one alone).
+    fn world_size(&self) -> usize {
+        1
+    }
+    /// Sums each of `tensors` in place over the processes. Every process calls it at the same
+    /// point with tensors of the same shapes and dtypes; called only when `world_size() > 1`.
+    fn all_reduce(&self, _tensors: &[Tensor]) -> Result<()> {
+        Ok(())
+    }
+}
 
 /// A sum over calibration sequences with its counts: what processes that share the calibration
 /// (torch.distributed) add up before a statistic is read.
@@ -15,10 +29,10 @@ pub trait SequenceSum {
     fn counts_mut(&mut self) -> Vec<&mut i64>;
 }
 
-/// Adds each of `sums` over the processes of `block` in one `Block::all_reduce` call: the sums in
-/// place and the counts. Nothing to do for a single process.
-pub fn all_reduce_sums(block: &dyn Block, sums: &mut [&mut dyn SequenceSum]) -> Result<()> {
-    if block.world_size() == 1 {
+/// Adds each of `sums` over the processes in one `Processes::all_reduce` call: the sums in place
+/// and the counts. Nothing to do for a single process.
+pub fn all_reduce_sums(processes: &dyn Processes, sums: &mut [&mut dyn SequenceSum]) -> Result<()> {
+    if processes.world_size() == 1 {
         return Ok(());
     }
     let mut tensors = Vec::with_capacity(sums.len() + 1);
@@ -29,7 +43,7 @@ pub fn all_reduce_sums(block: &dyn Block, sums: &mut [&mut dyn SequenceSum]) -> 
     }
     let counted = Tensor::from_slice(&counts);
     tensors.push(counted.shallow_clone());
-    block.all_reduce(&tensors)?;
+    processes.all_reduce(&tensors)?;
     let mut reduced = Vec::<i64>::try_from(&counted)?.into_iter();
     for s in sums.iter_mut() {
         for c in s.counts_mut() {
@@ -196,8 +210,8 @@ impl InputStats {
     }
 
     /// Adds the statistics over the processes that share the calibration.
-    pub fn all_reduce(&mut self, block: &dyn Block) -> Result<()> {
-        all_reduce_sums(block, &mut self.0.iter_mut().map(|s| s as &mut dyn SequenceSum).collect::<Vec<_>>())
+    pub fn all_reduce(&mut self, processes: &dyn Processes) -> Result<()> {
+        all_reduce_sums(processes, &mut self.0.iter_mut().map(|s| s as &mut dyn SequenceSum).collect::<Vec<_>>())
     }
 
     pub fn update(&mut self, inputs: &[Tensor], mask: Option<&Tensor>, sequences: i64) -> Result<()> {

@@ -4,8 +4,11 @@ with the settings in argv[1] (JSON) and saves what the test compares to argv[2]/
 masks, the weights before and after, the report, or the error raised.
 
 Spec keys: method, sparsity, n (sequences), layers, config (PruneConfig overrides), other_data_rank
-(that rank passes other calibration data), fail ({"rank", "block", "where": "capture" | "forward"
-| "ro"}: that rank raises there).
+(that rank passes other calibration data), other_weights_rank (that rank's model differs in one
+weight by one ulp), fail ({"rank", "block", "where": "capture" | "forward"
+| "ro" | "core"}: that rank raises there), offload (blocks dispatched by accelerate to CPU and disk,
+as tests/test_offload.py does, each rank into its own folder), checkpoint ({"src", "dst"}: run
+wandapp.prune_checkpoint instead, on the checkpoint in src).
 """
 
 from __future__ import annotations
@@ -40,6 +43,16 @@ def inject(fail: dict, model: torch.nn.Module) -> None:
 
         prune_module.capture_first_block = broken_capture
         return
+    if fail["where"] == "core":  # as the core starts on the block
+        run_core = prune_module._run_core
+
+        def broken_core(adapter, index, *args):
+            if index == fail["block"]:
+                raise Injected(f"injected failure in block {index}")
+            return run_core(adapter, index, *args)
+
+        prune_module._run_core = broken_core
+        return
     layer = model.model.layers[fail["block"]]
 
     def failing(original):
@@ -58,17 +71,45 @@ def inject(fail: dict, model: torch.nn.Module) -> None:
         capture.BlockRunner.forward = failing(capture.BlockRunner.forward)  # type: ignore[method-assign]
 
 
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight, also those accelerate keeps offloaded."""
+    from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+    return {k: v.clone() for k, v in get_state_dict_offloaded_model(model).items()}
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     out = sys.argv[2]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
-    model = tiny_model("llama", num_hidden_layers=spec.get("layers", 3))
     ids = calib_ids(spec["n"], 16, seed=2 if spec.get("other_data_rank") == rank else 1)
+    if "checkpoint" in spec:
+        if spec.get("fail", {}).get("rank") == rank:
+            inject(spec["fail"], None)
+        try:
+            report = wandapp.prune_checkpoint(
+                spec["checkpoint"]["src"], spec["checkpoint"]["dst"], ids, sparsity=spec["sparsity"], method=spec["method"], progress=False
+            )
+            result = {"rank": rank, "report": report.to_dict()}
+        except Exception as err:  # the test inspects it
+            result = {"rank": rank, "error": type(err).__name__, "message": str(err)}
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+        return
+    model = tiny_model("llama", num_hidden_layers=spec.get("layers", 3))
+    if spec.get("other_weights_rank") == rank:
+        with torch.no_grad():
+            w = model.model.layers[1].mlp.up_proj.weight
+            w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
+    if spec.get("offload"):
+        from test_offload import dispatched
+
+        model = dispatched(model, os.path.join(out, f"offload-rank{rank}"))
     if spec.get("fail", {}).get("rank") == rank:
         inject(spec["fail"], model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = state(model)
     result: dict = {"rank": rank, "before": before}
     try:
         report = wandapp.prune(model, ids, sparsity=spec["sparsity"], method=spec["method"], progress=False, **spec.get("config", {}))
@@ -78,8 +119,9 @@ def main() -> None:
         result["error"] = type(err).__name__
         result["message"] = str(err)
         result["cause"] = type(err.__cause__).__name__ if err.__cause__ is not None else None
+        result["failed_rank"] = getattr(err, "rank", None)
         result["report"] = err.report.to_dict() if getattr(err, "report", None) is not None else None
-    result["after"] = model.state_dict()
+    result["after"] = state(model)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -106,6 +106,7 @@ def test_argument_errors_are_one_line(argv, needle, capsys):
     assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.processes
 def test_torchrun_prunes_on_every_rank_and_rank_0_writes(saved_model, tmp_path):
     args = ["prune", "--model", saved_model, "--sparsity", "2:4", "--method", "wanda", "--calib", "persuasion", "--nsamples", "6", "--seqlen", "32"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "wandapp"]

@@ -71,7 +71,7 @@ __all__ = [
 
 #: Submodules reachable as ``wandapp.<name>`` after ``import wandapp``, imported on first use so
 #: that their optional dependencies (peft, matplotlib...) load only when a feature needs them.
-_LAZY_SUBMODULES = ("cli", "data", "eval", "lora", "models", "testing")
+_LAZY_SUBMODULES = ("cli", "data", "distributed", "eval", "lora", "models", "testing")
 
 
 def __getattr__(name: str) -> _Any:

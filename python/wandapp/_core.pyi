@@ -1,7 +1,7 @@
 """Stub of the compiled module ``wandapp._core`` (src/bindings.rs)."""
 
 from os import PathLike
-from typing import Protocol, TypedDict
+from typing import Callable, Protocol, TypedDict
 
 from typing_extensions import final
 
@@ -50,6 +50,7 @@ def load_masks(path: str | PathLike[str]) -> tuple[list[tuple[str, torch.Tensor]
 class ActivationStats:
     def __new__(cls, in_features: int) -> ActivationStats: ...
     def update(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None: ...
+    def all_reduce(self, reduce: Callable[[list[torch.Tensor]], None], world_size: int) -> None: ...
     def norm(self) -> torch.Tensor: ...
     @property
     def nsamples(self) -> int: ...

@@ -180,6 +180,7 @@ def capture_first_block(
     pin: bool = False,
     act_stats: dict[str, ActivationStats] | None = None,
     dense_check: bool = True,
+    numbers: list[int] | None = None,
 ) -> list[Sample]:
     """Runs the dense model once per sequence through all its decoder blocks, keeping the first
     block's input and the arguments each attention type receives at its first block. With
@@ -194,8 +195,11 @@ def capture_first_block(
     often does) raises NonFiniteError naming the first block and layer, before any weight changes.
     It also replays the longest sequence block by block (``_Replay``) and raises
     UnsupportedModelError naming the first block whose replay differs from the model's forward
-    by more than ``replay_tolerance``: such a model would be pruned on wrong inputs.
+    by more than ``replay_tolerance``: such a model would be pruned on wrong inputs. Messages name
+    sequences by ``numbers`` (a rank's share: their numbers among all the calibration), or by
+    position.
     """
+    numbers = numbers or list(range(len(sequences)))
     model = adapter.model
     device = input_device(model)
     firsts = {index: kind for kind, index in adapter.first_of_each_kind().items()}
@@ -291,7 +295,7 @@ def capture_first_block(
     failure = checks.first_failure()
     if failure is not None:
         raise NonFiniteError(
-            f"the dense model overflows on calibration sequence {failure[0]}: {failure[1]} holds NaN or infinity (on real "
+            f"the dense model overflows on calibration sequence {numbers[failure[0]]}: {failure[1]} holds NaN or infinity (on real "
             "tokens) before any pruning. Load the model in bfloat16 or float32 (float16 overflows easily), "
             "or check the input ids"
         )
@@ -312,7 +316,7 @@ def capture_first_block(
         raise UnsupportedModelError(
             f"replay check failed: decoder block {mismatch[0]} of {type(model).__name__}, called alone with the arguments "
             f"the model passed to the first block of its attention type ({adapter.kinds[mismatch[0]]!r}), gives an output "
-            f"that differs from the model's own forward on calibration sequence {replayed} (relative error {mismatch[1]:.2e}, "
+            f"that differs from the model's own forward on calibration sequence {numbers[replayed]} (relative error {mismatch[1]:.2e}, "
             f"tolerance {tolerance:.1e}). The model passes its blocks something wandapp does not capture (per-block "
             "arguments, or work between blocks), so pruning would use wrong inputs; this architecture is not supported"
         )

@@ -17,6 +17,7 @@ model, the calibration data and the settings hash to the recorded ones.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from wandapp import _core, owl
 from wandapp.capture import Sample, stash, pinned_offload
 from wandapp.config import Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences
-from wandapp.distributed import World
+from wandapp.distributed import World, guarded
 from wandapp.errors import InvalidArgumentError, PruneError, ResumeMismatchError, UnsupportedModelError
 from wandapp.masks import save_masks
 from wandapp.prune import Job, Resumed, prepare, prune_blocks
@@ -87,10 +88,14 @@ def prune_checkpoint(
     Returns the :class:`PruneReport`. Its ``masks`` property reads every mask from ``dst/masks``
     into memory (one byte per weight): for a big model, read the per-block files one at a time.
 
+    Under a torch.distributed group of several ranks (torchrun), call it on every rank with the
+    same arguments (``dst`` on a filesystem every rank sees): each rank streams the model and runs
+    its share of the calibration as in :func:`wandapp.prune`; each records its own block inputs,
+    and rank 0 writes the checkpoint, masks and report. A resume needs the same number of ranks.
+
     Raises everything :func:`wandapp.prune` raises, before any block is written;
     InvalidArgumentError when ``src`` holds no safetensors checkpoint or ``dst`` holds other
-    files, or when called under a torch.distributed group of several ranks (a streamed run is one
-    process: spread the calibration with ``wandapp.prune`` on a loaded model instead); UnsupportedModelError when the checkpoint's tensor names are not the model's (a
+    files; UnsupportedModelError when the checkpoint's tensor names are not the model's (a
     checkpoint that transformers converts on load: load it with ``from_pretrained`` and use
     ``wandapp.prune``); ResumeMismatchError when ``dst`` records a run of another model,
     calibration data or settings. A failure part-way raises PruneError; the blocks written so far
@@ -100,32 +105,38 @@ def prune_checkpoint(
 
         report = wandapp.prune_checkpoint("Llama-2-70b-hf", "Llama-2-70b-2of4", calib_ids, sparsity="2:4")
     """
-    if World.current() is not None:
-        raise InvalidArgumentError(
-            "prune_checkpoint runs in one process, but a torch.distributed group of several ranks is initialised; "
-            "run it without torchrun, or load the model on every rank and call wandapp.prune (README: several GPUs)"
-        )
-    src, dst = os.fspath(src), os.fspath(dst)
+    world = World.current()
+    with guarded(world):  # a rank that fails anywhere stops the others
+        return _prune_checkpoint(os.fspath(src), os.fspath(dst), calib_loader, sparsity, method, config, dtype, overrides, world)
+
+
+def _prune_checkpoint(
+    src: str, dst: str, calib_loader: Iterable[Any], sparsity: Union[float, str], method: str,
+    config: PruneConfig | None, dtype: torch.dtype | None, overrides: dict[str, Any], world: World | None,
+) -> PruneReport:
     weight_map = source_weight_map(src)
     cfg = (config or PruneConfig(dense_check=False)).replace(**overrides)
     if cfg.device is None:
         cfg = cfg.replace(device="cuda" if torch.cuda.is_available() else "cpu")
     _require_usable_destination(dst)
     sequences = collect_sequences(calib_loader, cfg.nsamples)
-    fingerprint = _fingerprint(src, weight_map, sequences, cfg, parse_method(method), parse_sparsity(sparsity), dtype)
+    fingerprint = _fingerprint(src, weight_map, sequences, cfg, parse_method(method), parse_sparsity(sparsity), dtype, world)
+    if world is not None:
+        world.require_same("checkpoints, calibration data or settings", json.dumps(fingerprint, sort_keys=True).encode())
     state = read_record(dst, fingerprint)
     if state is not None and state["finished"]:
         return _recorded_report(dst, state)
     with tempfile.TemporaryDirectory(prefix="wandapp-offload-") as offload_folder:
         model = load_offloaded(src, torch.device(cfg.device), offload_folder, dtype)
         with torch.inference_mode(False), torch.enable_grad():
-            job = prepare(model, None, sparsity, method, cfg, {}, sequences)
+            job = prepare(model, None, sparsity, method, cfg, {}, sequences, world=world)
             run = CheckpointRun(src, dst, weight_map, job, dtype, fingerprint, state)
             try:
                 report = prune_blocks(job, run)
             except PruneError as err:
-                hint = f" {dst!r} keeps the blocks before it: the same call resumes at block {err.block}."
-                raise type(err)(f"{err}{hint}", report=err.report, block=err.block) from err.__cause__
+                if err.block is not None:
+                    err.args = (f"{err} {dst!r} keeps the blocks before it: the same call resumes at block {err.block}.", *err.args[1:])
+                raise
             run.finish(report)
     return report
 
@@ -156,6 +167,8 @@ def load_offloaded(src: str, device: torch.device, offload_folder: str, dtype: t
 
     from wandapp.adapters import resolve
 
+    if device.type == "cuda" and device.index is None:  # the current GPU (a rank's, under torchrun), as torch reads "cuda"
+        device = torch.device("cuda", torch.cuda.current_device())
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
     device_map = _disk_map(skeleton, resolve(skeleton).prefix, device)
@@ -211,14 +224,20 @@ def _sha256_sequences(sequences: list[Sequence]) -> str:
 
 
 def _fingerprint(
-    src: str, weight_map: dict[str, str], sequences: list[Sequence], cfg: PruneConfig, method: str, pattern: Pattern, dtype: torch.dtype | None
+    src: str, weight_map: dict[str, str], sequences: list[Sequence], cfg: PruneConfig, method: str, pattern: Pattern,
+    dtype: torch.dtype | None, world: World | None = None,
 ) -> dict[str, str]:
     """What a resumed run must share with the recorded one, hashed: every byte of the model's
-    files, the calibration token ids, and the settings that change the result."""
+    files, the calibration token ids, and the settings that change the result (the number of
+    ranks among them: each records its own share)."""
     files = [os.path.join(src, "config.json"), *sorted({os.path.join(src, f) for f in weight_map.values()})]
     resolved = cfg.replace(nsamples=len(sequences), ro_samples=cfg.ro_samples_for(len(sequences)))
     settings = {k: v for k, v in resolved.to_dict().items() if k != "progress"}
     settings.update(method=method, sparsity=str(pattern), dtype=str(dtype), wandapp=_core.__version__)
+    if world is not None:  # each rank may run on its own device
+        settings["ranks"] = world.size
+        for where in ("device", "offload"):
+            settings.pop(where)
     return {
         "model": _sha256_files(files, cfg.progress),
         "calibration data": _sha256_sequences(sequences),
@@ -273,13 +292,23 @@ def _atomic(path: str, write: Any) -> None:
 
 class CheckpointRun:
     """The destination folder of :func:`prune_checkpoint`: the block loop hands it each finished
-    block (``prune.BlockSink``), and it holds what a resumed run needs."""
+    block (``prune.BlockSink``), and it holds what a resumed run needs.
+
+    Across torch.distributed ranks (``job.world``), each rank records its own share's block inputs
+    and arguments (files named with its rank); rank 0 alone writes the checkpoint, the masks and
+    the state, and commits a block only after every rank has recorded its part (``_sync``).
+    """
 
     def __init__(
         self, src: str, dst: str, weight_map: dict[str, str], job: Job, dtype: torch.dtype | None, fingerprint: dict[str, str], state: dict[str, Any] | None
     ) -> None:
         self.src, self.dst, self.weight_map, self.job, self.dtype = src, dst, weight_map, job, dtype
         self.folder = os.path.join(dst, RUN_DIR)
+        self.world = job.world
+        #: Whether this process writes the checkpoint, masks and state (rank 0, or the only process).
+        self.writes = job.world is None or job.world.rank == 0
+        #: The name suffix of this rank's own record files.
+        self.mine = "" if job.world is None else f"-rank{job.world.rank:05d}"
         adapter = job.adapter
         self.prefix, self.blocks = adapter.prefix, len(adapter.layers)
         in_blocks = {f"{self.prefix}.{i}.": i for i in range(self.blocks)}
@@ -295,21 +324,28 @@ class CheckpointRun:
                 )
         total = self.blocks + len(self.others)
         self.shard = lambda k: f"model-{k + 1:05d}-of-{total:05d}.safetensors"  # noqa: E731
+        os.makedirs(self.folder, exist_ok=True)
         if state is None:
-            os.makedirs(self.folder, exist_ok=True)
             state = {"version": _STATE_VERSION, "fingerprint": fingerprint, "captured": False, "blocks_done": 0, "finished": False}
             self._commit(state)
         self.state = state
 
     def _commit(self, state: dict[str, Any]) -> None:
-        """Records ``state``: the commit point of everything written before it."""
+        """Records ``state`` (rank 0; every rank keeps it): the commit point of everything written
+        before it, on every rank (call ``_sync`` first)."""
 
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(state, f)
 
-        _atomic(os.path.join(self.folder, "state.json"), write)
+        if self.writes:
+            _atomic(os.path.join(self.folder, "state.json"), write)
         self.state = state
+
+    def _sync(self) -> None:
+        """Across ranks: returns once every rank got here (raises if one failed)."""
+        if self.world is not None:
+            self.world.check()
 
     # -- prune.BlockSink ------------------------------------------------------------------
     def resume(self, job: Job) -> Resumed | None:
@@ -325,7 +361,7 @@ class CheckpointRun:
 
     def started(self, samples: list[Sample], layers: owl.LayerSparsity | None, report: PruneReport) -> None:
         extras = [{"kwargs": s.kwargs, "token_mask": s.token_mask} for s in samples]
-        path = os.path.join(self.folder, "arguments.pt")
+        path = self._arguments()
         _atomic(path, lambda tmp: torch.save(extras, tmp))
         try:  # read back now, as a resumed run will: a record that cannot be resumed fails here, not then
             torch.load(path, weights_only=True)
@@ -335,11 +371,14 @@ class CheckpointRun:
                 f"({type(err).__name__}: {err}); load the model with from_pretrained and use wandapp.prune"
             ) from err
         self._save_inputs(samples, 0)
+        self._sync()
         report.masks_folder = os.path.join(self.dst, MASKS_DIR)
         owl_plan = None if layers is None else {"outlier_ratio": layers.outlier_ratio, "block_sparsity": layers.block_sparsity, "pruned_per_row": layers.pruned_per_row}
         self._commit({**self.state, "captured": True, "blocks_done": 0, "report": report.to_dict(), "owl": owl_plan})
 
     def write_block(self, index: int, layer: nn.Module) -> None:
+        if not self.writes:
+            return
         tensors: dict[str, torch.Tensor] = {}
         storages: set[int] = set()
         for name, value in layer.state_dict().items():
@@ -353,19 +392,27 @@ class CheckpointRun:
     def finished_block(self, index: int, samples: list[Sample], report: PruneReport) -> None:
         names = list(report.blocks[index].layers)
         if names:
-            os.makedirs(os.path.join(self.dst, MASKS_DIR), exist_ok=True)
             masks = report.take_masks(names)  # on disk from now on: host memory stays one block's
-            path = os.path.join(self.dst, MASKS_DIR, f"block-{index:05d}.safetensors")
-            _atomic(path, lambda tmp: save_masks(tmp, masks, report=report))
+            if self.writes:
+                os.makedirs(os.path.join(self.dst, MASKS_DIR), exist_ok=True)
+                path = os.path.join(self.dst, MASKS_DIR, f"block-{index:05d}.safetensors")
+                _atomic(path, lambda tmp: save_masks(tmp, masks, report=report))
         self._save_inputs(samples, index + 1)
+        self._sync()
         self._commit({**self.state, "blocks_done": index + 1, "report": report.to_dict()})
-        os.remove(self._inputs(index))  # only after the commit: until then a resumed run needs it
+        self._sync()
+        with contextlib.suppress(FileNotFoundError):  # rank 0's finish() may have cleared the record already
+            os.remove(self._inputs(index))  # only after the commit: until then a resumed run needs it
 
     # -- a block's inputs -----------------------------------------------------------------
     def _inputs(self, index: int) -> str:
         """The file of block ``index``'s inputs: one per block, so a kill between writing the next
         block's and committing never leaves the recorded block with the wrong inputs."""
-        return os.path.join(self.folder, f"inputs-{index:05d}.safetensors")
+        return os.path.join(self.folder, f"inputs-{index:05d}{self.mine}.safetensors")
+
+    def _arguments(self) -> str:
+        """The file of the block arguments of this rank's sequences."""
+        return os.path.join(self.folder, f"arguments{self.mine}.pt")
 
     def _save_inputs(self, samples: list[Sample], index: int) -> None:
         hidden = {str(i): s.hidden.detach().to("cpu").contiguous() for i, s in enumerate(samples)}
@@ -374,7 +421,7 @@ class CheckpointRun:
     def _load_samples(self, job: Job, index: int) -> list[Sample]:
         if index == self.blocks:  # every block recorded; only finish() was left
             return []
-        extras = torch.load(os.path.join(self.folder, "arguments.pt"), weights_only=True)
+        extras = torch.load(self._arguments(), weights_only=True)
         hidden = load_file(self._inputs(index))
         pin = pinned_offload(job.offload, job.device)
         samples = [Sample(stash(hidden[str(i)], job.offload, pin), e["kwargs"], e["token_mask"]) for i, e in enumerate(extras)]
@@ -385,7 +432,9 @@ class CheckpointRun:
     # -- the rest of the checkpoint -------------------------------------------------------
     def finish(self, report: PruneReport) -> None:
         """Writes every tensor outside the blocks (one shard each, read one at a time), the
-        index, the config and the source's other files, and the report; drops the inputs."""
+        index, the config and the source's other files, and the report; drops the inputs (rank 0)."""
+        if not self.writes:
+            return
         weight_map = {name: self.shard(i) for i in range(self.blocks) for name in self._block_names(i)}
         for k, name in enumerate(self.others):
             with safe_open(os.path.join(self.src, self.weight_map[name]), "pt") as f:
@@ -412,7 +461,8 @@ class CheckpointRun:
         self._commit({**self.state, "finished": True, "report": report.to_dict()})
         for name in os.listdir(self.folder):
             if name != "state.json":
-                os.remove(os.path.join(self.folder, name))
+                with contextlib.suppress(FileNotFoundError):  # another rank removed its last inputs
+                    os.remove(os.path.join(self.folder, name))
 
     def _block_names(self, index: int) -> list[str]:
         return [name for name in self.weight_map if name.startswith(f"{self.prefix}.{index}.")]

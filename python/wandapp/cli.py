@@ -53,7 +53,7 @@ def _require_folder(model: str) -> None:
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default="demo",
-        help="'demo' (embedded SmolLM2-135M) or a folder from save_pretrained (streamed block by block; under torchrun loaded by every rank)",
+        help="'demo' (embedded SmolLM2-135M) or a folder from save_pretrained (streamed block by block)",
     )
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: the checkpoint's own (float32 for demo)")
 
@@ -96,15 +96,18 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         field: getattr(args, field) for field in (*CONFIG_FLAGS, "ro_lr_search", "dense_check", "targets", "ignore") if getattr(args, field) is not None
     }
     config = (PruneConfig.paper() if args.paper else PruneConfig()).replace(nsamples=args.nsamples, seed=args.seed, **overrides)
+    # Under torchrun every rank prunes (each its share of the calibration) and rank 0 writes; a rank
+    # that fails before its last collective stops the others.
     world = _join_torchrun()
-    if args.model == "demo" or world is not None:  # in memory; under torchrun every rank holds the model
-        with guarded(world):  # a rank that fails loading stops the others too
+    writes = world is None or world.rank == 0
+    if args.model == "demo":  # in memory
+        with guarded(world):
             model, tokenizer = _load(args.model, args.dtype)
             calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
             evaluate = lambda: perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)  # noqa: E731
             before = evaluate() if args.eval else None
             report = wandapp.prune(model, calib, sparsity=args.sparsity, method=args.method, config=config)
-        if world is not None and world.rank != 0:  # every rank holds the same weights; rank 0 writes
+        if not writes:
             return 0
         os.makedirs(os.path.join(args.out, "masks"), exist_ok=True)
         model.save_pretrained(args.out)
@@ -114,14 +117,17 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     else:  # a checkpoint on disk: streamed block by block, resumable (wandapp.prune_checkpoint)
         from transformers import AutoTokenizer
 
-        _require_folder(args.model)
-        if args.dense_check is None:  # as prune_checkpoint: the whole dense pass would read the model once per sequence
-            config = config.replace(dense_check=False)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-        before = _checkpoint_perplexity(args.model, tokenizer, args) if args.eval else None
-        dtype = getattr(torch, args.dtype) if args.dtype else None
-        report = wandapp.prune_checkpoint(args.model, args.out, calib, sparsity=args.sparsity, method=args.method, config=config, dtype=dtype)
+        with guarded(world):
+            _require_folder(args.model)
+            if args.dense_check is None:  # as prune_checkpoint: the whole dense pass would read the model once per sequence
+                config = config.replace(dense_check=False)
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+            calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+            before = _checkpoint_perplexity(args.model, tokenizer, args) if args.eval else None
+            dtype = getattr(torch, args.dtype) if args.dtype else None
+            report = wandapp.prune_checkpoint(args.model, args.out, calib, sparsity=args.sparsity, method=args.method, config=config, dtype=dtype)
+        if not writes:
+            return 0
         after = _checkpoint_perplexity(args.out, tokenizer, args) if args.eval else None
     print(report)
     result = report.to_dict()

@@ -16,6 +16,8 @@ timeout then ends the others' wait.)
 from __future__ import annotations
 
 import hashlib
+import signal
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -57,10 +59,12 @@ class World:
 
     def all_reduce(self, tensors: list[torch.Tensor]) -> None:
         """Sums each tensor in place over the ranks (after the failure check)."""
-        self.check()
+        # Copies first: nothing that can fail runs between the flag and the data it announces.
         pairs = [(t, t if t.device == self.device else t.to(self.device)) for t in tensors]
-        for work in [dist.all_reduce(buf, group=self.group, async_op=True) for _, buf in pairs]:
-            work.wait()
+        with _uninterrupted():
+            self.check()
+            for work in [dist.all_reduce(buf, group=self.group, async_op=True) for _, buf in pairs]:
+                work.wait()
         for t, buf in pairs:
             if buf is not t:
                 t.copy_(buf)
@@ -90,9 +94,10 @@ class World:
             )
 
     def all_reduce_max(self, t: torch.Tensor) -> None:
-        self.check()
         buf = t.to(self.device)
-        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
+        with _uninterrupted():
+            self.check()
+            dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
         t.copy_(buf)
 
     def fail(self) -> None:
@@ -124,6 +129,21 @@ class World:
         flag = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return int(flag.item())
+
+
+@contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Ctrl-C (SIGINT) held back until the end, in the main thread: between a failure check and
+    the data collective it announces, a KeyboardInterrupt would make this rank send its failure
+    flag where the others send data."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,15 @@ from wandapp.capture import BlockRunner, Sample, batching_fails, capture_first_b
 from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences
 from wandapp.distributed import Share, World, guarded
-from wandapp.errors import CalibrationError, DeviceMismatchError, InvalidArgumentError, PruneError, PruneInterrupted, SparsityError
+from wandapp.errors import (
+    CalibrationError,
+    DeviceMismatchError,
+    InvalidArgumentError,
+    PruneError,
+    PruneInterrupted,
+    RankFailedError,
+    SparsityError,
+)
 from wandapp.experts import eager_experts, unfused
 from wandapp.offload import execution_device, execution_devices, is_dispatched, placed
 from wandapp.report import BlockReport, PruneReport
@@ -64,9 +72,9 @@ def prune(
     Under an initialised ``torch.distributed`` process group of several ranks (torchrun), call it
     on every rank with the same model, data and settings: each rank runs its share of the
     calibration sequences, the statistics and RO's gradients are summed over the ranks, and every
-    rank ends with the same weights and report (README: several GPUs; ``wandapp.distributed``).
-    A failure on one rank raises on every rank (:class:`RankFailedError` on the others), each
-    with its block restored.
+    rank ends with the same weights, masks and block errors (README: several GPUs;
+    ``wandapp.distributed``). A failure on one rank raises on every rank (:class:`RankFailedError`
+    on the others), each with its block restored.
 
     Raises, before any weight changes: SparsityError, InvalidArgumentError (bad settings,
     ``targets``/``ignore`` entries that match nothing, or weights that are inference tensors),
@@ -181,15 +189,12 @@ def prepare(
 
 
 def _check_world(world: World, adapter: DecoderAdapter, sequences: list[Sequence], method: str, pattern: Pattern, cfg: PruneConfig) -> None:
-    """What a run spread over ``world`` needs: a sequence per rank, and the same model structure,
-    data and settings on every rank (compared by hash: InvalidArgumentError on every rank)."""
+    """What a run spread over ``world`` needs: a sequence per rank, and the same model, data and
+    settings on every rank (compared by hash: InvalidArgumentError on every rank). The model is
+    compared by its blocks' structure and, for weights in memory, an exact checksum of their bits
+    (offloaded weights are not read here; ``prune_checkpoint`` hashes its files)."""
     if len(sequences) < world.size:
         raise CalibrationError(f"{len(sequences)} calibration sequences for {world.size} processes; each needs at least one: pass more data")
-    if cfg.layer_sparsity == "owl":
-        raise InvalidArgumentError(
-            "layer_sparsity='owl' runs in one process only (its dense pre-pass is not summed over ranks yet); "
-            "run it without torch.distributed, or use layer_sparsity='uniform'"
-        )
     digest = hashlib.sha256()
     for seq in sequences:
         digest.update(seq.input_ids.cpu().numpy().tobytes())
@@ -198,6 +203,7 @@ def _check_world(world: World, adapter: DecoderAdapter, sequences: list[Sequence
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "offload", "progress", "batch_size")}
     structure = [(name, tuple(p.shape), str(p.dtype)) for name, p in adapter.layers.named_parameters()]
     digest.update(json.dumps([method, str(pattern), settings, structure], sort_keys=True, default=str).encode())
+    digest.update(_weights_checksum(adapter))
     world.require_same("models, calibration data or settings", digest.digest())
 
 
@@ -252,6 +258,8 @@ def _stopped(err: BaseException, index: int, report: PruneReport) -> PruneError:
         + (f"Blocks {done[0]}..{done[-1]} are pruned; " if done else "No block is pruned; ")
         + f"block {index} was restored and blocks {index}.. are untouched. See err.report."
     )
+    if isinstance(err, RankFailedError):  # another rank failed: this one says which
+        return RankFailedError(message, rank=err.rank, report=report, block=index)
     cls = PruneInterrupted if isinstance(err, KeyboardInterrupt) else PruneError
     return cls(message, report=report, block=index)
 
@@ -262,7 +270,10 @@ def _capture(job: Job) -> tuple[list[Sample], owl.LayerSparsity | None, PruneRep
     adapter, cfg, device = job.adapter, job.cfg, job.device
     act_stats: dict[str, _core.ActivationStats] | None = {} if cfg.layer_sparsity == "owl" else None
     mine = [job.sequences[i] for i in job.share.indices]
-    samples = capture_first_block(adapter, mine, job.offload, pinned_offload(job.offload, device), act_stats, cfg.dense_check)
+    samples = capture_first_block(adapter, mine, job.offload, pinned_offload(job.offload, device), act_stats, cfg.dense_check, job.share.indices)
+    if act_stats is not None and job.world is not None:  # OWL's dense statistics, over every rank's sequences
+        for name in sorted(act_stats):
+            act_stats[name].all_reduce(job.world.all_reduce, job.world.size)
     layers = owl.plan(adapter, act_stats, job.pattern, cfg, device) if act_stats is not None else None
     batch_size = cfg.batch_size or _auto_batch_size(adapter, samples, device)
     reason = batching_fails(adapter, samples, device) if batch_size > 1 else None
@@ -401,6 +412,22 @@ def _release_grads(requires_grad: dict[nn.Parameter, bool]) -> None:
     for p, flag in requires_grad.items():
         p.requires_grad_(flag)
         p.grad = None
+
+
+#: Integer dtypes of the same width as each float dtype, to sum a tensor's bits exactly.
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def _weights_checksum(adapter: DecoderAdapter) -> bytes:
+    """The sum of every in-memory block weight's bits read as integers: exact, so equal weights
+    give equal sums on any device and thread count, and any difference almost surely shows."""
+    sums = [
+        p.detach().contiguous().view(_BITS[p.element_size()]).sum(dtype=torch.int64)
+        for p in adapter.layers.parameters()
+        if not p.is_meta and p.element_size() in _BITS
+    ]
+    return b"" if not sums else torch.stack([s.cpu() for s in sums]).numpy().tobytes()
 
 
 def _check_pattern_fits(adapter: DecoderAdapter, pattern: Pattern) -> None:
