@@ -208,8 +208,9 @@ class PruneConfig:
 
     @classmethod
     def paper(cls, **overrides: Any) -> "PruneConfig":
-        """The paper's settings: alpha 100, K=5 rounds, M=32, lr 3e-7 (no search), N=128."""
-        return cls(**{**dict(alpha=100.0, ro_rounds=5, ro_samples=32, ro_lr=3e-7, ro_lr_search=False, nsamples=128), **overrides})
+        """The paper's settings: alpha 100, K=5 rounds, M=32 one per step, lr 3e-7 (no search), N=128."""
+        paper = dict(alpha=100.0, ro_rounds=5, ro_samples=32, ro_lr=3e-7, ro_lr_search=False, ro_batch_size=1, nsamples=128)
+        return cls(**{**paper, **overrides})
 
     def ro_samples_for(self, nsamples: int) -> int:
         """M for a run on ``nsamples`` calibration sequences."""

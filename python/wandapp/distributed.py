@@ -127,8 +127,9 @@ class World:
 
     def _flag(self, value: int) -> int:
         flag = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return int(flag.item())
+        with _uninterrupted():  # a Ctrl-C lands after the flag is read, never between
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            return int(flag.item())
 
 
 @contextmanager
