@@ -7,8 +7,9 @@ Spec keys: method, sparsity, n (sequences), layers, config (PruneConfig override
 (that rank passes other calibration data), other_weights_rank (that rank's model differs in one
 weight by one ulp), fail ({"rank", "block", "where": "capture" | "forward"
 | "ro" | "core"}: that rank raises there), offload (blocks dispatched by accelerate to CPU and disk,
-as tests/test_offload.py does, each rank into its own folder), checkpoint ({"src", "dst"}: run
-wandapp.prune_checkpoint instead, on the checkpoint in src).
+as tests/test_offload.py does, each rank into its own folder), checkpoint ({"src", "dst",
+optionally "own_dst_rank" and "own_dst": that rank's dst instead}: run wandapp.prune_checkpoint
+instead, on the checkpoint in src).
 """
 
 from __future__ import annotations
@@ -88,10 +89,10 @@ def main() -> None:
     if "checkpoint" in spec:
         if spec.get("fail", {}).get("rank") == rank:
             inject(spec["fail"], None)
+        where = spec["checkpoint"]
+        dst = where["own_dst"] if where.get("own_dst_rank") == rank else where["dst"]
         try:
-            report = wandapp.prune_checkpoint(
-                spec["checkpoint"]["src"], spec["checkpoint"]["dst"], ids, sparsity=spec["sparsity"], method=spec["method"], progress=False
-            )
+            report = wandapp.prune_checkpoint(where["src"], dst, ids, sparsity=spec["sparsity"], method=spec["method"], progress=False)
             result = {"rank": rank, "report": report.to_dict()}
         except Exception as err:  # the test inspects it
             result = {"rank": rank, "error": type(err).__name__, "message": str(err)}

@@ -169,7 +169,11 @@ def test_a_checkpoint_streamed_by_ranks_equals_one_process_and_resumes(tmp_path)
     assert "rank 1" in results[0]["message"] and "resumes at block 1" in results[0]["message"]
     state = json.load(open(dst / ".wandapp-run" / "state.json"))
     assert state["blocks_done"] == 1
-    # A resume needs the same number of ranks; then it finishes where it stopped.
+    # Every rank must see the record (one shared folder), and a resume needs the same number of
+    # ranks; then it finishes where it stopped.
+    elsewhere = dict(spec, checkpoint=dict(spec["checkpoint"], own_dst_rank=1, own_dst=str(tmp_path / "elsewhere")))
+    results = run_ranks(tmp_path, 2, **elsewhere)
+    assert all(r["error"] == "InvalidArgumentError" and "every rank sees" in r["message"] for r in results), results
     assert all(r["error"] == "ResumeMismatchError" for r in run_ranks(tmp_path, 3, **spec))
     results = run_ranks(tmp_path, 2, **spec)
     assert all("error" not in r for r in results), [r.get("message") for r in results]

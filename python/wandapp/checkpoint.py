@@ -124,6 +124,9 @@ def _prune_checkpoint(
     if world is not None:
         world.require_same("checkpoints, calibration data or settings", json.dumps(fingerprint, sort_keys=True).encode())
     state = read_record(dst, fingerprint)
+    if world is not None:  # a dst that not every rank sees would send the ranks down different paths
+        seen = None if state is None else [state["captured"], state["blocks_done"], state["finished"]]
+        world.require_same(f"records in {dst!r}", json.dumps(seen).encode(), "dst must be one folder every rank sees (a shared filesystem)")
     if state is not None and state["finished"]:
         return _recorded_report(dst, state)
     with tempfile.TemporaryDirectory(prefix="wandapp-offload-") as offload_folder:
@@ -234,10 +237,10 @@ def _fingerprint(
     resolved = cfg.replace(nsamples=len(sequences), ro_samples=cfg.ro_samples_for(len(sequences)))
     settings = {k: v for k, v in resolved.to_dict().items() if k != "progress"}
     settings.update(method=method, sparsity=str(pattern), dtype=str(dtype), wandapp=_core.__version__)
-    if world is not None:  # each rank may run on its own device
+    if world is not None:  # each rank runs on its own device of the same kind
         settings["ranks"] = world.size
         for where in ("device", "offload"):
-            settings.pop(where)
+            settings[where] = None if settings[where] is None else torch.device(settings[where]).type
     return {
         "model": _sha256_files(files, cfg.progress),
         "calibration data": _sha256_sequences(sequences),

@@ -30,6 +30,9 @@ from wandapp.errors import InvalidArgumentError, RankFailedError
 #: The attribute that marks an exception the other ranks have been told about (``World.guard``).
 _TOLD = "_wandapp_ranks_told"
 
+#: (the default group, its World): one World per group, so nested guards share what was sent.
+_current: tuple[object, World] | None = None
+
 
 class World:
     """The ranks of ``group`` (None: the default group) as the core sees them: a share of the
@@ -44,13 +47,18 @@ class World:
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         #: True once this rank sent or saw a failure: it makes no further collective.
         self.stopped = False
+        self._guards = 0  # guards open; the outermost starts with a clean slate
 
     @classmethod
     def current(cls) -> World | None:
-        """The default process group when one is initialised with more than one rank, else None."""
+        """The default process group when one is initialised with more than one rank, else None
+        (the same World for the same group, so that nested guards share their state)."""
+        global _current
         if not (dist.is_available() and dist.is_initialized()):
             return None
-        world = cls()
+        if _current is None or _current[0] is not dist.group.WORLD:
+            _current = (dist.group.WORLD, cls())
+        world = _current[1]
         return world if world.size > 1 else None
 
     def share(self, nsamples: int) -> list[int]:
@@ -74,24 +82,25 @@ class World:
         rank failed since the last one."""
         if self.stopped:
             raise RuntimeError("wandapp: a collective after a rank failed; this is a bug in wandapp")
-        failed = self._flag(0)
+        with _uninterrupted():  # a Ctrl-C lands after the flag is read and recorded, never between
+            failed = self._flag(0)
+            self.stopped = bool(failed)
         if failed:
-            self.stopped = True
             raise RankFailedError(
                 f"rank {failed - 1} of the {self.size} processes failed (its own error says why); rank {self.rank} stopped with it",
                 rank=failed - 1,
             )
 
-    def require_same(self, what: str, fingerprint: bytes) -> None:
-        """InvalidArgumentError on every rank unless all ranks hold the same ``fingerprint``."""
+    def require_same(
+        self, what: str, fingerprint: bytes, advice: str = "every rank must pass the same model, calibration data and settings"
+    ) -> None:
+        """InvalidArgumentError (``what`` differs; ``advice``) on every rank unless all ranks hold
+        the same ``fingerprint``."""
         value = int.from_bytes(hashlib.sha256(fingerprint).digest()[:7], "little")
         both = torch.tensor([value, -value], dtype=torch.int64)
         self.all_reduce_max(both)
         if int(both[0]) != -int(both[1]):
-            raise InvalidArgumentError(
-                f"the {self.size} processes called wandapp with different {what}; every rank must pass the same model, "
-                "calibration data and settings (each runs its own share of the sequences)"
-            )
+            raise InvalidArgumentError(f"the {self.size} processes called wandapp with different {what}; {advice}")
 
     def all_reduce_max(self, t: torch.Tensor) -> None:
         buf = t.to(self.device)
@@ -116,20 +125,25 @@ class World:
         rank passes one last check together, so a rank that fails after its last collective still
         stops the others. Guards may nest (the CLI's around ``prune``'s): an exception that one
         guard has told the others about is marked, and an outer guard does not tell them again."""
+        if self._guards == 0:
+            self.stopped = False  # a new run (after a failed one, every rank starts again)
+        self._guards += 1
         try:
             yield
             self.check()
         except BaseException as err:
-            if not getattr(err, _TOLD, False):
-                self.fail()
-                setattr(err, _TOLD, True)
+            with _uninterrupted():
+                if not getattr(err, _TOLD, False):
+                    self.fail()
+                    setattr(err, _TOLD, True)
             raise
+        finally:
+            self._guards -= 1
 
     def _flag(self, value: int) -> int:
         flag = torch.tensor([value], dtype=torch.int64, device=self.device)
-        with _uninterrupted():  # a Ctrl-C lands after the flag is read, never between
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-            return int(flag.item())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
 
 
 @contextmanager

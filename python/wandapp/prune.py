@@ -279,7 +279,12 @@ def _capture(job: Job) -> tuple[list[Sample], owl.LayerSparsity | None, PruneRep
     reason = batching_fails(adapter, samples, device) if batch_size > 1 else None
     if reason is not None and cfg.batch_size is not None:
         raise InvalidArgumentError(f"batch_size={cfg.batch_size} does not work for {type(adapter.model).__name__}: {reason}; use batch_size=1")
-    cfg = cfg.replace(batch_size=1 if reason is not None else batch_size)
+    batch_size = 1 if reason is not None else batch_size
+    if job.world is not None:  # the smallest over the ranks: every rank runs (and a resume records) the same batches
+        smallest = torch.tensor([-batch_size])
+        job.world.all_reduce_max(smallest)
+        batch_size = -int(smallest)
+    cfg = cfg.replace(batch_size=batch_size)
     report = PruneReport(
         model=type(adapter.model).__name__,
         method=job.method,
