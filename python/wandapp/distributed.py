@@ -129,14 +129,18 @@ class World:
             self.stopped = False  # a new run (after a failed one, every rank starts again)
         self._guards += 1
         try:
-            yield
-            self.check()
-        except BaseException as err:
+            try:
+                yield
+            except BaseException as err:
+                with _uninterrupted():
+                    if not getattr(err, _TOLD, False):
+                        self.fail()
+                        setattr(err, _TOLD, True)
+                raise
+            # The last check (a failure it reports was already sent); a Ctrl-C after it is this
+            # rank's alone: the others may have left.
             with _uninterrupted():
-                if not getattr(err, _TOLD, False):
-                    self.fail()
-                    setattr(err, _TOLD, True)
-            raise
+                self.check()
         finally:
             self._guards -= 1
 
