@@ -220,12 +220,8 @@ impl PyActivationStats {
     /// `reduce(tensors)` sums each tensor in place over the `world_size` processes
     /// (``wandapp.distributed.World.all_reduce``). Every process calls it at the same point.
     fn all_reduce(&mut self, reduce: Bound<'_, PyAny>, world_size: usize) -> PyResult<()> {
-        let processes = PyReduce { reduce, world_size, error: RefCell::new(None) };
-        match all_reduce_sums(&processes, &mut [&mut self.0]) {
-            Ok(()) => Ok(()),
-            Err(Error::Callback(message)) => Err(processes.error.take().unwrap_or_else(|| Error::Callback(message).into())),
-            Err(other) => Err(other.into()),
-        }
+        let processes = PyReduce { reduce, world_size, error: KeptError::default() };
+        all_reduce_sums(&processes, std::slice::from_mut(&mut self.0)).map_err(|e| processes.error.raise(e))
     }
 
     /// float32 [in]: sqrt of the mean over sequences of each sequence's sum of squares.
@@ -293,7 +289,7 @@ struct PyBlock<'py> {
     obj: Bound<'py, PyAny>,
     len: usize,
     world_size: usize,
-    error: RefCell<Option<PyErr>>,
+    error: KeptError,
 }
 
 impl<'py> PyBlock<'py> {
@@ -304,11 +300,7 @@ impl<'py> PyBlock<'py> {
     /// Calls `method(*args)`; a Python exception is kept (re-raised unchanged at the end).
     fn invoke<A: pyo3::call::PyCallArgs<'py>>(&self, method: &str, args: A) -> Result<Bound<'py, PyAny>> {
         let py = self.obj.py();
-        py.check_signals().and_then(|_| self.obj.call_method1(method, args)).map_err(|e| {
-            let message = e.to_string();
-            self.error.borrow_mut().get_or_insert(e);
-            Error::Callback(message)
-        })
+        py.check_signals().and_then(|_| self.obj.call_method1(method, args)).map_err(|e| self.error.keep(e))
     }
 
     /// Calls `method(batch, tensor)`, handing a tensor of the core's to Python.
@@ -410,12 +402,33 @@ fn py_tensors(py: Python<'_>, tensors: &[Tensor]) -> Result<Vec<PyObject>> {
     tensors.iter().map(|t| to_py(py, t.shallow_clone())).collect::<PyResult<Vec<_>>>().map_err(|e| Error::Callback(e.to_string()))
 }
 
+/// The first exception Python code called by the core raised: the core sees `Error::Callback`,
+/// and the caller gets the original exception back, unchanged.
+#[derive(Default)]
+struct KeptError(RefCell<Option<PyErr>>);
+
+impl KeptError {
+    fn keep(&self, err: PyErr) -> Error {
+        let message = err.to_string();
+        self.0.borrow_mut().get_or_insert(err);
+        Error::Callback(message)
+    }
+
+    /// The Python exception for `err`: the kept one when the core stopped on a callback.
+    fn raise(&self, err: Error) -> PyErr {
+        match err {
+            Error::Callback(message) => self.0.take().unwrap_or_else(|| Error::Callback(message).into()),
+            other => other.into(),
+        }
+    }
+}
+
 /// `Processes` whose sum is a Python callable `reduce(tensors)` (torch.distributed through
 /// `wandapp.distributed.World.all_reduce`); its first exception is kept and re-raised unchanged.
 struct PyReduce<'py> {
     reduce: Bound<'py, PyAny>,
     world_size: usize,
-    error: RefCell<Option<PyErr>>,
+    error: KeptError,
 }
 
 impl Processes for PyReduce<'_> {
@@ -424,11 +437,7 @@ impl Processes for PyReduce<'_> {
     }
 
     fn all_reduce(&self, tensors: &[Tensor]) -> Result<()> {
-        self.reduce.call1((py_tensors(self.reduce.py(), tensors)?,)).map(|_| ()).map_err(|e| {
-            let message = e.to_string();
-            self.error.borrow_mut().get_or_insert(e);
-            Error::Callback(message)
-        })
+        self.reduce.call1((py_tensors(self.reduce.py(), tensors)?,)).map(|_| ()).map_err(|e| self.error.keep(e))
     }
 }
 
@@ -474,14 +483,8 @@ fn prune_block_<'py>(
     let len = block.len()?;
     // A block without `world_size` (the trait's own tests, user blocks) runs alone.
     let world_size = if block.hasattr("world_size")? { block.call_method0("world_size")?.extract()? } else { 1 };
-    let block = PyBlock { obj: block, len, world_size, error: RefCell::new(None) };
-    let outcome = match run_schedule(&block, &weights, &plan) {
-        Ok(outcome) => outcome,
-        Err(Error::Callback(message)) => {
-            return Err(block.error.take().unwrap_or_else(|| Error::Callback(message).into()));
-        }
-        Err(other) => return Err(other.into()),
-    };
+    let block = PyBlock { obj: block, len, world_size, error: KeptError::default() };
+    let outcome = run_schedule(&block, &weights, &plan).map_err(|e| block.error.raise(e))?;
     let result = PyDict::new(py);
     let masks = outcome.masks.into_iter().map(|m| to_py(py, m)).collect::<PyResult<Vec<_>>>()?;
     result.set_item("masks", PyList::new(py, masks)?)?;

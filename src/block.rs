@@ -12,7 +12,7 @@ use crate::mask::{apply_mask_, select, Pattern};
 use crate::ro::{block_mse, regional_norm, summed_mse, DeviceSum, GradTracking, RoRun, RoSettings, RoundRecord};
 use crate::score::{magnitude_score, rgs_score, wanda_score};
 use crate::sparsegpt::{sparsegpt_prune_, HessianStats, BLOCK_SIZE, PERCDAMP};
-use crate::stats::{all_reduce_sums, check_inputs, rescaled_norms, GradientStats, InputNorms, InputStats, Processes, SequenceSum};
+use crate::stats::{all_reduce_sums, check_inputs, rescaled_norms, GradientStats, InputNorms, InputStats, Processes};
 use tch::Tensor;
 
 /// A decoder block over its captured calibration sequences, addressed by index. Methods take a
@@ -152,7 +152,7 @@ fn gradient_rms(block: &dyn Block, weights: &[Tensor], subset: &[usize]) -> Resu
     }
     norms.all_reduce(block)?;
     subset_norms.all_reduce(block)?;
-    all_reduce_sums(block, &mut stats.iter_mut().map(|s| s as &mut dyn SequenceSum).collect::<Vec<_>>())?;
+    all_reduce_sums(block, &mut stats)?;
     let subset_norms = if subset.is_empty() { Vec::new() } else { subset_norms.finish()? };
     Ok((stats.iter().map(GradientStats::rms).collect::<Result<_>>()?, norms.finish()?, subset_norms))
 }
@@ -194,7 +194,7 @@ fn hessians(block: &dyn Block, weights: &[Tensor]) -> Result<Vec<Option<Tensor>>
         }
         Ok(())
     })?;
-    all_reduce_sums(block, &mut stats.iter_mut().map(|s| s as &mut dyn SequenceSum).collect::<Vec<_>>())?;
+    all_reduce_sums(block, &mut stats)?;
     stats.iter().map(|st| if st.saw_tokens() { st.hessian().map(Some) } else { Ok(None) }).collect()
 }
 

@@ -31,7 +31,7 @@ pub trait SequenceSum {
 
 /// Adds each of `sums` over the processes in one `Processes::all_reduce` call: the sums in place
 /// and the counts. Nothing to do for a single process.
-pub fn all_reduce_sums(processes: &dyn Processes, sums: &mut [&mut dyn SequenceSum]) -> Result<()> {
+pub fn all_reduce_sums<S: SequenceSum>(processes: &dyn Processes, sums: &mut [S]) -> Result<()> {
     if processes.world_size() == 1 {
         return Ok(());
     }
@@ -211,7 +211,7 @@ impl InputStats {
 
     /// Adds the statistics over the processes that share the calibration.
     pub fn all_reduce(&mut self, processes: &dyn Processes) -> Result<()> {
-        all_reduce_sums(processes, &mut self.0.iter_mut().map(|s| s as &mut dyn SequenceSum).collect::<Vec<_>>())
+        all_reduce_sums(processes, &mut self.0)
     }
 
     pub fn update(&mut self, inputs: &[Tensor], mask: Option<&Tensor>, sequences: i64) -> Result<()> {

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from wandapp import _core, owl
 from wandapp.capture import Sample, stash, pinned_offload
 from wandapp.config import Pattern, PruneConfig, parse_method, parse_sparsity
-from wandapp.data import Sequence, collect_sequences
+from wandapp.data import Sequence, collect_sequences, sequences_sha256
 from wandapp.distributed import World, guarded
 from wandapp.errors import InvalidArgumentError, PruneError, ResumeMismatchError, UnsupportedModelError
 from wandapp.masks import save_masks
@@ -218,14 +218,6 @@ def _sha256_files(paths: list[str], progress: bool) -> str:
     return digest.hexdigest()
 
 
-def _sha256_sequences(sequences: list[Sequence]) -> str:
-    digest = hashlib.sha256()
-    for seq in sequences:
-        for t in (seq.input_ids, seq.attention_mask):
-            digest.update(b"none" if t is None else repr(tuple(t.shape)).encode() + t.to(torch.int64).cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _fingerprint(
     src: str, weight_map: dict[str, str], sequences: list[Sequence], cfg: PruneConfig, method: str, pattern: Pattern,
     dtype: torch.dtype | None, world: World | None = None,
@@ -243,7 +235,7 @@ def _fingerprint(
             settings[where] = None if settings[where] is None else torch.device(settings[where]).type
     return {
         "model": _sha256_files(files, cfg.progress),
-        "calibration data": _sha256_sequences(sequences),
+        "calibration data": sequences_sha256(sequences),
         "settings": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
     }
 

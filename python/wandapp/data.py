@@ -4,6 +4,7 @@ HuggingFace ``datasets`` dataset the user already has. Nothing here downloads.""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -172,6 +173,16 @@ def collect_sequences(loader: Iterable[Any], nsamples: int | None = None) -> lis
         f"the calibration loader yielded {len(sequences)} sequences but nsamples={nsamples}; "
         f"pass more data, set nsamples={len(sequences)}, or leave nsamples=None to use them all"
     )
+
+
+def sequences_sha256(sequences: list[Sequence]) -> str:
+    """SHA-256 (hex) of the sequences' token ids and attention masks, shapes included: what a
+    resumed run (``prune_checkpoint``) or another rank (``wandapp.distributed``) must share."""
+    digest = hashlib.sha256()
+    for seq in sequences:
+        for t in (seq.input_ids, seq.attention_mask):
+            digest.update(b"none" if t is None else repr(tuple(t.shape)).encode() + t.to(torch.int64).cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_text(name_or_path: str) -> str:

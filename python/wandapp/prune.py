@@ -17,7 +17,7 @@ from wandapp import _core, owl
 from wandapp.adapters import DecoderAdapter, require_materialized, resolve
 from wandapp.capture import BlockRunner, Sample, batching_fails, capture_first_block, next_block_inputs, pinned_offload
 from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
-from wandapp.data import Sequence, collect_sequences
+from wandapp.data import Sequence, collect_sequences, sequences_sha256
 from wandapp.distributed import Share, World, guarded
 from wandapp.errors import (
     CalibrationError,
@@ -195,10 +195,7 @@ def _check_world(world: World, adapter: DecoderAdapter, sequences: list[Sequence
     (offloaded weights are not read here; ``prune_checkpoint`` hashes its files)."""
     if len(sequences) < world.size:
         raise CalibrationError(f"{len(sequences)} calibration sequences for {world.size} processes; each needs at least one: pass more data")
-    digest = hashlib.sha256()
-    for seq in sequences:
-        digest.update(seq.input_ids.cpu().numpy().tobytes())
-        digest.update(b"-" if seq.attention_mask is None else seq.attention_mask.cpu().numpy().tobytes())
+    digest = hashlib.sha256(sequences_sha256(sequences).encode())
     # Where and how fast each rank runs may differ; what it computes may not.
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "offload", "progress", "batch_size")}
     structure = [(name, tuple(p.shape), str(p.dtype)) for name, p in adapter.layers.named_parameters()]
