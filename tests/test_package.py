@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +35,15 @@ def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
     report = wandapp.PruneReport(model="m", method="wanda", sparsity="0.5", config={}, nsamples=1, device="cpu")
     with pytest.raises(wandapp.MissingDependencyError, match=r'pip install "wandapp\[demo\]"'):
         report.plot()
+
+
+def test_sources_compile_without_warnings():
+    """Python 3.12 warns at compile time about invalid escapes (``"\\."`` in a docstring), and a
+    later Python makes them errors: every file of the package must compile cleanly."""
+    root = Path(wandapp.__file__).parent
+    sources = sorted(root.rglob("*.py"))
+    assert len(sources) > 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for path in sources:
+            compile(path.read_text(encoding="utf-8"), str(path), "exec")

@@ -79,7 +79,7 @@ def _compiles(pattern: str) -> bool:
 
 @dataclass
 class PruneConfig:
-    """Settings of :func:`wandapp.prune`. Defaults are wandapp's measured choices;
+    r"""Settings of :func:`wandapp.prune`. Defaults are wandapp's measured choices;
     :meth:`paper` gives the paper's.
 
     Attributes:
