@@ -42,6 +42,45 @@ def test_demo_model_loads_and_saves(demo, tmp_path):
     assert torch.equal(reloaded.model.layers[3].mlp.up_proj.weight, model.model.layers[3].mlp.up_proj.weight)
 
 
+def test_cached_demo_model_equals_a_fresh_gguf_conversion(demo):
+    """The fixture's model came through the cache (converted once per machine); transformers'
+    own GGUF conversion, done here, is the reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from wandapp.models import demo_model_path
+
+    model, tokenizer = demo
+    folder, name = demo_model_path()
+    fresh = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    fresh_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    assert model.state_dict().keys() == fresh.state_dict().keys()
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert model.config.tie_word_embeddings == fresh.config.tie_word_embeddings
+    text = data.load_text(data.EVALUATION_TEXT)[:20000]
+    assert tokenizer(text)["input_ids"] == fresh_tokenizer(text)["input_ids"]
+    assert tokenizer.all_special_tokens == fresh_tokenizer.all_special_tokens
+    assert tokenizer.eos_token_id == fresh_tokenizer.eos_token_id
+    assert tokenizer.chat_template == fresh_tokenizer.chat_template
+
+
+def test_demo_model_loads_without_converting_again_and_without_a_writable_cache(demo, tmp_path, monkeypatch):
+    from wandapp import models
+
+    model, tokenizer = demo
+    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("converted although the cache holds the model"))
+    again, _ = models.load_demo_model(dtype=torch.bfloat16)
+    assert again.dtype == torch.bfloat16
+    assert torch.equal(again.model.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight.bfloat16())
+
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("WANDAPP_CACHE", str(tmp_path / "file"))
+    monkeypatch.setattr(models, "_convert_gguf", lambda *a: (copy.deepcopy(model), tokenizer))
+    uncached, _ = models.load_demo_model(dtype=torch.bfloat16)
+    assert uncached.dtype == torch.bfloat16 and uncached.config.name_or_path == model.config.name_or_path
+    assert torch.equal(uncached.model.layers[0].mlp.down_proj.weight, again.model.layers[0].mlp.down_proj.weight)
+
+
 def test_missing_extra_is_a_clear_error(monkeypatch):
     import importlib.util
 
