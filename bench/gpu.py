@@ -5,8 +5,10 @@ wanda and by wanda++ with the paper's calibration size, side by side.
     python bench/gpu.py                 # on the GPU machine (one H200: about 8 minutes)
     python bench/gpu.py --smoke         # the same code paths on CPU at a toy shape, < 1 minute
 
-Prints and writes bench/results/gpu.md (``--smoke``: gpu-smoke.md under ``--out``). What is
-timed and what is extrapolated is labelled in the table.
+Prints and writes bench/results/gpu.md (``--smoke``: gpu-smoke.md; ``--out DIR`` elsewhere). What
+is timed and what is extrapolated is labelled in the table. The file is rewritten after each stage
+(tests, wanda, wanda++), a method that fails is reported in its row while the other still runs, and
+the exit status is 1 when a test or a method failed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 
 import torch
 
@@ -26,6 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: LLaMA-2-7B's shape (hidden, intermediate, heads, blocks) and the paper's calibration size.
 FULL = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
             num_hidden_layers=32, vocab_size=32000, nsamples=128, seqlen=2048)
+#: The test subset's limit, so that a hanging test leaves time for the pruning runs.
+TEST_TIMEOUT_S = 240
 TOY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
            num_hidden_layers=2, vocab_size=128, nsamples=8, seqlen=32)
 
@@ -36,7 +41,10 @@ def run_tests(device: str) -> tuple[str, list[str]]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "tests/test_device.py"]
     if device == "cuda":  # and the CUDA-parametrized kernel tests
         cmd += ["tests/test_kernels.py", "-k", "cuda or test_device"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TEST_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"stopped after {TEST_TIMEOUT_S} s (the pruning runs below still ran)", []
     lines = done.stdout.strip().splitlines()
     failed = [line for line in lines if line.startswith("FAILED")]
     return (lines[-1] if lines else done.stderr.strip()[-300:]), failed
@@ -98,18 +106,37 @@ def main() -> None:
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
 
     started = time.perf_counter()
+    name = "gpu-smoke.md" if args.smoke else "gpu.md"
+    command = f"python bench/gpu.py{' --smoke' if args.smoke else ''}{f' --blocks {args.blocks}' if args.blocks else ''}"
     summary, failed = run_tests(device)
     print(f"tests on {device}: {summary}", flush=True)
     calib = torch.randint(0, shape["vocab_size"], (shape["nsamples"], shape["seqlen"]), generator=torch.Generator().manual_seed(0))
-    runs = {method: prune_timed(method, shape, blocks, device, dtype, calib) for method in ("wanda", "wanda++")}
+    runs: dict[str, dict] = {}
+    # The file is rewritten after each stage, so a run stopped by its time limit keeps what it measured;
+    # a method that fails (out of memory, say) is a row of its own and the other still runs.
+    write_results(name, table(command, where, device, shape, blocks, dtype, summary, failed, runs, started), args.out)
+    for method in ("wanda", "wanda++"):
+        try:
+            runs[method] = prune_timed(method, shape, blocks, device, dtype, calib)
+        except Exception as exc:
+            traceback.print_exc()
+            runs[method] = dict(error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        write_results(name, table(command, where, device, shape, blocks, dtype, summary, failed, runs, started), args.out)
+    if failed or any("error" in r for r in runs.values()):
+        sys.exit(1)
 
+
+def table(command: str, where: str, device: str, shape: dict, blocks: int, dtype: torch.dtype, summary: str,
+          failed: list[str], runs: dict[str, dict], started: float) -> list[str]:
+    """The results file: the tests' summary, then one row per method measured so far."""
     total = shape["num_hidden_layers"]
     label = "timed" if blocks == total else f"extrapolated from {blocks} timed blocks (x {total / blocks:g})"
     lines = [
-        f"# GPU check ({'smoke, ' if args.smoke else ''}{where})",
+        f"# GPU check ({'smoke, ' if device == 'cpu' else ''}{where})",
         "",
-        f"`python bench/gpu.py{' --smoke' if args.smoke else ''}{f' --blocks {args.blocks}' if args.blocks else ''}`; {machine()}; "
-        f"{time.perf_counter() - started:.0f} s in all.",
+        f"`{command}`; {machine()}; {time.perf_counter() - started:.0f} s in all.",
         "",
         f"Tests (`WANDAPP_TEST_DEVICE={device} pytest tests/test_device.py`{' + CUDA kernel tests' if device == 'cuda' else ''}): {summary}",
         *[f"- {line}" for line in failed],
@@ -120,24 +147,25 @@ def main() -> None:
         "batch_size automatic.",
         "",
         f"| method | s/block | s for {blocks} blocks | s for all {total} blocks ({label}) | "
-        f"{'peak process RSS GiB' if args.smoke else 'peak GPU memory GiB in a block (max_memory_allocated)'} | "
+        f"{'peak process RSS GiB' if device == 'cpu' else 'peak GPU memory GiB in a block (max_memory_allocated)'} | "
         f"model weights GiB ({blocks} blocks) |",
         "|---|---|---|---|---|---|",
     ]
     for method, r in runs.items():
+        if "error" in r:
+            lines.append(f"| {method} | failed: {r['error']} | | | | |")
+            continue
         lines.append(
             f"| {method} | {r['per_block']:.2f} | {r['seconds']:.1f} | {r['seconds'] * total / blocks:.1f} | "
             f"{r['peak'] / 2**30:.2f} | {r['weights'] / 2**30:.2f} |"
         )
-    lines += [
-        "",
-        f"wanda++ / wanda time: {runs['wanda++']['seconds'] / runs['wanda']['seconds']:.2f}x (same run, same shape). "
-        f"The peak includes the weights of the {blocks}-block model; the full {total}-block model's weights add "
-        f"{(total - blocks) * runs['wanda']['block_weights'] / 2**30:.1f} GiB (not measured here).",
-    ]
-    write_results("gpu-smoke.md" if args.smoke else "gpu.md", lines, args.out)
-    if failed:
-        sys.exit(1)
+    done = [r for r in runs.values() if "error" not in r]
+    if done:
+        lines += ["", f"The peak includes the weights of the {blocks}-block model; the full {total}-block model's weights add "
+                  f"{(total - blocks) * done[0]['block_weights'] / 2**30:.1f} GiB (not measured here)."]
+    if all(m in runs and "error" not in runs[m] for m in ("wanda", "wanda++")):
+        lines.append(f"wanda++ / wanda time: {runs['wanda++']['seconds'] / runs['wanda']['seconds']:.2f}x (same run, same shape).")
+    return lines
 
 
 if __name__ == "__main__":
