@@ -2,8 +2,12 @@
 //! `import wandapp` under another torch can name both versions instead of failing in the loader.
 //! The interpreter asked is the one maturin builds for (`PYO3_PYTHON`), else the one torch-sys
 //! asks (`python` inside a virtualenv, else `python3`).
+//!
+//! With the Python binding, it also compiles `src/c/python313_compat.c` into the extension (why:
+//! see that file), whole, so that the linker keeps it whatever the order of the archives.
 
 use std::env;
+use std::path::Path;
 use std::process::Command;
 
 fn main() {
@@ -22,4 +26,11 @@ fn main() {
         .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=WANDAPP_TORCH_VERSION={version}");
+
+    if env::var_os("CARGO_FEATURE_PYTHON").is_some() {
+        // Beside this file: cargo runs it from the crate root of either manifest.
+        let compat = Path::new(file!()).with_file_name("src/c/python313_compat.c");
+        println!("cargo:rerun-if-changed={}", compat.display());
+        cc::Build::new().file(compat).link_lib_modifier("+whole-archive").compile("wandapp_python313_compat");
+    }
 }

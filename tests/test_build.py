@@ -4,9 +4,9 @@ the ImportError that `import wandapp` raises under a torch the core was not buil
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -35,6 +35,7 @@ def test_the_build_picks_the_manifest_for_the_installed_torch(torch_version, man
 
 
 def test_the_manifests_differ_only_in_the_tch_release():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the package itself supports 3.10
     main = tomllib.loads((ROOT / "Cargo.toml").read_text())
     other = tomllib.loads((ROOT / "torch-2.11" / "Cargo.toml").read_text())
     for name in ("tch", "pyo3-tch"):
@@ -68,3 +69,14 @@ def test_importing_the_other_builds_core_raises_a_clear_import_error():
         pytest.skip("the checkout's core was built for this same torch")
     assert done.returncode != 0
     assert f"ImportError: wandapp's compiled core was built for torch {built}, but torch {torch.__version__.split('+')[0]} is installed" in done.stderr
+
+
+def test_the_extension_needs_no_python_symbol_that_3_13_removed():
+    """tch's Python glue, compiled with Python <= 3.12 headers, calls _PyThreadState_UncheckedGet,
+    which 3.13 no longer exports: src/c/python313_compat.c resolves it inside the extension, so the
+    one abi3 build imports on 3.10-3.13 (measured: README, "As a package")."""
+    nm = shutil.which("nm") or pytest.skip("binutils' nm is not installed")
+    needed = subprocess.run([nm, "-D", "--undefined-only", wandapp._core.__file__], capture_output=True, text=True, check=True)
+    symbols = {line.split()[-1] for line in needed.stdout.splitlines() if line.strip()}
+    assert any(s.startswith("Py") for s in symbols), "nm listed no Python symbol: the check would be empty"
+    assert "_PyThreadState_UncheckedGet" not in symbols
