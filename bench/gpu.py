@@ -112,9 +112,13 @@ def main() -> None:
     print(f"tests on {device}: {summary}", flush=True)
     calib = torch.randint(0, shape["vocab_size"], (shape["nsamples"], shape["seqlen"]), generator=torch.Generator().manual_seed(0))
     runs: dict[str, dict] = {}
+
+    def save() -> None:
+        write_results(name, table(command, where, device, shape, blocks, dtype, summary, failed, runs, started), args.out)
+
     # The file is rewritten after each stage, so a run stopped by its time limit keeps what it measured;
     # a method that fails (out of memory, say) is a row of its own and the other still runs.
-    write_results(name, table(command, where, device, shape, blocks, dtype, summary, failed, runs, started), args.out)
+    save()
     for method in ("wanda", "wanda++"):
         try:
             runs[method] = prune_timed(method, shape, blocks, device, dtype, calib)
@@ -123,7 +127,7 @@ def main() -> None:
             runs[method] = dict(error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
             if device == "cuda":
                 torch.cuda.empty_cache()
-        write_results(name, table(command, where, device, shape, blocks, dtype, summary, failed, runs, started), args.out)
+        save()
     if failed or any("error" in r for r in runs.values()):
         sys.exit(1)
 

