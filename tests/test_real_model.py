@@ -8,7 +8,9 @@ for 2 CPU cores; bench/quality.py runs the full grid.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -83,16 +85,46 @@ def test_demo_model_loads_without_converting_again_and_without_a_writable_cache(
     assert uncached.dtype == torch.bfloat16 and uncached.config.name_or_path == model.config.name_or_path
     assert torch.equal(uncached.model.layers[0].mlp.down_proj.weight, again.model.layers[0].mlp.down_proj.weight)
 
-    # A damaged entry (a file deleted by hand) is converted and stored again, once.
+    # A damaged entry (a file deleted by hand) is converted and stored again, once. Writing it
+    # removes the entries not loaded for 30 days (another transformers' conversion) and the partial
+    # folders of writers killed over a day ago; a newer entry and a folder being written stay.
     monkeypatch.setenv("WANDAPP_CACHE", str(tmp_path / "cache"))
     models.load_demo_model()
-    (entry,) = (tmp_path / "cache" / "demo-model").iterdir()
+    cache = tmp_path / "cache" / "demo-model"
+    (entry,) = cache.iterdir()
+    days = {"v1-0123456789abcdef-transformers5.0.0-gguf0.10.0": 31, "v1-0123456789abcdef-transformers5.1.0-gguf0.10.0": 29,
+            f"{models._PARTIAL}killed": 2, f"{models._PARTIAL}writing": 0.5}
+    for folder, age in days.items():
+        (cache / folder).mkdir()
+        (cache / folder / "model.safetensors").write_bytes(b"weights")
+        os.utime(cache / folder, (time.time() - age * 86400,) * 2)
     (entry / "model.safetensors").unlink()
     repaired, _ = models.load_demo_model()
     models.load_demo_model()
     assert len(conversions) == 3  # the unwritable cache, the first store, the repair
     assert torch.equal(repaired.model.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight)
-    assert [p.name for p in (tmp_path / "cache" / "demo-model").iterdir()] == [entry.name]
+    stayed = [entry.name, "v1-0123456789abcdef-transformers5.1.0-gguf0.10.0", f"{models._PARTIAL}writing"]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(stayed)
+
+    # A load marks the entry used, so that it is not the one removed.
+    month_ago = time.time() - 31 * 86400
+    os.utime(entry, (month_ago, month_ago))
+    models.load_demo_model()
+    assert entry.stat().st_mtime > month_ago + 86400
+    for folder in stayed[1:]:
+        shutil.rmtree(cache / folder)
+
+    # A damaged entry in a cache that cannot be written: the model converted in memory, nothing removed.
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    (entry / "model.safetensors").unlink()
+    with monkeypatch.context() as patch:
+        patch.setattr(models.tempfile, "mkdtemp", read_only)
+        in_memory, _ = models.load_demo_model(dtype=torch.bfloat16)
+    assert len(conversions) == 4
+    assert torch.equal(in_memory.model.layers[0].mlp.down_proj.weight, again.model.layers[0].mlp.down_proj.weight)
+    assert [p.name for p in cache.iterdir()] == [entry.name]
 
     # A write that fails with an error of its own (safetensors reports a full disk so) leaves nothing behind.
     shutil.rmtree(entry)

