@@ -143,11 +143,20 @@ mod tests {
             .repeat([3, 1])
     }
 
+    /// A folder of the test's own, removed when the test ends (also when it fails).
+    struct ScratchDir(std::path::PathBuf);
+
+    impl Drop for ScratchDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn round_trip_and_hash() {
-        let dir = std::env::temp_dir().join(format!("wandapp-io-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("m.safetensors");
+        let dir = ScratchDir(std::env::temp_dir().join(format!("wandapp-io-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let path = dir.0.join("m.safetensors");
         let m = sample();
         let meta = HashMap::from([("method".to_string(), "wanda".to_string())]);
         save_masks(&path, &[("a.b".into(), m.shallow_clone())], &meta).unwrap();

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
@@ -88,3 +92,39 @@ def calib_ids(n: int = 16, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
 @pytest.fixture
 def ids() -> torch.Tensor:
     return calib_ids()
+
+
+#: Folders that torch (compile cache, torchrun's logs) and pytest (the basetemp of a pytest run in a
+#: subprocess) keep in the temporary folder by design.
+KEPT_BY_DESIGN = ("torchinductor_", "torchelastic_", "pytest-of-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_folder(tmp_path_factory):
+    """The session's temporary folder (TMPDIR, inherited by the subprocesses tests start), empty
+    at the start of each test: a test whose code leaves files there fails (a quickstart notebook
+    that left its saved model behind once filled CI's disk). pytest's own folders stay where they were."""
+    tmp_path_factory.getbasetemp()
+    folder = tempfile.mkdtemp(prefix="wandapp-tests-")
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"], tempfile.tempdir = folder, None
+    yield folder
+    if saved is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = saved
+    tempfile.tempdir = None
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_temporary_files(temporary_folder):
+    yield
+    left = sorted(name for name in os.listdir(temporary_folder) if not name.startswith(KEPT_BY_DESIGN))
+    for name in left:  # so that the next test starts clean
+        path = os.path.join(temporary_folder, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+    assert not left, f"the test left {left} in the temporary folder"

@@ -114,7 +114,11 @@ def run_and_kill(src: str, dst: str, done_blocks: int | None) -> dict | None:
     once the run folder exists, before the capture pass is recorded); returns the state at the
     kill, or None when the run finished first."""
     code = WORKER.format(tests=os.path.dirname(__file__), src=src, dst=dst)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A killed process cannot remove its temporary folders (the offload folder): they go beside dst.
+    scratch = f"{dst}-tmp"
+    os.makedirs(scratch, exist_ok=True)
+    env = {**os.environ, "TMPDIR": scratch}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         while proc.poll() is None:
             s = state(dst)
