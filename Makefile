@@ -12,6 +12,11 @@ export PIP_CACHE_DIR ?= $(CACHE)/pip
 # Build against the venv's torch (torch-sys runs `python` when VIRTUAL_ENV is set).
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+# torch-sys only checks that LIBTORCH_USE_PYTORCH is set, and cargo reruns its build script (which
+# records the path of torch's libraries) only when the value changes: naming the venv and its torch
+# here makes a build in another clone or venv that shares CARGO_TARGET_DIR (CI's, in the cache)
+# link its own torch rather than a path recorded earlier, which may be gone.
+export LIBTORCH_USE_PYTORCH := $(VIRTUAL_ENV)/torch-$(TORCH)
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 # The Cargo manifest whose tch release matches the venv's torch (build_backend/torch_build.py).
 MANIFEST = $(shell $(PY) build_backend/torch_build.py)
