@@ -32,7 +32,7 @@ $(PY):
 # A pinned transformers gets a stamp of its own (the set-up leaves only its own), so that changing the pin redoes it.
 STAMP := $(VENV)/.wandapp-setup$(if $(TRANSFORMERS),-transformers$(TRANSFORMERS))
 
-setup: $(STAMP) ## create .venv, install torch $(TORCH) and the dev/demo dependencies, build wandapp
+setup: $(STAMP) ## create .venv, install torch (2.13.0; TORCH=...) and the dev/demo dependencies, build wandapp
 
 # The main venv gets an editable install; any other (VENV=...) a regular one, so that two builds
 # for two torches never share python/wandapp/_core*.so. Redone when packaging or Rust sources change.
@@ -69,7 +69,7 @@ test: setup test-rust test-python test-torch-2.11 ## everything CI runs: torch 2
 demo: setup ## the main job: prune the embedded SmolLM2 with magnitude, wanda, wanda++ at 2:4
 	$(VENV)/bin/wandapp demo
 
-wheel: setup ## build a release wheel for the venv's torch into dist/torch-$(TORCH)/ (abi3: Python 3.10-3.13)
+wheel: setup ## build a release wheel for the venv's torch into dist/torch-<version>/ (abi3: Python 3.10-3.13)
 	$(PY) -m maturin build --release --out dist/torch-$(TORCH) --manifest-path $(MANIFEST)
 
 bench: setup ## kernel, quality, LoRA and memory benchmarks (tables in bench/results; bench/ro_lr.py is separate)
@@ -82,5 +82,5 @@ lint: setup ## clippy (warnings are errors) and the .pyi stub against the compil
 	cargo clippy --quiet --all-targets --features python --manifest-path $(MANIFEST) -- -D warnings
 	$(PY) -m mypy.stubtest wandapp._core
 
-clean:
+clean: ## remove the build folder and the venvs
 	rm -rf target $(VENV) .venv-torch*
