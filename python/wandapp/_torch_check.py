@@ -16,6 +16,8 @@ import torch
 
 #: Written into the shared library by src/lib.rs, readable without loading it.
 _MARKER = re.compile(rb"wandapp-built-for-torch=([0-9A-Za-z.]+);")
+#: The torch releases wandapp builds for (build_backend/torch_build.py's MANIFESTS; a test keeps them equal).
+SUPPORTED = ("2.11", "2.13", "2.14", "2.15")
 #: Set to 1 to import a core built for another torch anyway (at your own risk).
 OVERRIDE = "WANDAPP_ALLOW_TORCH_MISMATCH"
 
@@ -40,7 +42,7 @@ def mismatch(built: str) -> ImportError:
         f"wandapp's compiled core was built for torch {built}, but torch {installed_torch()} is installed. "
         f"Install torch=={built}, or rebuild wandapp against this torch: "
         "`pip install --no-build-isolation --force-reinstall <wandapp source or sdist>` (`make build` in a checkout); "
-        "builds exist for torch 2.11 and 2.13 (README: Supported torch versions)"
+        f"builds exist for torch {', '.join(SUPPORTED)} (README: Supported torch versions)"
     )
 
 
