@@ -31,6 +31,7 @@ from wandapp.errors import (
 from wandapp.experts import eager_experts, unfused
 from wandapp.offload import execution_device, execution_devices, is_dispatched, placed
 from wandapp.report import BlockReport, PruneReport
+from wandapp.state import preserved
 
 
 def prune(
@@ -212,38 +213,36 @@ def prune_blocks(job: Job, run: BlockSink | None = None) -> PruneReport:
     the model, and a run it recorded earlier resumes at its first unfinished block."""
     adapter, method, pattern, device = job.adapter, job.method, job.pattern, job.device
     model = adapter.model
-    was_training = model.training
-    model.eval()
     experts = [m for i in range(len(adapter.layers)) for m in adapter.experts_modules(i)]
-    with eager_experts(experts):
-        try:
-            resumed = run.resume(job) if run is not None else None
-            if resumed is None:
-                samples, layers, report = _capture(job)
+    # Every module's own mode, every parameter's requires_grad and gradient, hooks and config
+    # flags come back as the user left them (wandapp.state), on success, error or Ctrl-C.
+    with preserved(model), eager_experts(experts):
+        model.eval()
+        resumed = run.resume(job) if run is not None else None
+        if resumed is None:
+            samples, layers, report = _capture(job)
+            if run is not None:
+                run.started(samples, layers, report)
+        else:
+            samples, layers, report = resumed.samples, resumed.layers, resumed.report
+        cfg = PruneConfig.from_dict(report.config)  # batch_size resolved
+        first = 0 if resumed is None else resumed.first_block
+        bar = tqdm(range(first, len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not job.cfg.progress, unit="block")
+        for index in bar:
+            has_targets = bool(adapter.targets(index))  # targets/ignore may leave nothing here
+            if has_targets:
+                samples = _prune_one_block(adapter, index, samples, method, pattern, layers, cfg, device, report, run, job.share)
+                block = report.blocks[index]
+                bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
+            try:
+                if not has_targets:
+                    report.blocks[index].status = "skipped"
+                    samples = _run_unchanged(adapter, index, samples, device, cfg.batch_size, run, job.share)
                 if run is not None:
-                    run.started(samples, layers, report)
-            else:
-                samples, layers, report = resumed.samples, resumed.layers, resumed.report
-            cfg = PruneConfig.from_dict(report.config)  # batch_size resolved
-            first = 0 if resumed is None else resumed.first_block
-            bar = tqdm(range(first, len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not job.cfg.progress, unit="block")
-            for index in bar:
-                has_targets = bool(adapter.targets(index))  # targets/ignore may leave nothing here
-                if has_targets:
-                    samples = _prune_one_block(adapter, index, samples, method, pattern, layers, cfg, device, report, run, job.share)
-                    block = report.blocks[index]
-                    bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
-                try:
-                    if not has_targets:
-                        report.blocks[index].status = "skipped"
-                        samples = _run_unchanged(adapter, index, samples, device, cfg.batch_size, run, job.share)
-                    if run is not None:
-                        run.finished_block(index, samples, report)
-                except BaseException as err:  # the block's weights are as they were; the run did not record it
-                    report.blocks[index].status = "restored"
-                    raise _stopped(err, index, report) from err
-        finally:
-            model.train(was_training)
+                    run.finished_block(index, samples, report)
+            except BaseException as err:  # the block's weights are as they were; the run did not record it
+                report.blocks[index].status = "restored"
+                raise _stopped(err, index, report) from err
     return report
 
 
