@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wandapp import _core, owl
-from wandapp.adapters import DecoderAdapter, require_materialized, resolve
+from wandapp.adapters import DecoderAdapter, Target, require_materialized, resolve
 from wandapp.capture import BlockRunner, Sample, batching_fails, capture_first_block, next_block_inputs, pinned_offload
 from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences, sequences_sha256
@@ -327,6 +327,7 @@ def _prune_one_block(
                 for p in layer.parameters():
                     p.requires_grad_(False)
                 result, outputs = _run_core(adapter, index, samples, method, pattern, counts if layers else None, cfg, device, share)
+                measured, extra_zeros = _measured_masks(targets, result["masks"])
                 # Inside the try: a write-back that fails leaves the stored copies as they were.
                 if run is None:
                     placement.write_back([(t.module, t.param_name) for t in targets])
@@ -343,7 +344,7 @@ def _prune_one_block(
 
     block = report.blocks[index]
     block.status = "pruned"
-    block.layers = report.record_masks([t.name for t in targets], result["masks"], counts, result["magnitude_fallback"])
+    block.layers = report.record_masks([t.name for t in targets], measured, counts, result["magnitude_fallback"], extra_zeros)
     block.mse_before_ro = result["mse_before_ro"]
     block.mse_final = result["mse_final"]
     block.ro_losses = [r["loss"] for r in result["rounds"]]
@@ -354,6 +355,24 @@ def _prune_one_block(
         torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
     return next_block_inputs(samples, outputs)
+
+
+@torch.no_grad()
+def _measured_masks(targets: list[Target], chosen: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """The masks the report gives (``weight != 0`` of each pruned matrix, so that masks and
+    sparsity describe the weights as they are, whatever a method did) and, per matrix, how many
+    weights the method kept are exactly zero (``LayerReport.extra_zeros``). A weight the method
+    pruned that is not zero would be a broken mask: refused, which restores the block."""
+    measured, extra = [], []
+    for target, mask in zip(targets, chosen):
+        nonzero = target.weight() != 0
+        mask = mask.to(nonzero.device)
+        revived = int((nonzero & ~mask).sum())
+        if revived:
+            raise RuntimeError(f"{target.name}: {revived} weights the method pruned are not zero; the block is restored")
+        measured.append(nonzero)
+        extra.append(int((mask & ~nonzero).sum()))
+    return measured, extra
 
 
 def _run_core(
