@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wandapp import _core, owl
-from wandapp.adapters import DecoderAdapter, Target, require_materialized, resolve
+from wandapp.adapters import DecoderAdapter, Target, require_materialized, resolve, unwrap
 from wandapp.capture import BlockRunner, Sample, batching_fails, capture_first_block, next_block_inputs, pinned_offload
 from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences, sequences_sha256
@@ -159,6 +159,8 @@ def prepare(
     cfg = (config or PruneConfig()).replace(**overrides)
     pattern = parse_sparsity(sparsity)
     method = parse_method(method)
+    # The model's own names (torch.compile, DataParallel...); a PeftModel is refused saying why.
+    model = unwrap(model, peft="refuse")
     adapter = resolve(model, cfg.targets, cfg.ignore)
     require_materialized(model)
     _require_ordinary_tensors(adapter)
