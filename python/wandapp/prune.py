@@ -27,6 +27,7 @@ from wandapp.errors import (
     PruneInterrupted,
     RankFailedError,
     SparsityError,
+    UnsupportedModelError,
 )
 from wandapp.experts import eager_experts, unfused
 from wandapp.offload import execution_device, execution_devices, is_dispatched, placed
@@ -162,6 +163,7 @@ def prepare(
     # The model's own names (torch.compile, DataParallel...); a PeftModel is refused saying why.
     model = unwrap(model, peft="refuse")
     adapter = resolve(model, cfg.targets, cfg.ignore)
+    _refuse_shared_weights(adapter)
     require_materialized(model)
     _require_ordinary_tensors(adapter)
     _check_pattern_fits(adapter, pattern)
@@ -450,6 +452,62 @@ def _weights_checksum(adapter: DecoderAdapter) -> bytes:
         if not p.is_meta and p.element_size() in _BITS
     ]
     return b"" if not sums else torch.stack([s.cpu() for s in sums]).numpy().tobytes()
+
+
+def _memory_span(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(storage, first byte, byte after the last) a tensor's elements occupy; None on meta."""
+    if t.is_meta:
+        return None
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+    return t.untyped_storage().data_ptr(), t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def _refuse_shared_weights(adapter: DecoderAdapter) -> None:
+    """Refuses, before any change, a weight wandapp would prune that the model also uses anywhere
+    else: one module object in two block positions, one parameter registered in two places, or two
+    parameters over the same memory (found by identity and by storage). Pruning it in one block
+    would change the other place too, and a later block would prune and tune it again. Tied
+    embeddings and LM head are outside the blocks and never pruned: they are not concerned."""
+    prefix = adapter.prefix
+    first: dict[int, int] = {}
+    for index, layer in enumerate(adapter.layers):
+        if id(layer) in first:
+            raise UnsupportedModelError(
+                f"decoder blocks {first[id(layer)]} and {index} are one module object ({prefix}.{index} is {prefix}.{first[id(layer)]}): "
+                "each block would be pruned on one set of inputs and then again on the next. wandapp prunes models whose "
+                f"blocks are their own modules; give each position its own copy ({prefix}[{index}] = copy.deepcopy(...))"
+            )
+        first[id(layer)] = index
+    model = adapter.model
+    places = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    by_identity: dict[int, list[str]] = {}
+    by_storage: dict[int, list[tuple[str, int, int]]] = {}
+    for name, tensor in places:
+        by_identity.setdefault(id(tensor), []).append(name)
+        span = _memory_span(tensor)
+        if span is not None:
+            by_storage.setdefault(span[0], []).append((name, span[1], span[2]))
+    checked: set[int] = set()
+    groups: list[list[str]] = []
+    for target in adapter.all_targets():
+        weight = getattr(target.module, target.param_name)
+        if id(weight) in checked:
+            continue
+        checked.add(id(weight))
+        shared = list(by_identity.get(id(weight), []))
+        span = _memory_span(weight)
+        if span is not None:
+            shared += [n for n, lo, hi in by_storage.get(span[0], []) if lo < span[2] and span[1] < hi and n not in shared]
+        if len(shared) > 1 and not any(set(shared) == set(g) for g in groups):
+            groups.append(shared)
+    if groups:
+        listed = "; ".join(f"({', '.join(g)})" for g in groups[:8]) + (f"; and {len(groups) - 8} more" if len(groups) > 8 else "")
+        raise UnsupportedModelError(
+            f"{len(groups)} weights wandapp would prune are each shared by several places of the model (one parameter, or one "
+            f"memory): {listed}. Pruning one place would change the others, and a later block would prune and tune it again. "
+            "Give each place its own copy (module.weight = nn.Parameter(module.weight.detach().clone())), or leave every "
+            "place that shares a weight out with ignore=[...]"
+        )
 
 
 def _check_pattern_fits(adapter: DecoderAdapter, pattern: Pattern) -> None:
