@@ -188,6 +188,7 @@ def prepare(
     for i, seq in enumerate(sequences):
         if int(seq.input_ids.min()) < 0 or int(seq.input_ids.max()) >= vocab:
             raise CalibrationError(f"calibration sequence {i} has token ids outside [0, {vocab}); was it tokenized for this model?")
+    _check_positions(adapter, sequences)
     if world is not None:
         _check_world(world, adapter, sequences, method, pattern, cfg)
     return Job(adapter, sequences, method, pattern, cfg, device, offload, world)
@@ -452,6 +453,44 @@ def _weights_checksum(adapter: DecoderAdapter) -> bytes:
         if not p.is_meta and p.element_size() in _BITS
     ]
     return b"" if not sums else torch.stack([s.cpu() for s in sums]).numpy().tobytes()
+
+
+def _position_tables(adapter: DecoderAdapter) -> list[tuple[str, int, int]]:
+    """(name, positions it holds, offset) of every position table of fixed size outside the
+    blocks: an ``nn.Embedding`` other than the token embeddings that is named for positions or
+    holds ``max_position_embeddings`` rows beyond its offset (OPT's learned positions, offset 2;
+    GPT-Neo's ``wpe``). Rotary models have none: ``max_position_embeddings`` does not limit them."""
+    model = adapter.model
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    longest = getattr(config, "max_position_embeddings", None)
+    tokens = model.get_input_embeddings()
+    inside = {id(m) for m in adapter.layers.modules()}
+    tables = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Embedding) or module is tokens or id(module) in inside:
+            continue
+        offset = int(getattr(module, "offset", 0) or 0)
+        if "pos" in name.rsplit(".", 1)[-1].lower() or name.endswith("wpe") or module.num_embeddings - offset == longest:
+            tables.append((name, module.num_embeddings - offset, offset))
+    return tables
+
+
+def _check_positions(adapter: DecoderAdapter, sequences: list[Sequence]) -> None:
+    """Refuses calibration sequences longer than a fixed position table allows (CalibrationError,
+    before any work): such a model would fail with a bare IndexError in its embedding, or read
+    positions it never learned. The padded width counts (models that number padding positions
+    too index the table with it), as well as the real tokens."""
+    for name, limit, offset in _position_tables(adapter):
+        for i, seq in enumerate(sequences):
+            width = int(seq.input_ids.shape[1])
+            real = width if seq.attention_mask is None else int(seq.attention_mask.sum())
+            if width > limit:
+                raise CalibrationError(
+                    f"calibration sequence {i} is {width} tokens wide ({real} real tokens), but {type(adapter.model).__name__} "
+                    f"learned positions for at most {limit} tokens (its position table {name} has {limit + offset} rows"
+                    + (f", {offset} of them an offset" if offset else "")
+                    + f"). Cut the calibration sequences to at most {limit} tokens, padding included (seqlen={limit})"
+                )
 
 
 def _memory_span(t: torch.Tensor) -> tuple[int, int, int] | None:
