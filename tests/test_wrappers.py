@@ -76,3 +76,18 @@ def test_a_peft_model_is_refused_before_any_change_and_the_helpers_read_its_base
         assert_masks_equal(wrapped, report.masks)
     merged = wandapp.lora.merge_sparse(torch.compile(pm), report.masks)
     assert_masks_equal(merged, report.masks)
+
+
+def test_distributed_data_parallel_is_pruned_under_the_models_own_names(tmp_path):
+    """DistributedDataParallel needs a process group: one gloo rank (wandapp then runs alone)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        plain = tiny_model("llama", seed=46)
+        expected = wandapp.prune(copy.deepcopy(plain), IDS, **RUN)
+        report = wandapp.prune(nn.parallel.DistributedDataParallel(plain), IDS, **RUN)
+    finally:
+        dist.destroy_process_group()
+    assert report.masks.keys() == expected.masks.keys()
+    assert all(torch.equal(report.masks[k], expected.masks[k]) for k in expected.masks)
