@@ -63,3 +63,18 @@ def test_rotary_models_are_not_limited_by_max_position_embeddings():
     model = tiny_model("llama", seed=65, max_position_embeddings=16)
     report = wandapp.prune(model, calib_ids(n=4, seqlen=40, seed=66), **RUN)
     assert report.pruned_blocks == [0, 1]
+
+
+def test_a_vision_towers_position_table_does_not_limit_the_text():
+    """Gemma 3's vision tower has a 16-position table; its text decoder is rotary."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    config = Gemma3Config(
+        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+        mm_tokens_per_image=4,
+    )
+    torch.manual_seed(67)
+    report = wandapp.prune(Gemma3ForConditionalGeneration(config).eval(), calib_ids(n=4, seqlen=24, seed=68), **RUN)
+    assert report.pruned_blocks == [0, 1]

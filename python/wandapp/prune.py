@@ -456,17 +456,21 @@ def _weights_checksum(adapter: DecoderAdapter) -> bytes:
 
 
 def _position_tables(adapter: DecoderAdapter) -> list[tuple[str, int, int]]:
-    """(name, positions it holds, offset) of every position table of fixed size outside the
-    blocks: an ``nn.Embedding`` other than the token embeddings that is named for positions or
-    holds ``max_position_embeddings`` rows beyond its offset (OPT's learned positions, offset 2;
-    GPT-Neo's ``wpe``). Rotary models have none: ``max_position_embeddings`` does not limit them."""
+    """(name, positions it holds, offset) of every position table of fixed size beside the
+    blocks (in the module that holds the block list, so a vision tower's own table is not taken
+    for the text's): an ``nn.Embedding`` other than the token embeddings that is named for
+    positions or holds ``max_position_embeddings`` rows beyond its offset (OPT's learned positions,
+    offset 2; GPT-Neo's ``wpe``). Rotary models have none: ``max_position_embeddings`` does not
+    limit them."""
     model = adapter.model
+    parent = adapter.prefix.rpartition(".")[0]
+    decoder = model.get_submodule(parent) if parent else model
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     longest = getattr(config, "max_position_embeddings", None)
     tokens = model.get_input_embeddings()
     inside = {id(m) for m in adapter.layers.modules()}
     tables = []
-    for name, module in model.named_modules():
+    for name, module in decoder.named_modules(prefix=parent):
         if not isinstance(module, nn.Embedding) or module is tokens or id(module) in inside:
             continue
         offset = int(getattr(module, "offset", 0) or 0)
