@@ -102,9 +102,15 @@ impl SequenceSum for HessianStats {
 }
 
 /// The upper Cholesky factor of H^-1 after SparseGPT's fixes: inputs that never fire (zero
-/// diagonal) get a unit diagonal, and `percdamp` x mean(diag) is added to the diagonal. Returns
-/// it with the dead-input flags [in].
-fn inverse_factor(h: &Tensor, percdamp: f64) -> Result<(Tensor, Tensor)> {
+/// diagonal) get a unit diagonal, and `percdamp` x mean(diag) is added to the diagonal.
+///
+/// Unlike the reference, the weights of such dead inputs are not zeroed before the sweep: an
+/// input silent on the calibration data may fire on other text, so its weights are not free to
+/// remove, and zeroing them pruned more than the count asked for (96 of 128 per row instead of 64
+/// when 96 inputs are dead) while the mask said otherwise. A dead input's row and column of H are
+/// zero off the diagonal, so the sweep neither updates its weights nor propagates from them: each
+/// is kept as it was or pruned by the mask, which holds exactly the count asked for.
+fn inverse_factor(h: &Tensor, percdamp: f64) -> Result<Tensor> {
     let h = h.copy();
     let dead = h.f_diagonal(0, 0, 1)?.f_eq(0.0)?;
     let _ = h.f_diagonal(0, 0, 1)?.f_masked_fill_(&dead, 1.0)?;
@@ -117,7 +123,7 @@ fn inverse_factor(h: &Tensor, percdamp: f64) -> Result<(Tensor, Tensor)> {
     let lower = h.f_linalg_cholesky(false).map_err(|_| not_positive())?;
     let inverse = lower.f_cholesky_inverse(false)?;
     let upper = inverse.f_linalg_cholesky(true).map_err(|_| not_positive())?;
-    Ok((upper, dead))
+    Ok(upper)
 }
 
 /// Prunes `weight` [out, in] in place by SparseGPT with the Hessian `hessian` [in, in] of its
@@ -135,8 +141,8 @@ pub fn sparsegpt_prune_(weight: &Tensor, hessian: &Tensor, pattern: Pattern, blo
     }
     let kind = if hessian.kind() == Kind::Double { Kind::Double } else { Kind::Float };
     let _guard = tch::no_grad_guard();
-    let (hinv, dead) = inverse_factor(&hessian.f_to_kind(kind)?, percdamp)?;
-    let w = weight.f_to_kind(kind)?.f_masked_fill(&dead.f_unsqueeze(0)?, 0.0)?;
+    let hinv = inverse_factor(&hessian.f_to_kind(kind)?, percdamp)?;
+    let w = weight.f_to_dtype(kind, false, true)?; // a copy: the weight changes only once the sweep succeeded
     // N:M groups must not straddle two column blocks.
     let blocksize = match pattern {
         Pattern::NM { m, .. } => (blocksize / m).max(1) * m,
@@ -234,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn padding_and_dead_inputs_do_not_enter_the_hessian() {
+    fn padding_does_not_enter_the_hessian() {
         let mut rng = SplitMix64::new(3);
         let x = normal(&mut rng, &[1, 4, 3]);
         let mask = Tensor::from_slice(&[true, true, false, false]).view([1, 4]);
@@ -245,10 +251,30 @@ mod tests {
         assert!(with_padding.hessian().unwrap().allclose(&plain.hessian().unwrap(), 1e-6, 1e-6, false));
         let idle = HessianStats::new(3).unwrap();
         assert!(!idle.saw_tokens() && idle.hessian().is_err());
-        let h = Tensor::eye(3, (Kind::Float, Device::Cpu));
-        let _ = h.get(1).get(1).fill_(0.0);
-        let w = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
-        let keep = sparsegpt_prune_(&w, &h, Pattern::unstructured(0.34).unwrap(), 128, PERCDAMP).unwrap();
-        assert!(!bool::try_from(keep.get(0).get(1)).unwrap(), "the dead input is pruned first");
+    }
+
+    /// Inputs that never fire (zero rows and columns of H) are neither zeroed nor updated: every
+    /// row loses exactly the count asked for, and a kept dead weight keeps its value bit for bit.
+    #[test]
+    fn dead_inputs_are_pruned_only_by_the_mask_and_kept_as_they_were() {
+        let mut rng = SplitMix64::new(4);
+        let x = normal(&mut rng, &[64, 8]);
+        let _ = x.narrow(1, 0, 6).fill_(0.0); // 6 of 8 inputs dead
+        let h = x.tr().matmul(&x);
+        for (pattern, per_row) in [(Pattern::unstructured(0.5).unwrap(), 4), (Pattern::nm(2, 4).unwrap(), 4)] {
+            let w = normal(&mut rng, &[5, 8]);
+            let pruned = w.copy();
+            let keep = sparsegpt_prune_(&pruned, &h, pattern, 128, PERCDAMP).unwrap();
+            let zeros = pruned.eq(0.0).sum_dim_intlist(&[1i64][..], false, Kind::Int64);
+            assert_eq!(Vec::<i64>::try_from(zeros).unwrap(), vec![per_row; 5], "{pattern:?}");
+            let dead_kept = keep.narrow(1, 0, 6);
+            assert!(pruned.narrow(1, 0, 6).masked_select(&dead_kept).equal(&w.narrow(1, 0, 6).masked_select(&dead_kept)), "{pattern:?}");
+        }
+        // A layer whose whole input is dead keeps half its weights, unchanged.
+        let w = normal(&mut rng, &[3, 8]);
+        let pruned = w.copy();
+        let keep = sparsegpt_prune_(&pruned, &Tensor::zeros([8, 8], (Kind::Double, Device::Cpu)), Pattern::unstructured(0.5).unwrap(), 128, PERCDAMP).unwrap();
+        assert_eq!(i64::try_from(pruned.eq(0.0).sum(Kind::Int64)).unwrap(), 12);
+        assert!(pruned.masked_select(&keep).equal(&w.masked_select(&keep)));
     }
 }

@@ -208,13 +208,15 @@ def drop_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | str, blocksize: int = 128, percdamp: float = 0.01):
     """IST-DASLab/sparsegpt ``SparseGPT.fasterprune``, transcribed, with the unstructured mask
     chosen per row (each row of a column block drops floor(end x s) - floor(start x s)) instead
-    of one threshold per block. Returns (pruned weight, keep-mask); does not change its inputs."""
+    of one threshold per block, and the weights of inputs that never fire (zero diagonal of H)
+    left as they are instead of zeroed before the sweep (the reference's ``W[:, dead] = 0`` pruned
+    them beyond the mask; the sweep never updates them). Returns (pruned weight, keep-mask); does
+    not change its inputs."""
     W = weight.clone().to(hessian.dtype)
     H = hessian.clone()
     rows, cols = W.shape
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
     damp = percdamp * torch.mean(torch.diag(H))
     H[range(cols), range(cols)] += damp
     H = torch.linalg.cholesky(H)

@@ -18,6 +18,7 @@ from wandapp import kernels  # noqa: E402
 from wandapp.config import PruneConfig
 from wandapp.errors import (
     CalibrationError,
+    CheckpointError,
     DeviceMismatchError,
     DtypeError,
     InvalidArgumentError,
@@ -43,6 +44,7 @@ __version__: str = _core.__version__
 
 __all__ = [
     "CalibrationError",
+    "CheckpointError",
     "DeviceMismatchError",
     "DtypeError",
     "InvalidArgumentError",

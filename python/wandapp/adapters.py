@@ -128,6 +128,35 @@ def require_materialized(model: nn.Module) -> None:
         )
 
 
+def _is_peft_model(model: Any) -> bool:
+    """A peft ``PeftModel`` (by class, without importing peft)."""
+    return any(c.__name__ == "PeftModel" and c.__module__.startswith("peft") for c in type(model).__mro__)
+
+
+def unwrap(model: Any, peft: str = "base") -> Any:
+    """The model inside the usual wrappers, so that names are the model's own (a mask file written
+    for a compiled model applies to the plain one, and ``targets`` match): torch.compile's
+    ``OptimizedModule`` (``_orig_mod``), ``DataParallel`` / ``DistributedDataParallel``
+    (``.module``), and a peft ``PeftModel`` (its base model, whose LoRA layers keep the plain
+    model's names) unless ``peft="keep"``; ``peft="refuse"`` (pruning) raises UnsupportedModelError
+    saying what to pass instead. Anything else is returned as it is."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif peft != "keep" and _is_peft_model(model):
+            if peft == "refuse":
+                raise UnsupportedModelError(
+                    f"got a peft {type(model).__name__}: wandapp prunes the model before adapters are added (its LoRA layers "
+                    "would be pruned under the adapter's names and the adapters left dense). Prune the plain model and then "
+                    "call peft.get_peft_model, or merge first (peft_model.merge_and_unload()) and prune the merged model"
+                )
+            model = model.get_base_model()
+        else:
+            return model
+
+
 def _text_config(model: nn.Module) -> Any:
     config: Any = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -166,14 +195,15 @@ def _is_router(module: nn.Module) -> bool:
     return "Router" in type(module).__name__
 
 
-def _block_matrices(layer: nn.Module, prefix: str, found: str, explicit: bool) -> list[Target]:
+def _block_matrices(layer: nn.Module, prefix: str, found: str, explicit: bool, inspect: bool = False) -> list[Target]:
     """Every linear layer and fused expert slice of one block, routers excepted, in module order.
 
     A router decides where tokens go and is never pruned: a module whose class is a ``*Router``,
     or a linear layer beside a mixture's experts (same parent) with one output per expert or a
     single output (a shared-expert gate). Unless ``explicit`` (the user named ``targets``), a
     block holding other weight matrices (experts in a layout wandapp does not know) is refused:
-    they would stay dense without a word."""
+    they would stay dense without a word. With ``inspect`` (the testing helpers reading a model
+    that LoRA now wraps), a peft LoRA layer stands for its base layer, under its own name."""
     routers = {id(m) for m in layer.modules() if _is_router(m)}
     for parent in layer.modules():
         experts = [m for m in parent.children() if fused_experts(m) or (isinstance(m, nn.ModuleList) and parent._modules.get("experts") is m)]
@@ -181,10 +211,19 @@ def _block_matrices(layer: nn.Module, prefix: str, found: str, explicit: bool) -
         routers |= {id(m) for m in parent.children() if isinstance(m, nn.Linear) and counts and m.out_features in counts | {1}}
     out: list[Target] = []
     covered: set[int] = set()
+    wrapped: set[int] = set()  # inspect: the LoRA layers, whose base layer is taken under their name
     for name, module in layer.named_modules():
         full = f"{prefix}.{name}"
         if id(module) in routers or any(id(m) in routers for m in _ancestors(layer, name)):
             covered.update(id(p) for p in module.parameters(recurse=False))
+            continue
+        if any(id(m) in wrapped for m in _ancestors(layer, name)):
+            covered.update(id(p) for p in module.parameters(recurse=False))
+            continue
+        if inspect and isinstance(getattr(module, "base_layer", None), nn.Linear):
+            wrapped.add(id(module))
+            out.append(Target(full, module.base_layer, "weight"))
+            covered.add(id(module.base_layer.weight))
             continue
         if hasattr(module, "base_layer") or hasattr(module, "lora_A"):
             raise UnsupportedModelError(f"{found}: {full} is wrapped by an adapter ({type(module).__name__}); prune before adding LoRA")
@@ -246,9 +285,12 @@ def _select(blocks: list[list[Target]], targets: NamePatterns, ignore: NamePatte
     return chosen
 
 
-def resolve(model: Any, targets: NamePatterns = None, ignore: NamePatterns = None) -> DecoderAdapter:
+def resolve(model: Any, targets: NamePatterns = None, ignore: NamePatterns = None, inspect: bool = False) -> DecoderAdapter:
     """Finds the decoder blocks and the matrices to prune, or raises UnsupportedModelError
-    naming what was found; InvalidArgumentError when ``targets``/``ignore`` match nothing."""
+    naming what was found; InvalidArgumentError when ``targets``/``ignore`` match nothing.
+    ``model`` is taken out of its wrappers first (:func:`unwrap`: a peft model is refused unless
+    ``inspect``, for the testing helpers, which read its base model's matrices)."""
+    model = unwrap(model, peft="base" if inspect else "refuse")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     found = f"{type(model).__name__} (model_type={model_type!r})"
@@ -262,13 +304,15 @@ def resolve(model: Any, targets: NamePatterns = None, ignore: NamePatterns = Non
     kinds = list(getattr(_text_config(model), "layer_types", None) or ["full_attention"] * len(layers))[: len(layers)]
     if len(kinds) < len(layers):
         raise UnsupportedModelError(f"{found}: config.layer_types names {len(kinds)} blocks but the model has {len(layers)}")
-    blocks = [_block_matrices(layer, f"{prefix}.{i}", found, targets is not None) for i, layer in enumerate(layers)]
+    blocks = [_block_matrices(layer, f"{prefix}.{i}", found, targets is not None, inspect) for i, layer in enumerate(layers)]
     return DecoderAdapter(model, layers, prefix, kinds, _select(blocks, targets, ignore, found))
 
 
 def matrix(model: nn.Module, name: str) -> torch.Tensor | None:
     """The weight matrix a mask name refers to (a module with a ``weight``, or
-    ``module.param[expert]`` for a fused expert slice), or None when the model has no such one."""
+    ``module.param[expert]`` for a fused expert slice), or None when the model has no such one.
+    Names are the model's own, also for a model in a wrapper (:func:`unwrap`)."""
+    model = unwrap(model)
     match = _EXPERT_NAME.match(name)
     try:
         if match is None:
@@ -284,5 +328,5 @@ def matrix(model: nn.Module, name: str) -> torch.Tensor | None:
 
 def iter_matrices(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, matrix [out, in]) of every matrix of the decoder blocks that wandapp would prune."""
-    for target in resolve(model).all_targets():
+    for target in resolve(model, inspect=True).all_targets():
         yield target.name, target.weight()

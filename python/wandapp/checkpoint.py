@@ -36,7 +36,7 @@ from wandapp.capture import Sample, stash, pinned_offload
 from wandapp.config import Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences, sequences_sha256
 from wandapp.distributed import World, guarded
-from wandapp.errors import InvalidArgumentError, PruneError, ResumeMismatchError, UnsupportedModelError
+from wandapp.errors import CheckpointError, InvalidArgumentError, PruneError, ResumeMismatchError, UnsupportedModelError
 from wandapp.masks import save_masks
 from wandapp.prune import Job, Resumed, prepare, prune_blocks
 from wandapp.report import PruneReport
@@ -115,6 +115,7 @@ def _prune_checkpoint(
     config: PruneConfig | None, dtype: torch.dtype | None, overrides: dict[str, Any], world: World | None,
 ) -> PruneReport:
     weight_map = source_weight_map(src)
+    check_source(src, weight_map)  # before anything is read into a model or written in dst
     cfg = (config or PruneConfig(dense_check=False)).replace(**overrides)
     if cfg.device is None:
         cfg = cfg.replace(device="cuda" if torch.cuda.is_available() else "cpu")
@@ -150,16 +151,113 @@ def source_weight_map(src: str) -> dict[str, str]:
         raise InvalidArgumentError(f"{src!r} holds no config.json: pass a folder written by save_pretrained")
     index = os.path.join(src, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            return dict(json.load(f)["weight_map"])
-    single = os.path.join(src, "model.safetensors")
-    if os.path.isfile(single):
-        with safe_open(single, "pt") as f:
-            return {name: "model.safetensors" for name in f.keys()}
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError("weight_map is not a {tensor: file} object")
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index!r} is not a readable index ({type(err).__name__}: {err}); save the checkpoint again") from err
+        return dict(weight_map)
+    single = "model.safetensors"
+    if os.path.isfile(os.path.join(src, single)):
+        return dict.fromkeys(_shard_header(src, single), single)
     raise InvalidArgumentError(
         f"{src!r} holds no safetensors checkpoint (model.safetensors or model.safetensors.index.json); "
         "prune_checkpoint streams safetensors shards: convert it with save_pretrained(..., safe_serialization=True)"
     )
+
+
+#: Bytes per element of safetensors' dtype names (those not listed are not size-checked).
+_SAFETENSORS_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def _shard_header(src: str, file: str) -> dict[str, tuple[str, list[int]]]:
+    """{tensor: (dtype, shape)} of one safetensors file, read from its header, after checking that
+    the file is as long as the header says (a truncated copy is refused here, not half-way through
+    the run). CheckpointError naming the file otherwise."""
+    path = os.path.join(src, file)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path!r} is missing")
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or length > size - 8:
+                raise ValueError(f"its header claims {length} bytes but the file has {size}")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        tensors, end = {}, 0
+        for name, info in header.items():
+            dtype, shape, (start, stop) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+            count = 1
+            for d in shape:
+                count *= d
+            if dtype in _SAFETENSORS_BYTES and stop - start != count * _SAFETENSORS_BYTES[dtype]:
+                raise ValueError(f"tensor {name!r} takes {stop - start} bytes, but {dtype} {shape} needs {count * _SAFETENSORS_BYTES[dtype]}")
+            tensors[name], end = (dtype, shape), max(end, int(stop))
+    except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path!r} is not a readable safetensors file ({err}); copy or save it again") from err
+    if 8 + length + end > size:
+        raise CheckpointError(
+            f"{path!r} is truncated: its header needs {8 + length + end} bytes, the file has {size} "
+            f"(the data of e.g. {next(iter(tensors), '?')!r} is cut); copy it again"
+        )
+    return tensors
+
+
+def check_source(src: str, weight_map: dict[str, str]) -> None:
+    """Refuses an incomplete or inconsistent checkpoint with a CheckpointError naming the file
+    and tensor, before any model is built on it and before anything is written in ``dst``: every
+    shard the index names exists and is whole, the index lists every tensor its shards hold and
+    nothing they lack (a stale index would make the output silently lack a tensor), and every
+    tensor the model needs is there with its shape and kind (float or not). A checkpoint whose
+    names transformers converts on load (tensors the model does not know beside ones it lacks) is
+    left to the conversion check (UnsupportedModelError)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    headers = {file: _shard_header(src, file) for file in sorted(set(weight_map.values()))}
+    for name, file in weight_map.items():
+        if name not in headers[file]:
+            raise CheckpointError(f"the index of {src!r} puts tensor {name!r} in {file!r}, which does not hold it; save the checkpoint again")
+    for file, tensors in headers.items():
+        for name in tensors:
+            if weight_map.get(name) != file:
+                where = "does not list it" if name not in weight_map else f"puts it in {weight_map[name]!r}"
+                raise CheckpointError(
+                    f"{os.path.join(src, file)!r} holds tensor {name!r} but the index (model.safetensors.index.json) {where}: "
+                    "the index is stale, and the output would lack the tensor. Save the checkpoint again (save_pretrained) "
+                    "or fix the index's weight_map"
+                )
+    stored = {name: headers[file][name] for name, file in weight_map.items()}
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+    skeleton.tie_weights()  # from_config on meta leaves tied weights apart; save_pretrained stores one of them
+    places: dict[int, list[str]] = {}  # tied tensors: one stored name is enough
+    for name, tensor in skeleton.state_dict(keep_vars=True).items():
+        places.setdefault(id(tensor), []).append(name)
+    missing = [names for names in places.values() if not any(n in stored for n in names)]
+    if missing and set(stored) <= {n for names in places.values() for n in names}:
+        raise CheckpointError(
+            f"{src!r} lacks tensor {missing[0][0]!r} (and {len(missing) - 1} more) that {type(skeleton).__name__} needs: "
+            "a shard or an index entry is missing; save the checkpoint again"
+        )
+    state = skeleton.state_dict(keep_vars=True)
+    for name, (dtype, shape) in stored.items():
+        if name not in state:
+            continue
+        expected = state[name]
+        if list(expected.shape) != shape or (dtype in _FLOAT_DTYPES) != expected.is_floating_point():
+            raise CheckpointError(
+                f"tensor {name!r} in {os.path.join(src, weight_map[name])!r} is {dtype} {shape}, but the model's config "
+                f"needs {'a float' if expected.is_floating_point() else str(expected.dtype)} tensor of shape {list(expected.shape)}; "
+                "the checkpoint does not match its config.json"
+            )
 
 
 def load_offloaded(src: str, device: torch.device, offload_folder: str, dtype: torch.dtype | None = None) -> nn.Module:

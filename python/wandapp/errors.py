@@ -63,6 +63,12 @@ class ResumeMismatchError(WandappError, ValueError):
     one asked to resume there."""
 
 
+class CheckpointError(WandappError, ValueError):
+    """A checkpoint folder given to ``prune_checkpoint`` is incomplete or inconsistent: a shard the
+    index names is missing or damaged, the index and the shards disagree, or a tensor the model
+    needs is absent or of another shape or kind. Raised before anything is written."""
+
+
 class PruneError(WandappError, RuntimeError):
     """Pruning stopped part-way. ``report`` says which blocks are pruned; the failed block
     and every later one are untouched (bit-identical to before)."""

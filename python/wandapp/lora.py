@@ -16,22 +16,24 @@ from typing import Any, Mapping
 import torch
 
 from wandapp._optional import require
-from wandapp.adapters import matrix
+from wandapp.adapters import matrix, unwrap
 from wandapp.errors import InvalidArgumentError
 from wandapp.masks import apply_masks
 
 
-def _require_peft_model(model: Any) -> None:
-    if not isinstance(model, require("peft", "LoRA support").PeftModel):
+def _require_peft_model(model: Any) -> Any:
+    """The PeftModel, also inside torch.compile or DataParallel (``adapters.unwrap``)."""
+    inner = unwrap(model, peft="keep")
+    if not isinstance(inner, require("peft", "LoRA support").PeftModel):
         raise InvalidArgumentError(f"expected a peft PeftModel (from get_peft_model), got {type(model).__name__}")
+    return inner
 
 
 def merge_sparse(peft_model: Any, masks: Mapping[str, torch.Tensor]) -> Any:
     """Merges the LoRA adapters into the base weights, re-applies ``masks`` (names as in the
     base model, e.g. from ``PruneReport.masks`` or ``wandapp.load_masks``), and returns the
     merged base model. ``peft_model`` is consumed (peft's merge_and_unload)."""
-    _require_peft_model(peft_model)
-    merged = peft_model.merge_and_unload()
+    merged = _require_peft_model(peft_model).merge_and_unload()
     apply_masks(merged, masks)
     return merged
 
@@ -55,7 +57,7 @@ def remask_cost(peft_model: Any, masks: Mapping[str, torch.Tensor], eval_ids: to
     :func:`merge_sparse` (on a copy; ``peft_model`` is left as it is)."""
     from wandapp.eval import perplexity
 
-    _require_peft_model(peft_model)
+    peft_model = _require_peft_model(peft_model)
     unmerged = perplexity(peft_model, eval_ids, seqlen=seqlen, progress=False).perplexity
     work = copy.deepcopy(peft_model)
     base = work.get_base_model()

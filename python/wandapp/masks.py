@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from wandapp import _core
-from wandapp.adapters import matrix
+from wandapp.adapters import matrix, unwrap
 from wandapp.errors import MaskFileError, MaskMismatchError
 
 
@@ -58,7 +58,10 @@ def load_masks(path: str | os.PathLike[str], with_metadata: bool = False) -> Any
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Zeroes each named weight matrix where its mask is False. Checks every name and shape
-    first and raises MaskMismatchError naming the first mismatch, before changing anything."""
+    first and raises MaskMismatchError naming the first mismatch, before changing anything.
+    ``model`` may be in a wrapper (torch.compile, DataParallel, a peft model): names are the
+    model's own."""
+    model = unwrap(model)
     weights = {}
     for name, mask in masks.items():
         weight = matrix(model, name)

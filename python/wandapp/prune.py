@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wandapp import _core, owl
-from wandapp.adapters import DecoderAdapter, require_materialized, resolve
+from wandapp.adapters import DecoderAdapter, Target, require_materialized, resolve, unwrap
 from wandapp.capture import BlockRunner, Sample, batching_fails, capture_first_block, next_block_inputs, pinned_offload
 from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences, sequences_sha256
@@ -27,10 +27,12 @@ from wandapp.errors import (
     PruneInterrupted,
     RankFailedError,
     SparsityError,
+    UnsupportedModelError,
 )
 from wandapp.experts import eager_experts, unfused
 from wandapp.offload import execution_device, execution_devices, is_dispatched, placed
 from wandapp.report import BlockReport, PruneReport
+from wandapp.state import preserved
 
 
 def prune(
@@ -158,7 +160,10 @@ def prepare(
     cfg = (config or PruneConfig()).replace(**overrides)
     pattern = parse_sparsity(sparsity)
     method = parse_method(method)
+    # The model's own names (torch.compile, DataParallel...); a PeftModel is refused saying why.
+    model = unwrap(model, peft="refuse")
     adapter = resolve(model, cfg.targets, cfg.ignore)
+    _refuse_shared_weights(adapter)
     require_materialized(model)
     _require_ordinary_tensors(adapter)
     _check_pattern_fits(adapter, pattern)
@@ -183,6 +188,7 @@ def prepare(
     for i, seq in enumerate(sequences):
         if int(seq.input_ids.min()) < 0 or int(seq.input_ids.max()) >= vocab:
             raise CalibrationError(f"calibration sequence {i} has token ids outside [0, {vocab}); was it tokenized for this model?")
+    _check_positions(adapter, sequences)
     if world is not None:
         _check_world(world, adapter, sequences, method, pattern, cfg)
     return Job(adapter, sequences, method, pattern, cfg, device, offload, world)
@@ -212,38 +218,36 @@ def prune_blocks(job: Job, run: BlockSink | None = None) -> PruneReport:
     the model, and a run it recorded earlier resumes at its first unfinished block."""
     adapter, method, pattern, device = job.adapter, job.method, job.pattern, job.device
     model = adapter.model
-    was_training = model.training
-    model.eval()
     experts = [m for i in range(len(adapter.layers)) for m in adapter.experts_modules(i)]
-    with eager_experts(experts):
-        try:
-            resumed = run.resume(job) if run is not None else None
-            if resumed is None:
-                samples, layers, report = _capture(job)
+    # Every module's own mode, every parameter's requires_grad and gradient, hooks and config
+    # flags come back as the user left them (wandapp.state), on success, error or Ctrl-C.
+    with preserved(model), eager_experts(experts):
+        model.eval()
+        resumed = run.resume(job) if run is not None else None
+        if resumed is None:
+            samples, layers, report = _capture(job)
+            if run is not None:
+                run.started(samples, layers, report)
+        else:
+            samples, layers, report = resumed.samples, resumed.layers, resumed.report
+        cfg = PruneConfig.from_dict(report.config)  # batch_size resolved
+        first = 0 if resumed is None else resumed.first_block
+        bar = tqdm(range(first, len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not job.cfg.progress, unit="block")
+        for index in bar:
+            has_targets = bool(adapter.targets(index))  # targets/ignore may leave nothing here
+            if has_targets:
+                samples = _prune_one_block(adapter, index, samples, method, pattern, layers, cfg, device, report, run, job.share)
+                block = report.blocks[index]
+                bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
+            try:
+                if not has_targets:
+                    report.blocks[index].status = "skipped"
+                    samples = _run_unchanged(adapter, index, samples, device, cfg.batch_size, run, job.share)
                 if run is not None:
-                    run.started(samples, layers, report)
-            else:
-                samples, layers, report = resumed.samples, resumed.layers, resumed.report
-            cfg = PruneConfig.from_dict(report.config)  # batch_size resolved
-            first = 0 if resumed is None else resumed.first_block
-            bar = tqdm(range(first, len(adapter.layers)), desc=f"wandapp {method} {pattern}", disable=not job.cfg.progress, unit="block")
-            for index in bar:
-                has_targets = bool(adapter.targets(index))  # targets/ignore may leave nothing here
-                if has_targets:
-                    samples = _prune_one_block(adapter, index, samples, method, pattern, layers, cfg, device, report, run, job.share)
-                    block = report.blocks[index]
-                    bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
-                try:
-                    if not has_targets:
-                        report.blocks[index].status = "skipped"
-                        samples = _run_unchanged(adapter, index, samples, device, cfg.batch_size, run, job.share)
-                    if run is not None:
-                        run.finished_block(index, samples, report)
-                except BaseException as err:  # the block's weights are as they were; the run did not record it
-                    report.blocks[index].status = "restored"
-                    raise _stopped(err, index, report) from err
-        finally:
-            model.train(was_training)
+                    run.finished_block(index, samples, report)
+            except BaseException as err:  # the block's weights are as they were; the run did not record it
+                report.blocks[index].status = "restored"
+                raise _stopped(err, index, report) from err
     return report
 
 
@@ -328,6 +332,7 @@ def _prune_one_block(
                 for p in layer.parameters():
                     p.requires_grad_(False)
                 result, outputs = _run_core(adapter, index, samples, method, pattern, counts if layers else None, cfg, device, share)
+                measured, extra_zeros = _measured_masks(targets, result["masks"])
                 # Inside the try: a write-back that fails leaves the stored copies as they were.
                 if run is None:
                     placement.write_back([(t.module, t.param_name) for t in targets])
@@ -344,7 +349,7 @@ def _prune_one_block(
 
     block = report.blocks[index]
     block.status = "pruned"
-    block.layers = report.record_masks([t.name for t in targets], result["masks"], counts, result["magnitude_fallback"])
+    block.layers = report.record_masks([t.name for t in targets], measured, counts, result["magnitude_fallback"], extra_zeros)
     block.mse_before_ro = result["mse_before_ro"]
     block.mse_final = result["mse_final"]
     block.ro_losses = [r["loss"] for r in result["rounds"]]
@@ -355,6 +360,24 @@ def _prune_one_block(
         torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
     return next_block_inputs(samples, outputs)
+
+
+@torch.no_grad()
+def _measured_masks(targets: list[Target], chosen: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """The masks the report gives (``weight != 0`` of each pruned matrix, so that masks and
+    sparsity describe the weights as they are, whatever a method did) and, per matrix, how many
+    weights the method kept are exactly zero (``LayerReport.extra_zeros``). A weight the method
+    pruned that is not zero would be a broken mask: refused, which restores the block."""
+    measured, extra = [], []
+    for target, mask in zip(targets, chosen):
+        nonzero = target.weight() != 0
+        mask = mask.to(nonzero.device)
+        revived = int((nonzero & ~mask).sum())
+        if revived:
+            raise RuntimeError(f"{target.name}: {revived} weights the method pruned are not zero; the block is restored")
+        measured.append(nonzero)
+        extra.append(int((mask & ~nonzero).sum()))
+    return measured, extra
 
 
 def _run_core(
@@ -430,6 +453,104 @@ def _weights_checksum(adapter: DecoderAdapter) -> bytes:
         if not p.is_meta and p.element_size() in _BITS
     ]
     return b"" if not sums else torch.stack([s.cpu() for s in sums]).numpy().tobytes()
+
+
+def _position_tables(adapter: DecoderAdapter) -> list[tuple[str, int, int]]:
+    """(name, positions it holds, offset) of every position table of fixed size beside the
+    blocks (in the module that holds the block list, so a vision tower's own table is not taken
+    for the text's): an ``nn.Embedding`` other than the token embeddings that is named for
+    positions or holds ``max_position_embeddings`` rows beyond its offset (OPT's learned positions,
+    offset 2; GPT-Neo's ``wpe``). Rotary models have none: ``max_position_embeddings`` does not
+    limit them."""
+    model = adapter.model
+    parent = adapter.prefix.rpartition(".")[0]
+    decoder = model.get_submodule(parent) if parent else model
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    longest = getattr(config, "max_position_embeddings", None)
+    tokens = model.get_input_embeddings()
+    inside = {id(m) for m in adapter.layers.modules()}
+    tables = []
+    for name, module in decoder.named_modules(prefix=parent):
+        if not isinstance(module, nn.Embedding) or module is tokens or id(module) in inside:
+            continue
+        offset = int(getattr(module, "offset", 0) or 0)
+        if "pos" in name.rsplit(".", 1)[-1].lower() or name.endswith("wpe") or module.num_embeddings - offset == longest:
+            tables.append((name, module.num_embeddings - offset, offset))
+    return tables
+
+
+def _check_positions(adapter: DecoderAdapter, sequences: list[Sequence]) -> None:
+    """Refuses calibration sequences longer than a fixed position table allows (CalibrationError,
+    before any work): such a model would fail with a bare IndexError in its embedding, or read
+    positions it never learned. The padded width counts (models that number padding positions
+    too index the table with it), as well as the real tokens."""
+    for name, limit, offset in _position_tables(adapter):
+        for i, seq in enumerate(sequences):
+            width = int(seq.input_ids.shape[1])
+            real = width if seq.attention_mask is None else int(seq.attention_mask.sum())
+            if width > limit:
+                raise CalibrationError(
+                    f"calibration sequence {i} is {width} tokens wide ({real} real tokens), but {type(adapter.model).__name__} "
+                    f"learned positions for at most {limit} tokens (its position table {name} has {limit + offset} rows"
+                    + (f", {offset} of them an offset" if offset else "")
+                    + f"). Cut the calibration sequences to at most {limit} tokens, padding included (seqlen={limit})"
+                )
+
+
+def _memory_span(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(storage, first byte, byte after the last) a tensor's elements occupy; None on meta."""
+    if t.is_meta:
+        return None
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+    return t.untyped_storage().data_ptr(), t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def _refuse_shared_weights(adapter: DecoderAdapter) -> None:
+    """Refuses, before any change, a weight wandapp would prune that the model also uses anywhere
+    else: one module object in two block positions, one parameter registered in two places, or two
+    parameters over the same memory (found by identity and by storage). Pruning it in one block
+    would change the other place too, and a later block would prune and tune it again. Tied
+    embeddings and LM head are outside the blocks and never pruned: they are not concerned."""
+    prefix = adapter.prefix
+    first: dict[int, int] = {}
+    for index, layer in enumerate(adapter.layers):
+        if id(layer) in first:
+            raise UnsupportedModelError(
+                f"decoder blocks {first[id(layer)]} and {index} are one module object ({prefix}.{index} is {prefix}.{first[id(layer)]}): "
+                "each block would be pruned on one set of inputs and then again on the next. wandapp prunes models whose "
+                f"blocks are their own modules; give each position its own copy ({prefix}[{index}] = copy.deepcopy(...))"
+            )
+        first[id(layer)] = index
+    model = adapter.model
+    places = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    by_identity: dict[int, list[str]] = {}
+    by_storage: dict[int, list[tuple[str, int, int]]] = {}
+    for name, tensor in places:
+        by_identity.setdefault(id(tensor), []).append(name)
+        span = _memory_span(tensor)
+        if span is not None:
+            by_storage.setdefault(span[0], []).append((name, span[1], span[2]))
+    checked: set[int] = set()
+    groups: list[list[str]] = []
+    for target in adapter.all_targets():
+        weight = getattr(target.module, target.param_name)
+        if id(weight) in checked:
+            continue
+        checked.add(id(weight))
+        shared = list(by_identity.get(id(weight), []))
+        span = _memory_span(weight)
+        if span is not None:
+            shared += [n for n, lo, hi in by_storage.get(span[0], []) if lo < span[2] and span[1] < hi and n not in shared]
+        if len(shared) > 1 and not any(set(shared) == set(g) for g in groups):
+            groups.append(shared)
+    if groups:
+        listed = "; ".join(f"({', '.join(g)})" for g in groups[:8]) + (f"; and {len(groups) - 8} more" if len(groups) > 8 else "")
+        raise UnsupportedModelError(
+            f"{len(groups)} weights wandapp would prune are each shared by several places of the model (one parameter, or one "
+            f"memory): {listed}. Pruning one place would change the others, and a later block would prune and tune it again. "
+            "Give each place its own copy (module.weight = nn.Parameter(module.weight.detach().clone())), or leave every "
+            "place that shares a weight out with ignore=[...]"
+        )
 
 
 def _check_pattern_fits(adapter: DecoderAdapter, pattern: Pattern) -> None:

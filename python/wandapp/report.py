@@ -15,11 +15,16 @@ from wandapp._optional import require
 @dataclass
 class LayerReport:
     shape: list[int]
-    sparsity: float  # fraction of zeros in the mask
+    #: The measured fraction of zeros of the weight after pruning (the mask is ``weight != 0``).
+    sparsity: float
     mask_hash: str  # wandapp.kernels.mask_hash: sha256 of shape + packed bits
     pruned_per_row: int  # what the sparsity asks of every row (Pattern.pruned_per_row, or OWL's count), which selection prunes
     #: Scored by magnitude because no calibration token reached it (an expert its router never chose).
     magnitude_fallback: bool = False
+    #: Weights the method kept that are exactly zero (already zero in the dense model, or set to
+    #: zero by SparseGPT's update or RO): the layer has this many zeros beyond ``pruned_per_row``
+    #: x rows, and its mask (``weight != 0``) marks them pruned.
+    extra_zeros: int = 0
 
 
 @dataclass
@@ -55,15 +60,19 @@ class PruneReport:
     _packed: dict[str, tuple[list[int], np.ndarray]] = field(default_factory=dict, repr=False)
 
     # -- building -----------------------------------------------------------------------
-    def record_masks(self, names: list[str], masks: list[torch.Tensor], pruned_per_row: list[int], fallback: list[bool]) -> dict[str, LayerReport]:
+    def record_masks(
+        self, names: list[str], masks: list[torch.Tensor], pruned_per_row: list[int], fallback: list[bool], extra_zeros: list[int] | None = None
+    ) -> dict[str, LayerReport]:
+        """Records each matrix's mask, which must be ``weight != 0`` of the pruned weight (so that
+        the sparsity and the mask describe the weights as they are), and its ``extra_zeros``."""
         from wandapp.kernels import mask_hash
 
         layers = {}
-        for name, mask, count, by_magnitude in zip(names, masks, pruned_per_row, fallback):
+        for k, (name, mask, count, by_magnitude) in enumerate(zip(names, masks, pruned_per_row, fallback)):
             cpu = mask.detach().to("cpu")
             self._packed[name] = (list(cpu.shape), np.packbits(cpu.numpy().reshape(-1)))
             layers[name] = LayerReport(
-                list(cpu.shape), 1.0 - cpu.float().mean().item(), mask_hash(cpu), count, by_magnitude
+                list(cpu.shape), 1.0 - cpu.float().mean().item(), mask_hash(cpu), count, by_magnitude, extra_zeros[k] if extra_zeros else 0
             )
         return layers
 
@@ -112,6 +121,12 @@ class PruneReport:
         return [name for b in self.blocks for name, l in b.layers.items() if l.magnitude_fallback]
 
     @property
+    def extra_zeros(self) -> dict[str, int]:
+        """{matrix: kept weights that are exactly zero} for the matrices that have any: their
+        sparsity exceeds what was asked by that many weights (LayerReport.extra_zeros)."""
+        return {name: l.extra_zeros for b in self.blocks for name, l in b.layers.items() if l.extra_zeros}
+
+    @property
     def pruned_blocks(self) -> list[int]:
         return [b.index for b in self.blocks if b.status == "pruned"]
 
@@ -121,7 +136,7 @@ class PruneReport:
 
     @property
     def achieved_sparsity(self) -> float:
-        """Zeros in the masks over all pruned linear weights."""
+        """Zeros over all pruned weights, as measured (the masks are ``weight != 0``)."""
         total = sum(int(np.prod(l.shape)) for b in self.blocks for l in b.layers.values())
         zeros = sum(l.sparsity * int(np.prod(l.shape)) for b in self.blocks for l in b.layers.values())
         return zeros / total if total else 0.0
@@ -165,6 +180,12 @@ class PruneReport:
             rows.append(
                 f"{len(self.magnitude_fallbacks)} experts received no calibration token and were pruned by magnitude "
                 f"(e.g. {self.magnitude_fallbacks[0]}); see report.magnitude_fallbacks"
+            )
+        if self.extra_zeros:
+            name, count = next(iter(self.extra_zeros.items()))
+            rows.append(
+                f"{len(self.extra_zeros)} matrices hold zeros beyond the pattern asked for: weights kept by the method that are "
+                f"exactly zero (e.g. {count} in {name}); see report.extra_zeros"
             )
         return "\n".join(rows)
 

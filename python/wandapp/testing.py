@@ -18,19 +18,22 @@ def _linears(model: Any) -> list[tuple[str, torch.Tensor]]:
     return list(iter_matrices(model))
 
 
-def assert_sparsity(model: Any, sparsity: float) -> None:
+def assert_sparsity(model: Any, sparsity: float, *, exact: bool = False) -> None:
     """Every row of every block linear has at least ``pruned_per_row(in, sparsity)`` zeros
-    (floor(in x sparsity), the sparsity read as its decimal: the count pruning uses; a pruned
-    row has exactly that many unless a kept weight is itself zero). Names the first offender."""
+    (floor(in x sparsity), the sparsity read as its decimal: the count pruning uses). With
+    ``exact=True`` every row has exactly that many: a row pruned beyond the count asked for fails
+    too (a pruned row has more only where a kept weight is itself zero, which the report lists in
+    ``extra_zeros``). Names the first offender."""
     from wandapp.kernels import pruned_per_row
 
     for name, w in _linears(model):
         need = pruned_per_row(w.shape[1], sparsity)
         zeros = (w == 0).sum(dim=1)
-        bad = torch.nonzero(zeros < need)
+        bad = torch.nonzero(zeros != need if exact else zeros < need)
         if bad.numel():
             row = int(bad[0, 0])
-            raise AssertionError(f"{name} row {row} has {int(zeros[row])} zeros, expected at least {need} (sparsity {sparsity})")
+            expected = f"exactly {need}" if exact else f"at least {need}"
+            raise AssertionError(f"{name} row {row} has {int(zeros[row])} zeros, expected {expected} (sparsity {sparsity})")
 
 
 def assert_nm(model: Any, n: int, m: int) -> None:
@@ -48,7 +51,10 @@ def assert_nm(model: Any, n: int, m: int) -> None:
 
 
 def assert_masks_equal(model: Any, masks: Mapping[str, torch.Tensor]) -> None:
-    """Every masked-out weight is zero (the model respects the masks), for every named mask."""
+    """Each named weight is zero exactly where its mask says pruned: a masked-out weight that is
+    not zero (the model does not respect the masks) and a kept weight that is zero (the masks
+    claim more weights than the model has: a report or mask file that is not the model's) both
+    fail. Masks from ``PruneReport.masks`` are ``weight != 0`` of the pruned model."""
     for name, mask in masks.items():
         w = matrix(model, name)
         if w is None:
@@ -59,6 +65,10 @@ def assert_masks_equal(model: Any, masks: Mapping[str, torch.Tensor]) -> None:
         if revived.numel():
             row, col = (int(v) for v in revived[0])
             raise AssertionError(f"{name} row {row} col {col} is non-zero but its mask says pruned")
+        vanished = torch.nonzero((w == 0) & mask.to(w.device))
+        if vanished.numel():
+            row, col = (int(v) for v in vanished[0])
+            raise AssertionError(f"{name} row {row} col {col} is zero but its mask says kept ({len(vanished)} such weights)")
 
 
 def assert_perplexity_below(model: Any, tokenizer: Any, text: str, limit: float, **kwargs: Any) -> float:
