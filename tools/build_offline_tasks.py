@@ -283,7 +283,7 @@ harness's own format, a JSONL file of items, and `offline.py`, which reads the J
 it into memory (`custom_dataset`). Prompts, scoring and metrics are lm-evaluation-harness's.
 Use them with `wandapp.eval.tasks(model, tokenizer, ["austen_next_sentence", "austen_last_word"])`
 (or the tag `austen`), `wandapp eval --tasks austen`, or the harness itself:
-`lm_eval --model hf --model_args pretrained=DIR --include_path {os.path.relpath(args.out, ROOT)} --tasks austen`.
+`lm_eval --model hf --model_args pretrained=DIR --include_path {os.path.relpath(OUT, ROOT)} --tasks austen`.
 
 The text is split into {len(sents)} sentences (chapters 1-31; paragraphs joined, a sentence ends at
 `.`, `!` or `?` before a capital letter or an opening quote, not after Mr., Mrs., Dr., St., Vol.).
