@@ -304,3 +304,18 @@ def test_cli_refuses_an_unknown_task_before_loading_or_pruning(tmp_path, capsys,
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all(e.startswith("wandapp: error: unknown task 'no_such_task_xyz'") for e in errors)
     assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.demo_model
+@pytest.mark.slow
+def test_the_evaluation_guide_examples_run(capsys):
+    """docs/evaluation.md's Python blocks run in order in one namespace, and its pytest example passes."""
+    guide = os.path.join(ROOT, "docs", "evaluation.md")
+    blocks = re.findall(r"```python\n(.*?)```", open(guide, encoding="utf-8").read(), flags=re.S)
+    assert len(blocks) == 3
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, guide, "exec"), namespace)
+    namespace["test_pruned_model_still_predicts_the_next_sentence"]()
+    printed = capsys.readouterr().out
+    assert "dense" in printed and "pruned" in printed and "capitals" in printed
