@@ -172,6 +172,7 @@ def test_the_build_script_rebuilds_the_shipped_files_byte_for_byte(tmp_path):
 
 
 @pytest.mark.demo_model
+@pytest.mark.slow
 def test_the_dense_demo_model_scores_above_chance():
     """On the first 50 items of each offline task (the full 200 are measured in docs/evaluation.md)."""
     from wandapp.models import load_demo_model
