@@ -174,15 +174,16 @@ def test_the_build_script_rebuilds_the_shipped_files_byte_for_byte(tmp_path):
 @pytest.mark.demo_model
 @pytest.mark.slow
 def test_the_dense_demo_model_scores_above_chance():
-    """On the first 50 items of each offline task (the full 200 are measured in docs/evaluation.md)."""
+    """On the first 50 items of each offline task (all 200, measured in docs/evaluation.md: next
+    sentence acc_norm 0.465 ± 0.035, last word acc 0.385 ± 0.035)."""
     from wandapp.models import load_demo_model
 
     model, tokenizer = load_demo_model()
     result = tasks(model, tokenizer, "austen", limit=50, bootstrap_iters=1000)
     print(result)
-    for task, chance in ((NEXT, 0.25), (LAST, 0.04)):
-        assert result.chance[task]["acc"] == chance
-        assert result.value(task) > chance + 2 * result.stderr(task), (task, result.value(task), result.stderr(task))
+    for task, metric, chance in ((NEXT, "acc_norm", 0.25), (LAST, "acc", 0.06)):
+        assert result.chance[task][metric] == chance
+        assert result.value(task, metric) > chance + result.stderr(task, metric), (task, metric, result.value(task, metric))
 
 
 # ----------------------------------------------------------------------------------- the pytest helper
