@@ -3,7 +3,9 @@
 (austen_next_sentence, austen_last_word; built from Northanger Abbey, python/wandapp/data/tasks),
 with perplexity beside, in one run.
 
-    python bench/downstream.py                                    # everything (about 75 min on 2 CPU cores)
+    python bench/downstream.py               # everything: about 1 h 45 min on 2 idle CPU cores (9 evaluations of
+                                             # about 10 min, 17 CPU-minutes each; pruning about 13 min)
+    python bench/downstream.py --limit 100   # about 1 h
     python bench/downstream.py --limit 20 --methods magnitude,wanda --patterns 2:4 --out downstream_smoke.md
 
 Calibration: 16 x 128 tokens of Persuasion (seed 0), as bench/quality.py. Perplexity: Northanger
