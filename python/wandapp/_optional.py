@@ -9,7 +9,7 @@ from types import ModuleType
 from wandapp.errors import MissingDependencyError
 
 #: import name -> the extra of pyproject.toml that installs it.
-EXTRAS = {"peft": "lora", "matplotlib": "demo"}
+EXTRAS = {"peft": "lora", "matplotlib": "demo", "lm_eval": "eval"}
 
 
 def require(module: str, feature: str) -> ModuleType:

@@ -63,6 +63,30 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=int, default=None, help="cap on evaluated tokens")
 
 
+def _add_tasks(p: argparse.ArgumentParser, flag: str, limit: str, batch: str) -> None:
+    """Task-accuracy flags (wandapp.eval.tasks: lm-evaluation-harness)."""
+    p.add_argument(
+        flag, default=None, metavar="A,B",
+        help="lm-evaluation-harness tasks, comma-separated: austen_next_sentence,austen_last_word (offline; tag "
+        "'austen'), the harness's own (need their data), or tasks in --include-path; needs wandapp[eval]",
+    )
+    p.add_argument(limit, type=_limit, default=None, help="items per task (an integer, or a fraction < 1); default: all")
+    p.add_argument("--num-fewshot", type=int, default=0, help="examples before each task item (default 0: zero-shot)")
+    p.add_argument(batch, type=int, default=None, help="task requests per forward call (default 8)")
+    p.add_argument("--include-path", action="append", default=None, metavar="DIR", help="a folder of task YAML files (repeatable)")
+
+
+def _limit(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def _task_accuracy(model: Any, tokenizer: Any, args: argparse.Namespace, names: str, limit: Any, batch: Any) -> Any:
+    from wandapp.eval import tasks
+
+    return tasks(model, tokenizer, names, num_fewshot=args.num_fewshot, limit=limit, batch_size=batch, seed=args.seed, include_path=args.include_path)
+
+
 def _join_torchrun() -> Any:
     """Under torchrun (WORLD_SIZE > 1 in the environment): the default process group, initialised
     here unless the caller did (NCCL with this rank's GPU, LOCAL_RANK, when CUDA is available;
@@ -92,6 +116,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from wandapp.eval import perplexity
 
     parse_sparsity(args.sparsity)  # fail before the slow model load
+    if args.eval_tasks:  # unknown tasks and missing task data too
+        from wandapp.eval import check_tasks
+
+        check_tasks(args.eval_tasks, args.include_path)
+    accuracy = lambda m, t: _task_accuracy(m, t, args, args.eval_tasks, args.eval_limit, args.eval_batch_size)  # noqa: E731
     overrides = {
         field: getattr(args, field) for field in (*CONFIG_FLAGS, "ro_lr_search", "dense_check", "targets", "ignore") if getattr(args, field) is not None
     }
@@ -106,6 +135,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
             evaluate = lambda: perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)  # noqa: E731
             before = evaluate() if args.eval else None
+            tasks_before = accuracy(model, tokenizer) if args.eval_tasks and writes else None
             report = wandapp.prune(model, calib, sparsity=args.sparsity, method=args.method, config=config)
         if not writes:
             return 0
@@ -114,6 +144,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         tokenizer.save_pretrained(args.out)
         wandapp.save_masks(os.path.join(args.out, "masks", "masks.safetensors"), report.masks, report=report)
         after = evaluate() if args.eval else None
+        tasks_after = accuracy(model, tokenizer) if args.eval_tasks else None
     else:  # a checkpoint on disk: streamed block by block, resumable (wandapp.prune_checkpoint)
         from transformers import AutoTokenizer
 
@@ -124,16 +155,23 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             tokenizer = AutoTokenizer.from_pretrained(args.model)
             calib = data.text_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
             before = _checkpoint_perplexity(args.model, tokenizer, args) if args.eval else None
+            tasks_before = _offloaded(args.model, args, lambda m: accuracy(m, tokenizer)) if args.eval_tasks and writes else None
             dtype = getattr(torch, args.dtype) if args.dtype else None
             report = wandapp.prune_checkpoint(args.model, args.out, calib, sparsity=args.sparsity, method=args.method, config=config, dtype=dtype)
         if not writes:
             return 0
         after = _checkpoint_perplexity(args.out, tokenizer, args) if args.eval else None
+        tasks_after = _offloaded(args.out, args, lambda m: accuracy(m, tokenizer)) if args.eval_tasks else None
     print(report)
     result = report.to_dict()
     if before is not None and after is not None:
         result["perplexity"] = {"before": before.to_dict(), "after": after.to_dict()}
         print(f"before: {before}\nafter:  {after}")
+    if tasks_before is not None and tasks_after is not None:
+        from wandapp.eval import format_comparison
+
+        result["tasks"] = {"before": tasks_before.to_dict(), "after": tasks_after.to_dict(), "protocol": tasks_after.protocol()}
+        print(format_comparison({"dense": tasks_before, "pruned": tasks_after}))
     with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}/ (model, tokenizer, masks/, report.json)")
@@ -141,27 +179,37 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_perplexity(folder: str, tokenizer: Any, args: argparse.Namespace) -> Any:
-    """Perplexity of the checkpoint in ``folder`` with its weights offloaded to disk (read per
-    module, as prune_checkpoint reads them)."""
+    """Perplexity of the checkpoint in ``folder`` (read per module, see :func:`_offloaded`)."""
+    from wandapp.eval import perplexity
+
+    return _offloaded(folder, args, lambda model: perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens))
+
+
+def _offloaded(folder: str, args: argparse.Namespace, measure: Any) -> Any:
+    """``measure(model)`` for the checkpoint in ``folder`` with its weights offloaded to disk
+    (read per module, as prune_checkpoint reads them)."""
     import tempfile
 
     import torch
 
     from wandapp.checkpoint import load_offloaded
-    from wandapp.eval import perplexity
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory(prefix="wandapp-offload-") as offload_folder:
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        model = load_offloaded(folder, device, offload_folder, dtype)
-        return perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)
+        return measure(load_offloaded(folder, device, offload_folder, dtype))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from wandapp.eval import perplexity
+    from wandapp.eval import check_tasks, perplexity
 
+    if args.tasks:  # before the model load
+        check_tasks(args.tasks, args.include_path)
     model, tokenizer = _load(args.model, args.dtype)
-    print(perplexity(model, tokenizer, args.text, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens))
+    if args.text or not args.tasks:
+        print(perplexity(model, tokenizer, args.text or "northangerabbey", seqlen=args.eval_seqlen, max_tokens=args.eval_tokens))
+    if args.tasks:
+        print(_task_accuracy(model, tokenizer, args, args.tasks, args.limit, args.batch_size))
     return 0
 
 
@@ -245,12 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder; with --model DIR the run resumes there after a crash")
     p.add_argument("--eval", default=None, help="held-out text for perplexity before and after")
     _add_eval(p)
+    _add_tasks(p, "--eval-tasks", "--eval-limit", "--eval-batch-size")
     p.set_defaults(run=_cmd_prune)
 
-    p = sub.add_parser("eval", help="perplexity of a model on a text")
+    p = sub.add_parser("eval", help="perplexity of a model on a text, and its accuracy on lm-evaluation-harness tasks")
     _add_model(p)
-    p.add_argument("--text", default="northangerabbey", help="a string, a file, or a bundled novel name")
+    p.add_argument("--text", default=None, help="a string, a file, or a bundled novel name (default: northangerabbey unless --tasks is given)")
     _add_eval(p)
+    _add_tasks(p, "--tasks", "--limit", "--batch-size")
+    p.add_argument("--seed", type=int, default=0, help="the harness's seeds")
     p.set_defaults(run=_cmd_eval)
 
     p = sub.add_parser("demo", help="magnitude vs wanda vs wanda++ on the embedded SmolLM2 (offline)")

@@ -1,6 +1,13 @@
-"""Perplexity, following SPEC's protocol: concatenate the text, tokenize once, cut
+"""Quality of a model, pruned or not: perplexity, and task accuracy through EleutherAI's
+lm-evaluation-harness.
+
+:func:`perplexity` follows SPEC's protocol: concatenate the text, tokenize once, cut
 non-overlapping windows of ``seqlen`` tokens, average the next-token NLL over every predicted
-token, report exp(mean) together with the protocol."""
+token, report exp(mean) together with the protocol.
+
+:func:`tasks` (from :mod:`wandapp.harness`, which documents it) runs harness tasks on the model
+in memory: ``wandapp.eval.tasks(model, tokenizer, "austen_next_sentence,austen_last_word")``
+works offline; it needs ``pip install "wandapp[eval]"``."""
 
 from __future__ import annotations
 
@@ -13,7 +20,10 @@ from tqdm.auto import tqdm
 
 from wandapp.data import load_text, tokenize
 from wandapp.errors import InvalidArgumentError
+from wandapp.harness import OFFLINE_TASKS, TaskResults, check_tasks, format_comparison, tasks
 from wandapp.offload import input_device
+
+__all__ = ["OFFLINE_TASKS", "Perplexity", "TaskResults", "check_tasks", "format_comparison", "perplexity", "tasks"]
 
 
 @dataclass

@@ -81,6 +81,40 @@ def assert_perplexity_below(model: Any, tokenizer: Any, text: str, limit: float,
     return result.perplexity
 
 
+def assert_task_accuracy_above(
+    model: Any, tokenizer: Any, task: str, threshold: float, *, limit: int | float | None = None, metric: str = "acc", **kwargs: Any
+) -> float:
+    """``metric`` (default ``acc``, a fraction in [0, 1]) of lm-evaluation-harness task ``task``
+    (wandapp.eval.tasks with ``limit`` and ``kwargs``: ``num_fewshot``, ``batch_size``, ``seed``,
+    ``include_path``) above ``threshold``; returns it. The AssertionError names the task, the
+    metric, its value with standard error and items, and the threshold. ``limit`` keeps a
+    regression test cheap (the first ``limit`` items; wandapp's offline tasks are in random
+    order); the standard error in the message says how far the value may move.
+
+    Raises:
+        AssertionError: the value is not above ``threshold``.
+        InvalidArgumentError: ``task`` is unknown, a group or tag (name one task), or does not
+            report ``metric`` (the message lists its metrics), before any evaluation; and as
+            wandapp.eval.tasks raises.
+    """
+    from wandapp.errors import InvalidArgumentError
+    from wandapp.eval import check_tasks, tasks
+
+    metrics = check_tasks([task], kwargs.get("include_path"))
+    if list(metrics) != [task]:
+        raise InvalidArgumentError(f"{task!r} names several tasks {sorted(metrics)}; assert on one of them")
+    if metric not in metrics[task]:
+        raise InvalidArgumentError(f"task {task!r} reports no metric {metric!r}; its metrics: {metrics[task]}")
+    result = tasks(model, tokenizer, [task], limit=limit, **kwargs)
+    value, stderr = result.value(task, metric), result.stderr(task, metric)
+    if not value > threshold:
+        spread = "" if stderr is None else f" ± {stderr:.4f} (stderr)"
+        raise AssertionError(
+            f"{task} {metric} {value:.4f}{spread} on {result.samples.get(task)} items is not above {threshold} ({result.header()})"
+        )
+    return value
+
+
 def tiny_llama_model(seed: int = 0, num_layers: int = 2, **config: Any) -> Any:
     """A random LlamaForCausalLM small enough for unit tests (GQA, vocab 128). No download."""
     from transformers import LlamaConfig, LlamaForCausalLM
