@@ -78,7 +78,7 @@ test-rust: setup ## Rust unit tests (pure core, no Python)
 	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --quiet --manifest-path $(MANIFEST)
 
 test-python: setup ## pytest (unit tests, CLI, real-model quality, notebook)
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 
 FAST ?= not slow and not demo_model
 test-fast: setup test-rust ## cargo test + the fast pytest subset (no real-model runs)

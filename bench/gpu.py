@@ -35,12 +35,19 @@ TOY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key
            num_hidden_layers=2, vocab_size=128, nsamples=8, seqlen=32)
 
 
-def run_tests(device: str) -> tuple[str, list[str]]:
-    """The device-parametrized pytest subset; returns (summary line, failing test ids)."""
+def run_tests(device: str, select: str | None = None) -> tuple[str, list[str]]:
+    """The device-parametrized pytest subset (narrowed by the pytest ``-k`` expression ``select``);
+    returns (summary line, failing test ids)."""
     env = {**os.environ, "WANDAPP_TEST_DEVICE": device}
     cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "tests/test_device.py"]
+    chosen = []
     if device == "cuda":  # and the CUDA-parametrized kernel tests
-        cmd += ["tests/test_kernels.py", "-k", "cuda or test_device"]
+        cmd.append("tests/test_kernels.py")
+        chosen.append("(cuda or test_device)")
+    if select:
+        chosen.append(f"({select})")
+    if chosen:
+        cmd += ["-k", " and ".join(chosen)]
     try:
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TEST_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -96,6 +103,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="toy shape on CPU: proves the script before GPU time is spent")
     ap.add_argument("--blocks", type=int, default=None, help="blocks to prune (default: 8 on the GPU, all 2 in --smoke)")
     ap.add_argument("--out", default=RESULTS, help="directory for the results file")
+    ap.add_argument("--tests", default=None, metavar="EXPR", help="run only the tests pytest -k EXPR selects (default: all of the subset)")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -107,8 +115,8 @@ def main() -> None:
 
     started = time.perf_counter()
     name = "gpu-smoke.md" if args.smoke else "gpu.md"
-    command = f"python bench/gpu.py{' --smoke' if args.smoke else ''}{f' --blocks {args.blocks}' if args.blocks else ''}"
-    summary, failed = run_tests(device)
+    command = f"python bench/gpu.py{' --smoke' if args.smoke else ''}{f' --blocks {args.blocks}' if args.blocks else ''}{f' --tests {args.tests!r}' if args.tests else ''}"
+    summary, failed = run_tests(device, args.tests)
     print(f"tests on {device}: {summary}", flush=True)
     calib = torch.randint(0, shape["vocab_size"], (shape["nsamples"], shape["seqlen"]), generator=torch.Generator().manual_seed(0))
     runs: dict[str, dict] = {}

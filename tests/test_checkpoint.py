@@ -1,16 +1,17 @@
 """``wandapp.prune_checkpoint`` (python/wandapp/checkpoint.py): a sharded checkpoint pruned block by
-block equals the model pruned in memory bit for bit, and a run killed at any point (SIGKILL)
-resumes to the same result; a resumed run refuses another model, data or settings."""
+block equals the model pruned in memory bit for bit; a run stopped at any of its writes (and a
+process killed by SIGKILL) resumes to the same result; a resumed run refuses another model, data or
+settings."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -89,16 +90,7 @@ def test_tied_embeddings_single_file_and_dtype(tmp_path):
         assert torch.equal(reloaded(IDS[:2]).logits, reference(IDS[:2]).logits)
 
 
-WORKER = textwrap.dedent(
-    """
-    import sys
-    sys.path.insert(0, {tests!r})
-    from conftest import calib_ids
-    import wandapp
-    wandapp.prune_checkpoint({src!r}, {dst!r}, calib_ids(8, 16), method="wanda++", sparsity="2:4", ro_samples=6, ro_holdout=2,
-                             ro_rounds=3, progress=False)
-    """
-)
+RUN = dict(method="wanda++", sparsity="2:4", **FAST)
 
 
 def state(dst) -> dict | None:
@@ -109,54 +101,105 @@ def state(dst) -> dict | None:
         return None
 
 
-def run_and_kill(src: str, dst: str, done_blocks: int | None) -> dict | None:
-    """Starts a run in a subprocess and SIGKILLs it once ``done_blocks`` blocks are recorded (None:
-    once the run folder exists, before the capture pass is recorded); returns the state at the
-    kill, or None when the run finished first."""
-    code = WORKER.format(tests=os.path.dirname(__file__), src=src, dst=dst)
-    # A killed process cannot remove its temporary folders (the offload folder): they go beside dst.
-    scratch = f"{dst}-tmp"
-    os.makedirs(scratch, exist_ok=True)
-    env = {**os.environ, "TMPDIR": scratch}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        while proc.poll() is None:
-            s = state(dst)
-            if s is not None and (done_blocks is None or (s["captured"] and s["blocks_done"] >= done_blocks)):
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return state(dst)
-            time.sleep(0.005)
-        assert proc.returncode == 0, proc.stderr.read().decode()
-        return None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+def recording_stops(monkeypatch, dst, into) -> list[tuple[str, object]]:
+    """Copies ``dst`` at every point where a kill leaves a distinct folder: each of the run's
+    atomic writes (checkpoint shards, masks, block inputs, arguments, index, the state that
+    commits them) half written under its ``.partial`` name, and just after its rename. A kill
+    leaves exactly the files on disk (nothing in memory survives it), so resuming each copy is
+    resuming after a kill at that point. Returns the (point, copy) list, filled as the run goes."""
+    from wandapp import checkpoint
+
+    stops: list[tuple[str, object]] = []
+    real = checkpoint._atomic
+
+    def copy(point: str, half: str | None = None):
+        folder = into / f"stop{len(stops):03d}"
+        shutil.copytree(dst, folder)
+        if half is not None:
+            partial = folder / os.path.relpath(half, dst)
+            partial.write_bytes(partial.read_bytes()[: partial.stat().st_size // 2])
+        stops.append((point, folder))
+
+    def atomic(path, write):
+        name = os.path.relpath(path, dst)
+
+        def written_halfway(tmp):
+            write(tmp)
+            copy(f"writing {name}", half=tmp)
+
+        real(path, written_halfway)
+        copy(f"after renaming {name}")
+
+    monkeypatch.setattr(checkpoint, "_atomic", atomic)
+    return stops
 
 
-def test_a_run_killed_at_any_point_resumes_to_the_same_result(tmp_path):
-    src = save_sharded(tmp_path / "src", num_hidden_layers=6)
-    kwargs = dict(method="wanda++", sparsity="2:4", ro_samples=6, ro_holdout=2, ro_rounds=3, progress=False)
-    expected = wandapp.prune_checkpoint(src, tmp_path / "uninterrupted", IDS, **kwargs)
-    expected_tensors = written_tensors(tmp_path / "uninterrupted")
+def test_a_run_stopped_at_any_write_resumes_to_the_same_result(tmp_path, monkeypatch):
+    src = save_sharded(tmp_path / "src", num_hidden_layers=3)
+    dst = tmp_path / "dst"
+    stops = recording_stops(monkeypatch, dst, tmp_path)
+    expected = wandapp.prune_checkpoint(src, dst, IDS, **RUN)
+    monkeypatch.undo()
+    expected_tensors = written_tensors(dst)
+    points = [point for point, _ in stops]
+    # Every kind of write was stopped at: the state's commits, each block's shard, masks and next inputs, the index.
+    for name in ("state.json", "arguments.pt", "inputs-00000", "inputs-00003", "model-00001-of", "model-00003-of", "block-00002", "index.json"):
+        assert any(name in p for p in points), (name, points)
 
-    killed_after = []
-    for n, point in enumerate([None, 0, 2, 5]):
-        dst = str(tmp_path / f"killed{n}")
-        at_kill = run_and_kill(src, dst, point)
-        if point is not None and point > 0:  # a later kill: once more, a block further on
-            at_kill = run_and_kill(src, dst, (at_kill or {"blocks_done": 5})["blocks_done"] + 1) or at_kill
-        killed_after.append(None if at_kill is None else at_kill["blocks_done"])
-        report = wandapp.prune_checkpoint(src, dst, IDS, **kwargs)
+    for point, folder in stops:
+        at_stop = state(folder)
+        report = wandapp.prune_checkpoint(src, folder, IDS, **RUN)
         assert_same_masks(report.masks, expected.masks)
-        tensors = written_tensors(dst)
-        assert tensors.keys() == expected_tensors.keys()
-        assert all(torch.equal(tensors[k], expected_tensors[k]) for k in tensors), n
-        if at_kill is not None and at_kill["captured"]:
-            # Resumed, not redone: the blocks recorded before the kill keep their recorded timings.
-            for i in range(at_kill["blocks_done"]):
-                assert report.blocks[i].seconds == at_kill["report"]["blocks"][i]["seconds"]
-    assert any(k is not None and 0 < k < 6 for k in killed_after), f"no kill landed mid-run: {killed_after}"
+        tensors = written_tensors(folder)
+        assert tensors.keys() == expected_tensors.keys(), point
+        assert all(torch.equal(tensors[k], expected_tensors[k]) for k in tensors), point
+        assert sorted(os.listdir(folder / RUN_DIR)) == ["state.json"], point  # nothing left behind, also after the last commit
+        assert not [f for _, _, files in os.walk(folder) for f in files if f.endswith(".partial")], point
+        if at_stop is not None and at_stop["captured"]:
+            # Resumed, not redone: the blocks recorded before the stop keep their recorded timings.
+            for i in range(at_stop["blocks_done"]):
+                assert report.blocks[i].seconds == at_stop["report"]["blocks"][i]["seconds"], point
+
+
+WORKER = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from conftest import calib_ids
+    import wandapp
+    from wandapp import checkpoint
+
+    real = checkpoint._atomic
+
+    def atomic(path, write):  # SIGKILL right after the state records block 2
+        real(path, write)
+        if path.endswith("state.json") and checkpoint.json.load(open(path))["blocks_done"] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint._atomic = atomic
+    wandapp.prune_checkpoint({src!r}, {dst!r}, calib_ids(8, 16), **{run!r})
+    """
+)
+
+
+def test_a_process_killed_by_sigkill_resumes_to_the_same_result(tmp_path):
+    """The stops above assume a kill leaves only the files: here a real process is killed."""
+    src = save_sharded(tmp_path / "src", num_hidden_layers=3)
+    expected = wandapp.prune_checkpoint(src, tmp_path / "uninterrupted", IDS, **RUN)
+    dst = tmp_path / "dst"
+    # A killed process cannot remove its temporary folders (the offload folder): they go beside dst.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    code = WORKER.format(tests=os.path.dirname(__file__), src=src, dst=str(dst), run=RUN)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "TMPDIR": str(scratch)}, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    at_kill = state(dst)
+    assert at_kill["blocks_done"] == 2 and not at_kill["finished"]
+    report = wandapp.prune_checkpoint(src, dst, IDS, **RUN)
+    assert_same_masks(report.masks, expected.masks)
+    tensors, reference = written_tensors(dst), written_tensors(tmp_path / "uninterrupted")
+    assert tensors.keys() == reference.keys() and all(torch.equal(tensors[k], reference[k]) for k in reference)
+    assert [b.seconds for b in report.blocks[:2]] == [b["seconds"] for b in at_kill["report"]["blocks"][:2]]
 
 
 def test_resume_refuses_another_model_data_or_settings(tmp_path, monkeypatch):
@@ -185,10 +228,12 @@ def test_bad_folders_are_refused_before_any_work(tmp_path):
         wandapp.prune_checkpoint(src, busy, IDS, **FAST)
     with pytest.raises(wandapp.InvalidArgumentError, match="no config.json"):
         wandapp.prune_checkpoint(tmp_path / "nothing", tmp_path / "dst", IDS, **FAST)
-    tiny_model().save_pretrained(tmp_path / "bin", safe_serialization=False)
-    if not any(f.endswith(".safetensors") for f in os.listdir(tmp_path / "bin")):
-        with pytest.raises(wandapp.InvalidArgumentError, match="no safetensors"):
-            wandapp.prune_checkpoint(tmp_path / "bin", tmp_path / "dst", IDS, **FAST)
+    pickled = tmp_path / "bin"  # a checkpoint in PyTorch's pickle format only
+    model = tiny_model()
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(wandapp.InvalidArgumentError, match="no safetensors"):
+        wandapp.prune_checkpoint(pickled, tmp_path / "dst", IDS, **FAST)
     assert not (tmp_path / "dst").exists()
 
 
@@ -224,22 +269,29 @@ def test_a_failed_block_stays_unrecorded_and_the_same_call_resumes(tmp_path, mon
     assert all(torch.equal(tensors[k], reference[k]) for k in reference)
 
 
+#: Architectures whose checkpoints transformers converts on load (it fuses their per-expert tensors
+#: into one parameter per projection), so that a block's tensors on disk are not the model's:
+#: prune_checkpoint refuses them. gpt_oss stores its experts fused already and streams.
+CONVERTED_ON_LOAD = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
+
+
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
 def test_every_architecture_streams_and_resumes_or_is_refused_clearly(model_type, tmp_path, monkeypatch):
-    """Each supported architecture either streams, stops in block 1 and resumes there (the captured
-    arguments reloaded from the run folder) to the in-memory result, or is refused up front because
-    transformers converts its checkpoint on load."""
+    """Each supported architecture streams, stops in block 1 and resumes there (the captured
+    arguments reloaded from the run folder) to the in-memory result; those in CONVERTED_ON_LOAD
+    are refused up front, before dst is created."""
     src = tmp_path / "src"
     tiny_architecture(model_type).save_pretrained(src)
-    reference = AutoModelForCausalLM.from_pretrained(src)
     dst = tmp_path / "dst"
-    undo = fail_core_call(monkeypatch, 2, "stopped in block 1 (injected)")
-    try:
-        with pytest.raises(wandapp.PruneError, match="block 1"):
+    if model_type in CONVERTED_ON_LOAD:
+        with pytest.raises(wandapp.UnsupportedModelError, match="converts this checkpoint on load"):
             wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
-    except wandapp.UnsupportedModelError as err:
-        assert "converts this checkpoint on load" in str(err) and not dst.exists()
+        assert not dst.exists()
         return
+    reference = AutoModelForCausalLM.from_pretrained(src)
+    undo = fail_core_call(monkeypatch, 2, "stopped in block 1 (injected)")
+    with pytest.raises(wandapp.PruneError, match="block 1"):
+        wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
     undo()
     report = wandapp.prune_checkpoint(src, dst, IDS, method="wanda", **FAST)
     expected = wandapp.prune(reference, IDS, method="wanda", **FAST)

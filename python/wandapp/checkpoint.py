@@ -129,6 +129,7 @@ def _prune_checkpoint(
         seen = None if state is None else [state["captured"], state["blocks_done"], state["finished"]]
         world.require_same(f"records in {dst!r}", json.dumps(seen).encode(), "dst must be one folder every rank sees (a shared filesystem)")
     if state is not None and state["finished"]:
+        _drop_run_files(os.path.join(dst, RUN_DIR))  # left behind by a kill right after the last commit
         return _recorded_report(dst, state)
     with tempfile.TemporaryDirectory(prefix="wandapp-offload-") as offload_folder:
         model = load_offloaded(src, torch.device(cfg.device), offload_folder, dtype)
@@ -362,6 +363,15 @@ def _recorded_report(dst: str, state: dict[str, Any]) -> PruneReport:
     return report
 
 
+def _drop_run_files(folder: str) -> None:
+    """Removes what a finished run no longer needs from its run folder: everything but the state
+    (the block inputs alone are nsamples x seqlen x hidden floats, gigabytes for a 7B model)."""
+    for name in os.listdir(folder):
+        if name != "state.json":
+            with contextlib.suppress(FileNotFoundError):  # another rank removed its last inputs
+                os.remove(os.path.join(folder, name))
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -552,10 +562,7 @@ class CheckpointRun:
         self.job.adapter.model.config.save_pretrained(self.dst)  # the dtype it was written in
         report.to_json(os.path.join(self.dst, "report.json"))
         self._commit({**self.state, "finished": True, "report": report.to_dict()})
-        for name in os.listdir(self.folder):
-            if name != "state.json":
-                with contextlib.suppress(FileNotFoundError):  # another rank removed its last inputs
-                    os.remove(os.path.join(self.folder, name))
+        _drop_run_files(self.folder)
 
     def _block_names(self, index: int) -> list[str]:
         return [name for name in self.weight_map if name.startswith(f"{self.prefix}.{index}.")]
