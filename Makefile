@@ -114,7 +114,7 @@ bench: setup ## kernel, quality, LoRA and memory benchmarks (tables in bench/res
 
 lint: setup ## clippy (warnings are errors) and the .pyi stub against the compiled module
 	cargo clippy --quiet --all-targets --features python --manifest-path $(MANIFEST) -- -D warnings
-	$(PY) -m mypy.stubtest wandapp._core
+	$(PY) -m mypy.stubtest wandapp._core --mypy-config-file tests/stubtest.ini
 
 clean: ## remove the build folder and the venvs
 	rm -rf target $(VENV) .venv-torch*

@@ -1,4 +1,5 @@
-"""One rank of tests/test_distributed.py: joins a gloo group from the environment (RANK,
+"""One rank of tests/test_distributed.py (forked by its fork server: ``run_rank``; or run as a script
+with the spec and the output folder as arguments): joins a gloo group from the environment (RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT, as torchrun sets them), prunes the tiny model conftest builds
 with the settings in argv[1] (JSON) and saves what the test compares to argv[2]/rank{r}.pt: the
 masks, the weights before and after, the report, or the error raised.
@@ -79,12 +80,23 @@ def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in get_state_dict_offloaded_model(model).items()}
 
 
-def main() -> None:
-    spec = json.loads(sys.argv[1])
-    out = sys.argv[2]
+def run_rank(spec_json: str, out: str, env: dict[str, str]) -> None:
+    """The entry point of a rank forked by tests/test_distributed.py's fork server (which imported
+    this module, torch and transformers once): the rank's environment, its output to
+    ``out/rank<r>.log``, then :func:`main`."""
+    torch.set_num_threads(1)
+    os.environ.update(env)
+    log = os.open(os.path.join(out, f"rank{env['RANK']}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    main(spec_json, out)
+
+
+def main(spec_json: str, out: str) -> None:
+    spec = json.loads(spec_json)
+    torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    torch.set_num_threads(1)
     ids = calib_ids(spec["n"], 16, seed=2 if spec.get("other_data_rank") == rank else 1)
     if "checkpoint" in spec:
         if spec.get("fail", {}).get("rank") == rank:
@@ -128,4 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1], sys.argv[2])
