@@ -158,9 +158,15 @@ def test_any_grad_mode_of_the_caller_gives_the_same_result(method, ids):
 
 
 def test_calibration_ids_made_in_inference_mode_are_fine():
+    """Inference tensors cannot be saved for backward: RO must not hand them to autograd as they are."""
     with torch.inference_mode():
         ids = calib_ids()
-    wandapp.prune(tiny_model("llama"), ids, method="wanda++", **FAST)
+    assert ids.is_inference()
+    expected = wandapp.prune(tiny_model("llama"), calib_ids(), method="wanda++", **FAST)
+    report = wandapp.prune(tiny_model("llama"), ids, method="wanda++", **FAST)
+    assert report.pruned_blocks == [0, 1]
+    assert report.masks.keys() == expected.masks.keys()
+    assert all(torch.equal(report.masks[k], expected.masks[k]) for k in expected.masks)
 
 
 def test_buffers_outside_the_blocks_made_in_inference_mode_are_fine(ids):
