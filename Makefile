@@ -107,7 +107,7 @@ wheel: setup ## build a release wheel for the venv's torch into dist/torch-<vers
 	$(PY) -m maturin build --release --out dist/torch-$(TORCH) --manifest-path $(MANIFEST)
 
 bench: setup ## kernel, quality, LoRA and memory benchmarks (tables in bench/results; bench/ro_lr.py is separate)
-	$(PY) bench/kernels.py
+	$(PY) bench/kernel_speed.py
 	$(PY) bench/quality.py
 	$(PY) bench/lora.py
 	$(PY) bench/memory.py

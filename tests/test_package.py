@@ -47,3 +47,23 @@ def test_sources_compile_without_warnings():
         warnings.simplefilter("error")
         for path in sources:
             compile(path.read_text(encoding="utf-8"), str(path), "exec")
+
+
+def test_scripts_do_not_shadow_a_module_that_the_libraries_import(tmp_path):
+    """Python puts a script's own folder first on ``sys.path``: ``bench/kernels.py`` once stood in for
+    the ``kernels`` package that transformers probes for, and every bench script failed to import
+    ``LlamaConfig``. No script or test helper may share its name with an installed module or one that
+    transformers looks for."""
+    import importlib.util
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    names = sorted({p.stem for folder in ("bench", "tests") for p in (root / folder).glob("*.py")})
+    probes = Path(importlib.util.find_spec("transformers.utils.import_utils").origin).read_text()
+    probed = set(re.findall(r'_is_package_available\(\s*"(\w+)"', probes))
+    assert "torch" in probed, "transformers no longer names its optional packages this way: update the pattern"
+    code = "import importlib.util, sys; print(*[n for n in sys.argv[1:] if importlib.util.find_spec(n)])"
+    installed = subprocess.run(
+        [sys.executable, "-I", "-c", code, *names], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert sorted(set(names) & probed) == [] and installed == []
