@@ -163,6 +163,9 @@ def test_wanda_plus_plus_beats_wanda_beats_magnitude_at_2_4(demo):
     print(f"\nSmolLM2-135M 2:4, {NSAMPLES}x{SEQLEN} calibration, {EVAL_TOKENS} held-out tokens: dense {dense:.2f}, "
           + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
     assert dense < ppl["wanda++"] < ppl["wanda"] < ppl["magnitude"], (dense, ppl)
+    # What this model is known to reach (the demo's table: wanda++ about 0.4x wanda), with margin:
+    # the order alone would also pass the paper's learning rate, which is far worse here.
+    assert ppl["wanda++"] <= 0.75 * ppl["wanda"], ppl
 
 
 def test_demo_command_writes_table_and_chart(tmp_path, capsys):
