@@ -283,3 +283,41 @@ def test_without_the_dense_check_first_block_inputs_are_still_checked(ids):
     with pytest.raises(wandapp.NonFiniteError, match="sequence 3: the input of block 0 "):
         wandapp.prune(model, ids, dense_check=False, **FAST)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", ["wanda", "wanda++"])
+def test_without_the_dense_check_a_later_overflow_on_another_sequence_restores_its_block(method):
+    """Only the replayed (longest) sequence runs through every block up front; an overflow of
+    another sequence in block 1 is found when block 1 is pruned: block 0 stays pruned, block 1 is
+    restored bit for bit, block 2 untouched. With the dense check the same model is refused
+    before any change."""
+    lengths = [32] + [24] * 7 + [20] + [24] * 7  # sequence 8 alone has 20 tokens
+    sequences = [{"input_ids": calib_ids(1, n, seed=i)} for i, n in enumerate(lengths)]
+
+    def model_overflowing_on_sequence_8():
+        model = tiny_model("llama", num_hidden_layers=3)
+
+        def blow_up(_module, args):
+            if args[0].shape[-2] == 20:
+                return (args[0] * float("inf"),)
+
+        model.model.layers[1].mlp.down_proj.register_forward_pre_hook(blow_up)
+        return model
+
+    model = model_overflowing_on_sequence_8()
+    before = state(model)
+    with pytest.raises(wandapp.NonFiniteError, match="sequence 8: the input of model.layers.1.mlp.down_proj"):
+        wandapp.prune(model, sequences, method=method, **FAST)
+    assert_unchanged(model, before)
+
+    model = model_overflowing_on_sequence_8()
+    before = state(model)
+    with pytest.raises(wandapp.PruneError) as info:
+        wandapp.prune(model, sequences, method=method, dense_check=False, **FAST)
+    assert isinstance(info.value.__cause__, wandapp.NonFiniteError), info.value
+    assert str(info.value).startswith("pruning stopped in block 1 (NonFiniteError: `activation norms`")
+    assert str(info.value).endswith("Block 0 is pruned; block 1 was restored and every later block is untouched. See err.report.")
+    assert [b.status for b in info.value.report.blocks] == ["pruned", "restored", "untouched"]
+    after = model.state_dict()
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("model.layers.0."))
+    assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("model.layers.0."))

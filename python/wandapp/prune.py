@@ -254,11 +254,12 @@ def prune_blocks(job: Job, run: BlockSink | None = None) -> PruneReport:
 def _stopped(err: BaseException, index: int, report: PruneReport) -> PruneError:
     """The PruneError (PruneInterrupted for Ctrl-C) for a run that stopped in block ``index``."""
     done = [i for i in report.pruned_blocks if i < index]
-    message = (
-        f"pruning stopped in block {index} ({type(err).__name__}: {err}). "
-        + (f"Blocks {done[0]}..{done[-1]} are pruned; " if done else "No block is pruned; ")
-        + f"block {index} was restored and blocks {index}.. are untouched. See err.report."
-    )
+    if not done:
+        pruned = "No block is pruned"
+    else:
+        pruned = f"Block {done[0]} is pruned" if len(done) == 1 else f"Blocks {', '.join(map(str, done))} are pruned"
+    later = "" if index == len(report.blocks) - 1 else " and every later block is untouched"
+    message = f"pruning stopped in block {index} ({type(err).__name__}: {err}). {pruned}; block {index} was restored{later}. See err.report."
     if isinstance(err, RankFailedError):  # another rank failed: this one says which
         return RankFailedError(message, rank=err.rank, report=report, block=index)
     cls = PruneInterrupted if isinstance(err, KeyboardInterrupt) else PruneError
