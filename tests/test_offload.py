@@ -110,3 +110,49 @@ def test_a_failure_leaves_the_offloaded_block_as_it_was(tmp_path):
         else:
             assert torch.equal(state[name], value), name
     assert all(p.is_meta for layer in model.model.layers for p in layer.parameters())
+
+
+def test_the_offload_folder_holds_the_pruned_weights_for_another_reader(tmp_path):
+    """accelerate's own .dat files are rewritten: reading the folder afresh (as a second model
+    dispatched from it does) gives the pruned weights of the disk-offloaded blocks."""
+    reference = tiny_model(num_hidden_layers=3)
+    wandapp.prune(reference, IDS, method="wanda", progress=False)
+    model = dispatched(tiny_model(num_hidden_layers=3), str(tmp_path))
+    wandapp.prune(model, IDS, method="wanda", progress=False)
+    on_disk = accelerate.utils.OffloadedWeightsLoader(save_folder=str(tmp_path))
+    names = [k for k in on_disk.keys() if k.startswith("model.layers.")]
+    assert {k.split(".")[2] for k in names} == {"1", "2"}  # the disk-offloaded blocks
+    expected = reference.state_dict()
+    for name in names:
+        assert torch.equal(on_disk[name], expected[name]), name
+
+
+def test_at_most_one_blocks_weights_are_loaded_at_a_time(tmp_path):
+    """Each block is brought from where accelerate keeps it for its turn only: whenever a linear
+    layer of a block computes, no other block has a weight off the meta device."""
+    model = dispatched(tiny_model(num_hidden_layers=3), str(tmp_path))
+    layers = model.model.layers
+    loaded_at_each_call = []
+
+    def count(_module, _args):
+        loaded_at_each_call.append(sum(any(not p.is_meta for p in layer.parameters()) for layer in layers))
+
+    for layer in layers:
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(count)
+    wandapp.prune(model, IDS, sparsity="2:4", method="wanda++", **FAST)
+    assert loaded_at_each_call and max(loaded_at_each_call) == 1
+
+
+def test_a_model_spread_over_several_accelerators_is_refused_before_any_change(tmp_path):
+    """Blocks whose accelerate hooks compute on two different GPUs (a device_map over cuda:0 and
+    cuda:1): refused, naming both, before any weight is read or written."""
+    model = dispatched(tiny_model(num_hidden_layers=3), str(tmp_path))
+    original = offloaded_state(model)
+    for index, layer in enumerate(model.model.layers):
+        layer._hf_hook.execution_device = torch.device(f"cuda:{index % 2}")
+    with pytest.raises(wandapp.DeviceMismatchError, match=r"several accelerators \['cuda:0', 'cuda:1'\].*one GPU"):
+        wandapp.prune(model, IDS, method="wanda", progress=False)
+    state = offloaded_state(model)
+    assert all(torch.equal(state[name], value) for name, value in original.items())
