@@ -10,7 +10,9 @@ weight by one ulp), fail ({"rank", "block", "where": "capture" | "forward"
 | "ro" | "core"}: that rank raises there), offload (blocks dispatched by accelerate to CPU and disk,
 as tests/test_offload.py does, each rank into its own folder), checkpoint ({"src", "dst",
 optionally "own_dst_rank" and "own_dst": that rank's dst instead}: run wandapp.prune_checkpoint
-instead, on the checkpoint in src).
+instead, on the checkpoint in src), other_config_rank and other_config (that rank's PruneConfig
+overrides on top of config), fail_before_prune_rank (that rank raises inside
+``wandapp.distributed.guarded`` before it calls prune).
 """
 
 from __future__ import annotations
@@ -122,10 +124,17 @@ def main(spec_json: str, out: str) -> None:
         model = dispatched(model, os.path.join(out, f"offload-rank{rank}"))
     if spec.get("fail", {}).get("rank") == rank:
         inject(spec["fail"], model)
+    config = {**spec.get("config", {}), **(spec["other_config"] if spec.get("other_config_rank") == rank else {})}
     before = state(model)
     result: dict = {"rank": rank, "before": before}
     try:
-        report = wandapp.prune(model, ids, sparsity=spec["sparsity"], method=spec["method"], progress=False, **spec.get("config", {}))
+        if "fail_before_prune_rank" in spec:  # the user's own step before prune (loading, say), guarded
+            with wandapp.distributed.guarded(wandapp.distributed.World.current()):
+                if spec["fail_before_prune_rank"] == rank:
+                    raise RuntimeError("failed before prune")
+                report = wandapp.prune(model, ids, sparsity=spec["sparsity"], method=spec["method"], progress=False, **config)
+        else:
+            report = wandapp.prune(model, ids, sparsity=spec["sparsity"], method=spec["method"], progress=False, **config)
         result["report"] = report.to_dict()
         result["masks"] = report.masks
     except Exception as err:  # the test inspects it

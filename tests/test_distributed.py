@@ -223,3 +223,18 @@ def test_ranks_with_other_data_or_too_few_sequences_are_refused_on_every_rank(tm
         assert all(torch.equal(r["after"][k], v) for r in results for k, v in r["before"].items())
     results = run_ranks(tmp_path, 3, method="wanda", n=2)
     assert all(r["error"] == "CalibrationError" and "3 processes" in r["message"] for r in results)
+
+
+def test_ranks_with_other_settings_are_refused_before_any_change(tmp_path):
+    results = run_ranks(tmp_path, 2, method="wanda++", n=4, config=dict(ro_samples=2, ro_holdout=2, ro_rounds=2), other_config_rank=1, other_config={"ro_rounds": 1})
+    assert all(r["error"] == "InvalidArgumentError" and "different models, calibration data or settings" in r["message"] for r in results)
+    assert all(torch.equal(r["after"][k], v) for r in results for k, v in r["before"].items())
+
+
+def test_a_rank_that_fails_before_prune_inside_guarded_stops_the_others(tmp_path):
+    """The user's own step before prune (loading, say), inside wandapp.distributed.guarded: the
+    other ranks raise RankFailedError naming it instead of waiting in their first collective."""
+    results = run_ranks(tmp_path, 3, method="wanda", n=6, fail_before_prune_rank=1)
+    assert results[1]["error"] == "RuntimeError"
+    assert [(r["error"], r["failed_rank"]) for i, r in enumerate(results) if i != 1] == [("RankFailedError", 1)] * 2
+    assert all(torch.equal(r["after"][k], v) for r in results for k, v in r["before"].items())
