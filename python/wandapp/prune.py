@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from wandapp import _core, owl
 from wandapp.adapters import DecoderAdapter, Target, require_materialized, resolve, unwrap
-from wandapp.capture import BlockRunner, Sample, batching_fails, capture_first_block, next_block_inputs, pinned_offload
+from wandapp.block import BlockRunner, batching_fails
+from wandapp.capture import Sample, capture_first_block, next_block_inputs, pinned_offload
 from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences, sequences_sha256
 from wandapp.distributed import Share, World, guarded
