@@ -179,7 +179,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_perplexity(folder: str, tokenizer: Any, args: argparse.Namespace) -> Any:
-    """Perplexity of the checkpoint in ``folder`` (read per module, see :func:`_offloaded`)."""
+    """Perplexity of the checkpoint in ``folder`` (read per module, see ``_offloaded``)."""
     from wandapp.eval import perplexity
 
     return _offloaded(folder, args, lambda model: perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens))
