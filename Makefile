@@ -41,7 +41,7 @@ MANIFEST = $(shell $(PY) build_backend/torch_build.py)
 # reuses the cached build of the vendored torch-sys (its C++: minutes per torch) instead of redoing it.
 VENDOR_MTIMES = t=$$(git log -1 --format=%ct -- vendor 2>/dev/null) && [ -n "$$t" ] && git ls-files vendor | grep -vxFf <(git diff --name-only HEAD -- vendor) | xargs -d '\n' touch -d "@$$t" || true
 
-.PHONY: help setup build wheel test test-rust test-python test-fast test-compat test-older-torches demo bench lint clean
+.PHONY: help setup build wheel test test-rust test-python test-fast test-compat test-older-torches demo docs docs-serve bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -98,10 +98,17 @@ test-torch-%:
 
 test-older-torches: $(addprefix test-torch-,$(OLDER_TORCHES)) ## the compatibility subset against each older supported torch (2.14, 2.13, 2.11)
 
-test: setup test-rust test-python test-older-torches ## everything CI runs: torch 2.15 in full, then the compatibility subset on 2.14, 2.13 and 2.11
+test: setup test-rust test-python docs test-older-torches ## everything CI runs: torch 2.15 in full and the docs site, then the compatibility subset on 2.14, 2.13 and 2.11
 
 demo: setup ## the main job: prune the embedded SmolLM2 with magnitude, wanda, wanda++ at 2:4
 	$(VENV)/bin/wandapp demo
+
+# The site is read from the sources (griffe, no import): it needs the docs extra, not the build.
+docs: setup ## build the documentation site into site/ (strict: a broken link, a page outside the nav or an undocumented public name fails)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: setup ## serve the documentation site at http://127.0.0.1:8000, rebuilt on every change
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 wheel: setup ## build a release wheel for the venv's torch into dist/torch-<version>/ (abi3: Python 3.10-3.13)
 	$(PY) -m maturin build --release --out dist/torch-$(TORCH) --manifest-path $(MANIFEST)

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import calib_ids, tiny_model  # noqa: E402
 
 import wandapp  # noqa: E402
-from wandapp import capture  # noqa: E402
+from wandapp import block  # noqa: E402
 
 prune_module = importlib.import_module("wandapp.prune")  # `wandapp.prune` is the function
 
@@ -70,9 +70,9 @@ def inject(fail: dict, model: torch.nn.Module) -> None:
     # "forward": the first pass over the block (the regional gradients' forwards record the linear
     # inputs); "ro": an RO step (the only forward with autograd on).
     if fail["where"] == "forward":
-        capture.BlockRunner.linear_inputs = failing(capture.BlockRunner.linear_inputs)  # type: ignore[method-assign]
+        block.BlockRunner.linear_inputs = failing(block.BlockRunner.linear_inputs)  # type: ignore[method-assign]
     else:
-        capture.BlockRunner.forward = failing(capture.BlockRunner.forward)  # type: ignore[method-assign]
+        block.BlockRunner.forward = failing(block.BlockRunner.forward)  # type: ignore[method-assign]
 
 
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

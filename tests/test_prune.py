@@ -82,7 +82,8 @@ def test_replayed_blocks_reproduce_the_models_own_hidden_states(family):
     model computes itself (with a sliding window shorter than the sequence, block 0's mask
     would be wrong for blocks 1 and 2)."""
     from wandapp.adapters import resolve
-    from wandapp.capture import BlockRunner, capture_first_block, next_block_inputs
+    from wandapp.block import BlockRunner
+    from wandapp.capture import capture_first_block, next_block_inputs
     from wandapp.data import collect_sequences
 
     model = tiny_model(family, num_hidden_layers=3)

@@ -103,7 +103,8 @@ def test_padding_is_zeroed_at_every_block_input():
     (attention), where an inf would still make NaN; captured inputs and block outputs hold
     zeros there, so padding can never poison a statistic or gradient."""
     from wandapp.adapters import resolve
-    from wandapp.capture import BlockRunner, capture_first_block
+    from wandapp.block import BlockRunner
+    from wandapp.capture import capture_first_block
     from wandapp.data import collect_sequences
 
     ids = calib_ids(n=2, seqlen=16)

@@ -288,7 +288,7 @@ def _select(blocks: list[list[Target]], targets: NamePatterns, ignore: NamePatte
 def resolve(model: Any, targets: NamePatterns = None, ignore: NamePatterns = None, inspect: bool = False) -> DecoderAdapter:
     """Finds the decoder blocks and the matrices to prune, or raises UnsupportedModelError
     naming what was found; InvalidArgumentError when ``targets``/``ignore`` match nothing.
-    ``model`` is taken out of its wrappers first (:func:`unwrap`: a peft model is refused unless
+    ``model`` is taken out of its wrappers first (``unwrap``: a peft model is refused unless
     ``inspect``, for the testing helpers, which read its base model's matrices)."""
     model = unwrap(model, peft="base" if inspect else "refuse")
     config = getattr(model, "config", None)
@@ -311,7 +311,7 @@ def resolve(model: Any, targets: NamePatterns = None, ignore: NamePatterns = Non
 def matrix(model: nn.Module, name: str) -> torch.Tensor | None:
     """The weight matrix a mask name refers to (a module with a ``weight``, or
     ``module.param[expert]`` for a fused expert slice), or None when the model has no such one.
-    Names are the model's own, also for a model in a wrapper (:func:`unwrap`)."""
+    Names are the model's own, also for a model in a wrapper (``unwrap``)."""
     model = unwrap(model)
     match = _EXPERT_NAME.match(name)
     try:

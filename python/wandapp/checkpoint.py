@@ -76,8 +76,13 @@ def prune_checkpoint(
     settings (config, method, sparsity, dtype, device, wandapp version) hash to the recorded ones.
 
     Args:
-        src, dst: folders; ``dst`` must be new, empty, or hold a run of this function.
-        calib_loader, sparsity, method, config, overrides: as :func:`wandapp.prune`.
+        src: the checkpoint's folder (only read).
+        dst: the output folder; it must be new, empty, or hold a run of this function.
+        calib_loader: as ``wandapp.prune``.
+        sparsity: as ``wandapp.prune``.
+        method: as ``wandapp.prune``.
+        config: as ``wandapp.prune``.
+        **overrides: as ``wandapp.prune``.
         dtype: the dtype to load and write the weights in; None keeps the checkpoint's own.
 
     The device is ``config.device``, else ``cuda`` when available, else the CPU. Without a
@@ -85,15 +90,15 @@ def prune_checkpoint(
     from disk once per calibration sequence; without it only the replay check's sequence does
     (``layer_sparsity="owl"`` needs the whole pass).
 
-    Returns the :class:`PruneReport`. Its ``masks`` property reads every mask from ``dst/masks``
+    Returns the ``PruneReport``. Its ``masks`` property reads every mask from ``dst/masks``
     into memory (one byte per weight): for a big model, read the per-block files one at a time.
 
     Under a torch.distributed group of several ranks (torchrun), call it on every rank with the
     same arguments (``dst`` on a filesystem every rank sees): each rank streams the model and runs
-    its share of the calibration as in :func:`wandapp.prune`; each records its own block inputs,
+    its share of the calibration as in ``wandapp.prune``; each records its own block inputs,
     and rank 0 writes the checkpoint, masks and report. A resume needs the same number of ranks.
 
-    Raises everything :func:`wandapp.prune` raises, before any block is written;
+    Raises everything ``wandapp.prune`` raises, before any block is written;
     InvalidArgumentError when ``src`` holds no safetensors checkpoint or ``dst`` holds other
     files; UnsupportedModelError when the checkpoint's tensor names are not the model's (a
     checkpoint that transformers converts on load: load it with ``from_pretrained`` and use
@@ -394,7 +399,7 @@ def _atomic(path: str, write: Any) -> None:
 
 
 class CheckpointRun:
-    """The destination folder of :func:`prune_checkpoint`: the block loop hands it each finished
+    """The destination folder of ``prune_checkpoint``: the block loop hands it each finished
     block (``prune.BlockSink``), and it holds what a resumed run needs.
 
     Across torch.distributed ranks (``job.world``), each rank records its own share's block inputs

@@ -179,7 +179,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_perplexity(folder: str, tokenizer: Any, args: argparse.Namespace) -> Any:
-    """Perplexity of the checkpoint in ``folder`` (read per module, see :func:`_offloaded`)."""
+    """Perplexity of the checkpoint in ``folder`` (read per module, see ``_offloaded``)."""
     from wandapp.eval import perplexity
 
     return _offloaded(folder, args, lambda model: perplexity(model, tokenizer, args.eval, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens))
@@ -250,6 +250,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _bar_chart(rows: list[tuple[str, float, float, float]], sparsity: str, path: str) -> str | None:
+    """Perplexity per method on a log scale (magnitude's would flatten the others' bars), and the
+    pruning seconds beside it."""
     try:
         import matplotlib
 
@@ -258,11 +260,15 @@ def _bar_chart(rows: list[tuple[str, float, float, float]], sparsity: str, path:
     except ImportError:
         print("matplotlib is not installed; skipping the chart (pip install 'wandapp[demo]')")
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bars = ax.bar([r[0] for r in rows], [r[1] for r in rows], color=["#888", "#c66", "#69c", "#3a3", "#a6c"][: len(rows)])
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set_ylabel("perplexity (held-out text, lower is better)")
-    ax.set_title(f"SmolLM2-135M pruned at {sparsity}")
+    methods = [r[0] for r in rows]
+    colors = ["#888", "#c66", "#69c", "#3a3", "#a6c"][: len(rows)]
+    fig, (ppl, secs) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ppl.bar_label(ppl.bar(methods, [r[1] for r in rows], color=colors), fmt="%.1f")
+    ppl.set_yscale("log")
+    ppl.set_title("held-out perplexity (log scale, lower is better)", fontsize=10)
+    secs.bar_label(secs.bar(methods, [r[2] for r in rows], color=colors), fmt="%.0f")
+    secs.set_title("pruning seconds", fontsize=10)
+    fig.suptitle(f"SmolLM2-135M pruned at {sparsity}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path

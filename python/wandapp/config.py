@@ -79,8 +79,8 @@ def _compiles(pattern: str) -> bool:
 
 @dataclass
 class PruneConfig:
-    r"""Settings of :func:`wandapp.prune`. Defaults are wandapp's measured choices;
-    :meth:`paper` gives the paper's.
+    r"""Settings of ``wandapp.prune``. Defaults are wandapp's measured choices;
+    ``paper`` gives the paper's.
 
     Attributes:
         alpha: weight of the regional gradient in the RGS score (paper: 100).
@@ -217,6 +217,7 @@ class PruneConfig:
         return min(32, nsamples) if self.ro_samples is None else self.ro_samples
 
     def replace(self, **overrides: Any) -> "PruneConfig":
+        """A copy with ``overrides`` (field names) replaced; an unknown name is an ``InvalidArgumentError``."""
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise InvalidArgumentError(
@@ -225,6 +226,7 @@ class PruneConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready (devices as strings), as recorded in ``PruneReport.config``."""
         d = dataclasses.asdict(self)
         for field in ("device", "offload"):
             d[field] = None if d[field] is None else str(d[field])
@@ -232,4 +234,5 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PruneConfig":
+        """The configuration ``to_dict`` gave (missing fields take their defaults)."""
         return cls().replace(**d)

@@ -3,13 +3,13 @@ script that called ``init_process_group``).
 
 Each rank captures and runs its own share of the calibration sequences (rank r holds sequences r,
 r + W, r + 2W, ... of W ranks); the core adds up every sum over sequences (activation, gradient and
-Hessian statistics, block errors, RO's gradients) through :meth:`World.all_reduce` before it decides
+Hessian statistics, block errors, RO's gradients) through ``World.all_reduce`` before it decides
 anything from them, so every rank takes the same decisions and ends with the same weights.
 
 No rank ever waits for a collective that will not come: every collective wandapp makes is
 preceded by a one-element MAX all-reduce of a failure flag. A rank that fails sends its flag once
 (rank + 1) and makes no further collective; the others see it at their next collective and raise
-:class:`RankFailedError`. (A process killed outright sends nothing: torch's own process-group
+``RankFailedError``. (A process killed outright sends nothing: torch's own process-group
 timeout then ends the others' wait.)
 """
 
@@ -103,6 +103,7 @@ class World:
             raise InvalidArgumentError(f"the {self.size} processes called wandapp with different {what}; {advice}")
 
     def all_reduce_max(self, t: torch.Tensor) -> None:
+        """Replaces ``t`` in place by its element-wise maximum over the ranks (after the failure check)."""
         buf = t.to(self.device)
         with _uninterrupted():
             self.check()

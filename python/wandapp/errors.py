@@ -1,4 +1,4 @@
-"""The exceptions wandapp raises on purpose, all rooted at :class:`WandappError`.
+"""The exceptions wandapp raises on purpose, all rooted at ``WandappError``.
 
 Each also subclasses the builtin that describes it (``ValueError`` for a bad value,
 ``TypeError`` for a bad type), so existing ``except ValueError`` code keeps working. The Rust
@@ -90,4 +90,4 @@ class RankFailedError(PruneError):
 
 
 class PruneInterrupted(PruneError, KeyboardInterrupt):
-    """Ctrl-C during pruning: a :class:`PruneError` that ``except KeyboardInterrupt`` still catches."""
+    """Ctrl-C during pruning: a ``PruneError`` that ``except KeyboardInterrupt`` still catches."""

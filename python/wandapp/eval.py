@@ -1,11 +1,11 @@
 """Quality of a model, pruned or not: perplexity, and task accuracy through EleutherAI's
 lm-evaluation-harness.
 
-:func:`perplexity` follows SPEC's protocol: concatenate the text, tokenize once, cut
+``perplexity`` follows SPEC's protocol: concatenate the text, tokenize once, cut
 non-overlapping windows of ``seqlen`` tokens, average the next-token NLL over every predicted
 token, report exp(mean) together with the protocol.
 
-:func:`tasks` (from :mod:`wandapp.harness`, which documents it) runs harness tasks on the model
+``tasks`` (from ``wandapp.harness``, which documents it) runs harness tasks on the model
 in memory: ``wandapp.eval.tasks(model, tokenizer, "austen_next_sentence,austen_last_word")``
 works offline; it needs ``pip install "wandapp[eval]"``."""
 
@@ -46,6 +46,7 @@ class Perplexity:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field: the perplexity and the protocol that produced it."""
         return asdict(self)
 
 

@@ -8,8 +8,8 @@ the tokenizer against the model), a result with a table and ``to_dict()``, and t
 from the bundled Northanger Abbey that run offline (:data:`OFFLINE_TASKS`, in
 :data:`OFFLINE_TASKS_DIR`; how they were built and their chance levels: the README.md there).
 
-Public entry points: :func:`wandapp.eval.tasks` (re-exported from here), :func:`check_tasks`,
-:class:`TaskResults`, :func:`format_comparison`.
+Public entry points: ``wandapp.eval.tasks`` (re-exported from here), ``check_tasks``,
+``TaskResults``, ``format_comparison``.
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ class TaskResults:
         return self.metrics[task].get(f"{metric}_stderr")
 
     def header(self) -> str:
+        """One line: harness version, few-shot, limit, seed, batch size and dtype."""
         shots = sorted(set(self.num_fewshot.values())) or [0]
         return (
             f"lm-evaluation-harness {self.harness_version}, {'/'.join(map(str, shots))}-shot, "
@@ -264,7 +265,7 @@ def _first_line(err: BaseException) -> str:
 
 def check_tasks(tasks: TaskNames, include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> dict[str, list[str]]:
     """Checks that every task is known and its data loads, without a model: what
-    :func:`tasks` checks before evaluating, for callers (the command line, the pytest helper)
+    ``tasks`` checks before evaluating, for callers (the command line, the pytest helper)
     that want to fail before slow work such as pruning. Returns ``{task: [metric names]}`` for
     the tasks that would run (a tag or group expanded to its tasks), metrics as the results
     name them.

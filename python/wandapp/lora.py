@@ -2,9 +2,9 @@
 
 LoRA trains B @ A beside each frozen (sparse) base weight, so the base stays sparse while
 training. Merging adds the dense B @ A into the weight, and sparsity is lost (users saw 40%
-become 33%). :func:`merge_sparse` merges and then re-applies the masks: the merged model has
+become 33%). ``merge_sparse`` merges and then re-applies the masks: the merged model has
 exactly the pruned pattern, at the cost of the adapter's update on pruned positions, which
-:func:`remask_cost` measures in perplexity.
+``remask_cost`` measures in perplexity.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def merge_sparse(peft_model: Any, masks: Mapping[str, torch.Tensor]) -> Any:
 
 @dataclass
 class RemaskCost:
+    """What re-masking a merged LoRA update cost (``remask_cost``): perplexities and the update's share kept."""
+
     unmerged: float  # perplexity with the adapter unmerged (dense update)
     merged_sparse: float  # perplexity after merge_sparse
     update_kept: float  # share of the adapter update's squared norm on kept weights
@@ -54,7 +56,7 @@ class RemaskCost:
 @torch.no_grad()
 def remask_cost(peft_model: Any, masks: Mapping[str, torch.Tensor], eval_ids: torch.Tensor, seqlen: int = 512) -> RemaskCost:
     """What re-masking costs: perplexity on ``eval_ids`` of the unmerged adapter vs
-    :func:`merge_sparse` (on a copy; ``peft_model`` is left as it is)."""
+    ``merge_sparse`` (on a copy; ``peft_model`` is left as it is)."""
     from wandapp.eval import perplexity
 
     peft_model = _require_peft_model(peft_model)

@@ -3,7 +3,7 @@
 
 transformers de-quantizes the GGUF file in Python (about 30 s on 2 CPU cores, tokenizer
 included), so the first load keeps the converted float32 model in safetensors under
-:func:`cache_dir` (513 MiB) and later loads read that (about 5 s, 1 s of it hashing the GGUF file)."""
+``cache_dir`` (513 MiB) and later loads read that (about 5 s, 1 s of it hashing the GGUF file)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def load_demo_model(dtype: torch.dtype = torch.float32, device: str | torch.devi
     cast to ``dtype`` and moved to ``device``. The model can be ``save_pretrained`` (the GGUF
     quantization_config is dropped).
 
-    The conversion is cached in :func:`cache_dir` under a name made of the GGUF file's SHA-256,
+    The conversion is cached in ``cache_dir`` under a name made of the GGUF file's SHA-256,
     the transformers and gguf versions and ``CACHE_FORMAT`` (another file or converter converts
     again); the cached copy is bit-identical to a fresh conversion (tested). A damaged entry is
     converted again; where the cache cannot be written, the model converted in memory is returned.
@@ -123,7 +123,7 @@ def _store(model: Any, tokenizer: Any, target: str) -> bool:
     place, so a folder under that name is always complete (another process loading the demo at
     the same time, as torchrun's ranks do, may win the rename: its copy is the same). False
     when the cache cannot be written (a read-only or full disk); the temporary folder is removed
-    whatever happens. Stale folders go first (:func:`_remove_stale`)."""
+    whatever happens. Stale folders go first (``_remove_stale``)."""
     parent = os.path.dirname(target)
     tmp = None
     try:
@@ -149,7 +149,7 @@ def _store(model: Any, tokenizer: Any, target: str) -> bool:
 
 
 def _mark_used(entry: str) -> None:
-    """Sets the entry's modification time to now: the last load, which :func:`_remove_stale` reads.
+    """Sets the entry's modification time to now: the last load, which ``_remove_stale`` reads.
     A cache shared read-only is left as it is."""
     try:
         os.utime(entry)

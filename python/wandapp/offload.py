@@ -98,7 +98,7 @@ def _swapped(module: nn.Module, hook: Any) -> list[str]:
 
 
 class Placement:
-    """A block on the pruning device (see :func:`placed`); ``write_back`` stores changed tensors
+    """A block on the pruning device (see ``placed``); ``write_back`` stores changed tensors
     where the model keeps them."""
 
     def __init__(self, model: nn.Module | None) -> None:

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from wandapp import _core, owl
 from wandapp.adapters import DecoderAdapter, Target, require_materialized, resolve, unwrap
-from wandapp.capture import BlockRunner, Sample, batching_fails, capture_first_block, next_block_inputs, pinned_offload
+from wandapp.block import BlockRunner, batching_fails
+from wandapp.capture import Sample, capture_first_block, next_block_inputs, pinned_offload
 from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences, sequences_sha256
 from wandapp.distributed import Share, World, guarded
@@ -65,9 +66,9 @@ def prune(
         method: "magnitude", "wanda", "rgs" (regional gradients, no RO), "wanda++" (RGS + RO),
             "sparsegpt" (Frantar & Alistarh 2023: OBS sweep with weight updates, per row) or
             "sparsegpt+ro" (SparseGPT, then RO with its masks fixed).
-        config: a :class:`PruneConfig`; keyword ``overrides`` replace its fields.
+        config: a ``PruneConfig``; keyword ``overrides`` replace its fields.
 
-    Returns a :class:`PruneReport` whose ``config`` holds the values used (``nsamples``,
+    Returns a ``PruneReport`` whose ``config`` holds the values used (``nsamples``,
     ``ro_samples`` and ``ro_batch_size`` resolved). The caller's grad mode (``no_grad``,
     ``inference_mode``) does not matter and is unchanged on return.
 
@@ -75,7 +76,7 @@ def prune(
     on every rank with the same model, data and settings: each rank runs its share of the
     calibration sequences, the statistics and RO's gradients are summed over the ranks, and every
     rank ends with the same weights, masks and block errors (README: several GPUs;
-    ``wandapp.distributed``). A failure on one rank raises on every rank (:class:`RankFailedError`
+    ``wandapp.distributed``). A failure on one rank raises on every rank (``RankFailedError``
     on the others), each with its block restored.
 
     Raises, before any weight changes: SparsityError, InvalidArgumentError (bad settings,
@@ -85,7 +86,7 @@ def prune(
     check: a block called alone does not reproduce the model's own forward), DeviceMismatchError, NonFiniteError
     (the dense model overflows on the calibration data: names the first block and layer; with
     ``dense_check=False`` only the replayed sequence is checked in every block up front). If a
-    block fails later (or Ctrl-C), that block is restored bit for bit and :class:`PruneError`
+    block fails later (or Ctrl-C), that block is restored bit for bit and ``PruneError``
     (``PruneInterrupted`` for Ctrl-C) carries the partial report and the cause: earlier blocks
     are pruned, that one and later ones untouched.
 
@@ -103,7 +104,7 @@ def prune(
 
 @dataclass
 class Job:
-    """A validated pruning run: what :func:`prune_blocks` needs."""
+    """A validated pruning run: what ``prune_blocks`` needs."""
 
     adapter: DecoderAdapter
     sequences: list[Sequence]
@@ -153,7 +154,7 @@ def prepare(
     sequences: list[Sequence] | None = None,
     world: World | None = None,
 ) -> Job:
-    """Every check :func:`prune` makes before any weight changes; the job they describe. Call it
+    """Every check ``prune`` makes before any weight changes; the job they describe. Call it
     with grad mode on (the caller's no_grad must not reach the gradient pass). ``sequences``:
     the loader's, already collected (then ``calib_loader`` is not read). ``world``: the ranks
     that share the calibration (every rank must then call it alike)."""

@@ -45,7 +45,7 @@ class BlockReport:
 
 @dataclass
 class PruneReport:
-    """Returned by :func:`wandapp.prune`. ``print(report)`` shows a table, ``to_dict()`` is
+    """Returned by ``wandapp.prune``. ``print(report)`` shows a table, ``to_dict()`` is
     JSON-serialisable, ``masks`` gives {module name: bool keep-mask}."""
 
     model: str
@@ -108,6 +108,7 @@ class PruneReport:
         return out
 
     def masks_of(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The keep-masks (bool, True = kept) of the named layers, unpacked from the report's bits."""
         out = {}
         for name in names:
             shape, packed = self._packed[name]
@@ -142,6 +143,7 @@ class PruneReport:
         return zeros / total if total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready dicts: configuration, seed, per block and layer (masks excluded)."""
         d = {k: v for k, v in asdict(self).items() if k != "_packed"}
         d["seed"] = self.config.get("seed")
         d["achieved_sparsity"] = self.achieved_sparsity
@@ -149,6 +151,7 @@ class PruneReport:
         return d
 
     def to_json(self, path: str | None = None) -> str:
+        """``to_dict`` as indented JSON text; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
             with open(path, "w", encoding="utf-8") as f:

@@ -5,7 +5,7 @@ RO leaves, registers hooks, runs the experts with another implementation and cal
 ``use_cache=False``. Users prune models they are in the middle of preparing (part of a train-mode
 model kept in eval, frozen parameters, gradient checkpointing on before LoRA): saving only
 ``model.training`` and calling ``model.train(flag)`` afterwards put every submodule in one mode.
-:func:`preserved` snapshots every piece of state a module or parameter carries besides its
+``preserved`` snapshots every piece of state a module or parameter carries besides its
 tensors' values, and puts each back as it was, per module and per parameter, on success, on an
 error and on Ctrl-C.
 """
