@@ -274,6 +274,21 @@ def test_exception_mid_block_restores_that_block(exc, ids):
         assert isinstance(err, KeyboardInterrupt)
 
 
+def test_the_error_names_the_pruned_blocks_as_runs(ids):
+    """A failure in the last block: the pruned ones as runs of indices, and no later block to name."""
+    model = tiny_model("llama", num_hidden_layers=4)
+    pruned_marker = model.model.layers[0].mlp.down_proj.weight
+
+    def boom(_module, _args):
+        if (pruned_marker == 0).any():  # only once pruning began, not in the dense capture
+            raise RuntimeError("boom")
+
+    model.model.layers[3].mlp.down_proj.register_forward_pre_hook(boom)
+    with pytest.raises(wandapp.PruneError) as info:
+        wandapp.prune(model, ids, method="wanda", progress=False)
+    assert str(info.value) == "pruning stopped in block 3 (RuntimeError: boom). Blocks 0..2 are pruned; block 3 was restored. See err.report."
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_batching_changes_only_the_summation_order(method, ids):
     """batch_size > 1 runs statistics, targets, outputs and block errors several sequences per

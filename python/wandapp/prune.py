@@ -252,13 +252,24 @@ def prune_blocks(job: Job, run: BlockSink | None = None) -> PruneReport:
     return report
 
 
+def _runs(indices: list[int]) -> str:
+    """Sorted block indices as runs: [0, 1, 2, 5, 7, 8] -> "0..2, 5, 7..8"."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1][-1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
+
+
 def _stopped(err: BaseException, index: int, report: PruneReport) -> PruneError:
     """The PruneError (PruneInterrupted for Ctrl-C) for a run that stopped in block ``index``."""
     done = [i for i in report.pruned_blocks if i < index]
     if not done:
         pruned = "No block is pruned"
     else:
-        pruned = f"Block {done[0]} is pruned" if len(done) == 1 else f"Blocks {', '.join(map(str, done))} are pruned"
+        pruned = f"Block {done[0]} is pruned" if len(done) == 1 else f"Blocks {_runs(done)} are pruned"
     later = "" if index == len(report.blocks) - 1 else " and every later block is untouched"
     message = f"pruning stopped in block {index} ({type(err).__name__}: {err}). {pruned}; block {index} was restored{later}. See err.report."
     if isinstance(err, RankFailedError):  # another rank failed: this one says which
