@@ -1,6 +1,27 @@
-"""Test-only helpers: an offline character-level tokenizer for the tiny models."""
+"""Test-only helpers: an offline character-level tokenizer for the tiny models, and the runner of
+the documentation's Python examples (README.md, docs/)."""
 
 from __future__ import annotations
+
+import re
+
+#: A ```python block, with the marker ``<!-- not-tested: reason -->`` on the line above if it has one.
+_PYTHON_BLOCK = re.compile(r"(<!-- not-tested: [^>]+ -->\n)?```python\n(.*?)```", flags=re.S)
+
+
+def python_blocks(path: str) -> list[str]:
+    """The ```python blocks of the Markdown file ``path``, in order, less those marked not-tested."""
+    with open(path, encoding="utf-8") as f:
+        return [code for skip, code in _PYTHON_BLOCK.findall(f.read()) if not skip]
+
+
+def run_python_blocks(path: str, blocks: list[str]) -> dict:
+    """Runs ``blocks`` of ``path`` in order in one namespace (they build on each other; tracebacks
+    name ``path``); returns the namespace."""
+    namespace: dict = {}
+    for code in blocks:
+        exec(compile(code, path, "exec"), namespace)
+    return namespace
 
 
 def char_tokenizer(vocab_size: int = 128):

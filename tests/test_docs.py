@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 
 import pytest
+from helpers import python_blocks, run_python_blocks
 
 from wandapp.testing import tiny_llama_model
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 ELSEWHERE = {"evaluation.md"}
-BLOCK = re.compile(r"(<!-- not-tested: [^>]+ -->\n)?```python\n(.*?)```", flags=re.S)
 FIXTURES = {"tiny_llama": tiny_llama_model}
 PAGES = sorted(p for p in os.listdir(DOCS) if p.endswith(".md") and p not in ELSEWHERE)
 
 
 def blocks(page: str) -> list[str]:
-    text = open(os.path.join(DOCS, page), encoding="utf-8").read()
-    return [code for skip, code in BLOCK.findall(text) if not skip]
+    return python_blocks(os.path.join(DOCS, page))
 
 
 def test_pages_have_examples_and_few_are_skipped():
@@ -35,9 +33,7 @@ def test_pages_have_examples_and_few_are_skipped():
 @pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)])
 def test_page_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    for code in blocks(page):
-        exec(compile(code, os.path.join(DOCS, page), "exec"), namespace)
+    namespace = run_python_blocks(os.path.join(DOCS, page), blocks(page))
     for name, test in list(namespace.items()):
         if name.startswith("test_") and callable(test):
             test(**{arg: FIXTURES[arg]() for arg in inspect.signature(test).parameters})

@@ -4,27 +4,20 @@ and the pytest example's test functions pass."""
 from __future__ import annotations
 
 import os
-import re
 
 import pytest
+from helpers import python_blocks, run_python_blocks
 
 pytestmark = [pytest.mark.demo_model, pytest.mark.slow]
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 
 
-def python_blocks() -> list[str]:
-    text = open(README, encoding="utf-8").read()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
-
-
 def test_readme_examples_run(tmp_path, monkeypatch, capsys):
-    blocks = python_blocks()
+    blocks = python_blocks(README)
     assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, README, "exec"), namespace)
+    namespace = run_python_blocks(README, blocks)
     tests = [v for k, v in namespace.items() if k.startswith("test_") and callable(v)]
     assert tests
     for test in tests:

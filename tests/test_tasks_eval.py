@@ -25,7 +25,7 @@ from wandapp.harness import OFFLINE_TASKS_DIR  # noqa: E402
 from wandapp.testing import assert_task_accuracy_above  # noqa: E402
 
 from conftest import tiny_model  # noqa: E402
-from helpers import char_tokenizer  # noqa: E402
+from helpers import char_tokenizer, python_blocks, run_python_blocks  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEXT, LAST = OFFLINE_TASKS
@@ -313,11 +313,9 @@ def test_cli_refuses_an_unknown_task_before_loading_or_pruning(tmp_path, capsys,
 def test_the_evaluation_guide_examples_run(capsys):
     """docs/evaluation.md's Python blocks run in order in one namespace, and its pytest example passes."""
     guide = os.path.join(ROOT, "docs", "evaluation.md")
-    blocks = re.findall(r"```python\n(.*?)```", open(guide, encoding="utf-8").read(), flags=re.S)
+    blocks = python_blocks(guide)
     assert len(blocks) == 3
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, guide, "exec"), namespace)
+    namespace = run_python_blocks(guide, blocks)
     namespace["test_pruned_model_still_predicts_the_next_sentence"]()
     printed = capsys.readouterr().out
     assert "dense" in printed and "pruned" in printed and "capitals" in printed
