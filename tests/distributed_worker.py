@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import sys
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -128,12 +129,11 @@ def main(spec_json: str, out: str) -> None:
     before = state(model)
     result: dict = {"rank": rank, "before": before}
     try:
-        if "fail_before_prune_rank" in spec:  # the user's own step before prune (loading, say), guarded
-            with wandapp.distributed.guarded(wandapp.distributed.World.current()):
-                if spec["fail_before_prune_rank"] == rank:
-                    raise RuntimeError("failed before prune")
-                report = wandapp.prune(model, ids, sparsity=spec["sparsity"], method=spec["method"], progress=False, **config)
-        else:
+        # The user's own step before prune (loading, say), guarded; other runs call prune alone.
+        guard = wandapp.distributed.guarded(wandapp.distributed.World.current()) if "fail_before_prune_rank" in spec else nullcontext()
+        with guard:
+            if spec.get("fail_before_prune_rank") == rank:
+                raise RuntimeError("failed before prune")
             report = wandapp.prune(model, ids, sparsity=spec["sparsity"], method=spec["method"], progress=False, **config)
         result["report"] = report.to_dict()
         result["masks"] = report.masks
