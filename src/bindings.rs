@@ -1,7 +1,8 @@
 //! The Python surface of the core: argument conversion, the error mapping, and the `Block`
 //! implementation that calls back into Python. No math lives here.
 
-use crate::block::{prune_block_ as run_schedule, Block, Method, Plan};
+use crate::block::Block;
+use crate::schedule::{prune_block_ as run_schedule, Method, Plan};
 use crate::error::{Error, Result};
 use crate::io;
 use crate::mask::{self, Pattern};

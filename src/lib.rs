@@ -8,6 +8,7 @@ pub mod mask;
 pub mod owl;
 pub mod ro;
 pub mod rng;
+pub mod schedule;
 pub mod score;
 pub mod sparsegpt;
 pub mod stats;

@@ -2,10 +2,10 @@
 //! masked RMSprop, `batch` calibration sequences per step (the paper: one), and roll a round back
 //! when it makes the held-out block error worse or non-finite.
 
-use crate::block::{local_share, Block};
+use crate::block::{block_mse, local_share, masked_mse, summed_mse, Block, DeviceSum};
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
-use crate::stats::{InputNorms, InputStats, Processes};
+use crate::stats::{InputNorms, InputStats};
 use tch::{Kind, Tensor};
 
 /// torch.optim.RMSprop's defaults, which the paper uses.
@@ -65,90 +65,6 @@ impl RoSettings {
     }
 }
 
-/// Mean squared error over real tokens, in float32.
-pub fn masked_mse(out: &Tensor, target: &Tensor, token_mask: Option<&Tensor>) -> Result<Tensor> {
-    let diff = out.f_to_kind(Kind::Float)?.f_sub(&target.f_to_kind(Kind::Float)?)?.f_square()?;
-    match token_mask {
-        None => Ok(diff.f_mean(Kind::Float)?),
-        Some(m) => {
-            // masked_fill, not a product: padding may hold inf, and inf * 0 is NaN.
-            let padding = m.f_logical_not()?.f_unsqueeze(-1)?;
-            let count = m.f_sum(Kind::Float)?.f_mul_scalar(diff.size()[2] as f64)?.f_clamp_min(1.0)?;
-            Ok(diff.f_masked_fill(&padding, 0.0)?.f_sum(Kind::Float)?.f_div(&count)?)
-        }
-    }
-}
-
-/// SPEC's regional loss ||f(X_n)||_2 over real tokens, in float32.
-pub fn regional_norm(out: &Tensor, token_mask: Option<&Tensor>) -> Result<Tensor> {
-    let out = out.f_to_kind(Kind::Float)?;
-    let out = match token_mask {
-        None => out,
-        Some(m) => out.f_masked_fill(&m.f_logical_not()?.f_unsqueeze(-1)?, 0.0)?,
-    };
-    Ok(out.f_square()?.f_sum(Kind::Float)?.f_sqrt()?)
-}
-
-/// A float64 sum of scalars kept on their device and read back once, so that a loop adding one
-/// value per step does not wait for the device at every step.
-#[derive(Default)]
-pub struct DeviceSum(Option<Tensor>);
-
-impl DeviceSum {
-    pub fn add(&mut self, value: &Tensor) -> Result<()> {
-        let value = value.f_detach()?.f_to_kind(Kind::Double)?;
-        self.0 = Some(match self.0.take() {
-            None => value,
-            Some(sum) => sum.f_add(&value)?,
-        });
-        Ok(())
-    }
-
-    pub fn read(self) -> Result<f64> {
-        Ok(self.0.map_or(Ok(0.0), f64::try_from)?)
-    }
-
-    /// The sum over the processes (`Processes::all_reduce`), read back.
-    pub fn all_reduced(self, processes: &dyn Processes) -> Result<f64> {
-        if processes.world_size() == 1 {
-            return self.read();
-        }
-        let sum = self.0.unwrap_or_else(|| Tensor::zeros([], (Kind::Double, tch::Device::Cpu)));
-        processes.all_reduce(&[sum.shallow_clone()])?;
-        Ok(f64::try_from(sum)?)
-    }
-}
-
-/// Sum over a batch [b, seq, hidden] of each sequence's MSE over its real tokens (float32). A
-/// batch of one is exactly `masked_mse`, so one-by-one runs keep their bits.
-pub fn summed_mse(out: &Tensor, target: &Tensor, token_mask: Option<&Tensor>) -> Result<Tensor> {
-    if out.size()[0] == 1 {
-        return masked_mse(out, target, token_mask);
-    }
-    let diff = out.f_to_kind(Kind::Float)?.f_sub(&target.f_to_kind(Kind::Float)?)?.f_square()?;
-    let per_sequence = match token_mask {
-        None => diff.f_mean_dim(&[1i64, 2][..], false, Kind::Float)?,
-        Some(m) => {
-            let padding = m.f_logical_not()?.f_unsqueeze(-1)?;
-            let count = m.f_sum_dim_intlist(&[1i64][..], false, Kind::Float)?.f_mul_scalar(diff.size()[2] as f64)?.f_clamp_min(1.0)?;
-            diff.f_masked_fill(&padding, 0.0)?.f_sum_dim_intlist(&[1i64, 2][..], false, Kind::Float)?.f_div(&count)?
-        }
-    };
-    Ok(per_sequence.f_sum(Kind::Float)?)
-}
-
-/// Mean block-output MSE against the dense outputs over `samples` (those this process holds, then
-/// summed over the processes), without autograd, in the block's batches; read back once (no host
-/// synchronisation per batch).
-pub fn block_mse(block: &dyn Block, samples: &[usize]) -> Result<f64> {
-    let _guard = tch::no_grad_guard();
-    let mut total = DeviceSum::default();
-    for batch in block.batches(&local_share(block, samples)?)? {
-        let mask = block.token_mask(&batch)?;
-        total.add(&summed_mse(&block.forward(&batch)?, &block.target(&batch)?, mask.as_ref())?)?;
-    }
-    Ok(total.all_reduced(block)? / samples.len().max(1) as f64)
-}
 
 /// Marks `weights` as requiring gradients for as long as it lives, then restores each flag.
 pub struct GradTracking<'a> {
@@ -477,13 +393,5 @@ mod tests {
                 assert_eq!(got[j], 0.0, "pruned weight {j} came back");
             }
         }
-    }
-
-    #[test]
-    fn masked_mse_ignores_padding() {
-        let out = Tensor::from_slice(&[1.0f32, 5.0]).view([1, 2, 1]);
-        let target = Tensor::from_slice(&[0.0f32, 0.0]).view([1, 2, 1]);
-        let mask = Tensor::from_slice(&[true, false]).view([1, 2]);
-        assert_eq!(f64::try_from(masked_mse(&out, &target, Some(&mask)).unwrap()).unwrap(), 1.0);
     }
 }
