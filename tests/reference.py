@@ -254,3 +254,210 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | str
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
         keep[:, i1:i2] = mask1
     return W, keep
+
+
+def _block_output(layer, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _captured_inputs(model, index: int, sequences: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
+    """Block ``index``'s input and arguments for every sequence, from a full model forward (so the
+    earlier blocks, pruned as they are now, produce them)."""
+    captured = []
+    layer = model.model.layers[index]
+    hook = layer.register_forward_pre_hook(lambda m, a, k: captured.append((a[0].detach(), dict(k))), with_kwargs=True)
+    forward_all(model, sequences, [hook])
+    return captured
+
+
+def _block_matrices(layer, prefix: str) -> dict:
+    """{mask name: (key, 2-D weight view)} of every matrix wandapp prunes in ``layer``: the linear
+    layers (key: their name) and each expert's slice of a fused parameter (key: (module, param, e))."""
+    out = {f"{prefix}.{n}": (n, l.weight) for n, l in block_linears(layer)}
+    for n, ex in block_experts(layer):
+        for param in ("gate_up_proj", "down_proj"):
+            for e in range(ex.num_experts):
+                out[f"{prefix}.{n}.{param}[{e}]"] = ((n, param, e), expert_matrix(ex, param, e))
+    return out
+
+
+def _block_parameters(layer) -> list[torch.nn.Parameter]:
+    """The parameters holding those matrices: linear weights and whole fused expert tensors."""
+    params = [l.weight for _, l in block_linears(layer)]
+    for _, ex in block_experts(layer):
+        params += [ex.gate_up_proj, ex.down_proj]
+    return params
+
+
+def _full_masks(layer, prefix: str, masks: dict) -> list[torch.Tensor]:
+    """The keep-masks of ``_block_parameters``, fused expert tensors assembled from their slices."""
+    full = [masks[f"{prefix}.{n}"] for n, _ in block_linears(layer)]
+    for n, ex in block_experts(layer):
+        for param in ("gate_up_proj", "down_proj"):
+            slices = [masks[f"{prefix}.{n}.{param}[{e}]"] for e in range(ex.num_experts)]
+            full.append(torch.stack([s.t() if getattr(ex, "is_transposed", False) else s for s in slices]))
+    return full
+
+
+def _input_square_sums(layer, captured: list[tuple[torch.Tensor, dict]]) -> dict:
+    """Per matrix key: each input feature's sum of squares over every token (float64), from the
+    block as it is now; experts from the tokens routed to them (absent: no token)."""
+    sums: dict = {}
+
+    def add(key, x):
+        x = x.double().reshape(-1, x.shape[-1])
+        sums[key] = sums.get(key, 0) + (x**2).sum(dim=0)
+
+    hooks = [l.register_forward_pre_hook(lambda m, a, n=n: add(n, a[0])) for n, l in block_linears(layer)]
+    for n, ex in block_experts(layer):
+        def on_experts(m, a, n=n, ex=ex):
+            for (param, e), x in routed_expert_inputs(ex, a[0], a[1]).items():
+                if x.shape[0]:
+                    add((n, param, e), x)
+        hooks.append(ex.register_forward_pre_hook(on_experts))
+    try:
+        with torch.no_grad():
+            for x, kw in captured:
+                layer(x, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums
+
+
+def _mean_block_mse(layer, captured, targets) -> float:
+    """Mean over sequences of each sequence's mean squared error against the dense output."""
+    with torch.no_grad():
+        errors = [((_block_output(layer, x, kw).float() - t) ** 2).mean() for (x, kw), t in zip(captured, targets)]
+    return float(torch.stack(errors).double().mean())
+
+
+def _regional_gradient_rms(layer, prefix: str, captured) -> dict:
+    """SPEC step 2: per matrix, the RMS over sequences of d ||f(X_n)||_2 / dW (one backward each)."""
+    params = _block_parameters(layer)
+    matrices = _block_matrices(layer, prefix)
+    squares = {name: 0 for name in matrices}
+    for x, kw in captured:
+        grads = torch.autograd.grad(_block_output(layer, x, kw).float().square().sum().sqrt(), params, allow_unused=True)
+        by_param = {id(p): (g if g is not None else torch.zeros_like(p)) for p, g in zip(params, grads)}
+        for name, (key, _) in matrices.items():
+            if isinstance(key, tuple):
+                ex = layer.get_submodule(key[0])
+                g = by_param[id(getattr(ex, key[1]))][key[2]]
+                g = g.t() if getattr(ex, "is_transposed", False) else g
+            else:
+                g = by_param[id(layer.get_submodule(key).weight)]
+            squares[name] = squares[name] + g.double() ** 2
+    return {name: torch.sqrt(s / len(captured)).float() for name, s in squares.items()}
+
+
+def _rgs_prune(layer, prefix: str, grad_rms: dict, sums: dict, count: int, sparsity, alpha: float) -> dict:
+    """SPEC step 3 on the weights as they are: (alpha G + ||X||) |W|, |W| where no token arrived."""
+    masks = {}
+    with torch.no_grad():
+        for name, (key, w) in _block_matrices(layer, prefix).items():
+            if key in sums:
+                norm = torch.sqrt(sums[key] / count).float()
+                score = (grad_rms[name] * alpha + norm[None, :]) * w.float().abs()
+            else:
+                score = w.float().abs()
+            masks[name] = select(score, sparsity)
+            w.mul_(masks[name])
+    return masks
+
+
+def _sparsegpt_prune(layer, prefix: str, captured, sparsity) -> dict:
+    """SparseGPT on every matrix: H = 2/N sum of each sequence's X^T X (float32, summed in
+    float64), experts from their routed tokens (magnitude when none arrived)."""
+    hessians: dict = {}
+
+    def add(key, x):
+        rows = x.reshape(-1, x.shape[-1]).float()
+        hessians[key] = hessians.get(key, 0) + (rows.T @ rows).double()
+
+    hooks = [l.register_forward_pre_hook(lambda m, a, n=n: add(n, a[0])) for n, l in block_linears(layer)]
+    for n, ex in block_experts(layer):
+        def on_experts(m, a, n=n, ex=ex):
+            for (param, e), x in routed_expert_inputs(ex, a[0], a[1]).items():
+                if x.shape[0]:
+                    add((n, param, e), x)
+        hooks.append(ex.register_forward_pre_hook(on_experts))
+    try:
+        with torch.no_grad():
+            for x, kw in captured:
+                layer(x, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    masks = {}
+    with torch.no_grad():
+        for name, (key, w) in _block_matrices(layer, prefix).items():
+            if key in hessians:
+                pruned, masks[name] = sparsegpt(w, (2 / len(captured) * hessians[key]).float(), sparsity)
+                w.copy_(pruned)
+            else:
+                masks[name] = select(w.float().abs(), sparsity)
+                w.mul_(masks[name])
+    return masks
+
+
+def _ro_round(layer, prefix: str, captured, targets, masks: dict, lr: float) -> bool:
+    """One regional optimization round of one step over every sequence (SPEC step 5): the mean of
+    the sequences' output MSEs against the dense block, one ``torch.optim.RMSprop`` step (its
+    defaults, which the paper uses) on the block's weight matrices, pruned weights set back to 0;
+    undone when the error over the same sequences (the guard's held-out set) got worse or is not
+    finite. Returns whether it was undone."""
+    params = _block_parameters(layer)
+    keep = _full_masks(layer, prefix, masks)
+    before = _mean_block_mse(layer, captured, targets)
+    snapshot = [p.detach().clone() for p in params]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.RMSprop(params, lr=lr)
+    optimizer.zero_grad()
+    loss = sum(((_block_output(layer, x, kw).float() - t) ** 2).mean() for (x, kw), t in zip(captured, targets)) / len(captured)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        for p, k in zip(params, keep):
+            p.mul_(k)
+            p.grad = None
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+    after = _mean_block_mse(layer, captured, targets)
+    undone = not (after <= before)  # NaN included
+    if undone:
+        with torch.no_grad():
+            for p, s in zip(params, snapshot):
+                p.copy_(s)
+    return undone
+
+
+def regional_schedule_model(model, sequences: list[torch.Tensor], method: str, sparsity, *, lr: float, alpha: float = 100.0) -> tuple[dict, list[bool]]:
+    """wanda++ or sparsegpt+ro, block by block, at the settings where the schedule is order-free:
+    one RO round, no step search, one RMSprop step over every calibration sequence, which also
+    guard it (``ro_rounds=1, ro_samples=ro_batch_size=N, ro_holdout=0, ro_lr_search=False``).
+    wanda++ (SPEC step 6): G once on the dense block, an RGS prune, the RO round, the final RGS
+    prune with the input norms of the block as RO left it. sparsegpt+ro: SparseGPT, then the RO
+    round with its masks. Every block's inputs come from a full model forward. Returns
+    ({name: keep-mask}, [whether each block's round was undone])."""
+    masks, undone = {}, []
+    for index, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{index}"
+        captured = _captured_inputs(model, index, sequences)
+        with torch.no_grad():
+            targets = [_block_output(layer, x, kw).float() for x, kw in captured]
+        if method == "wanda++":
+            grad_rms = _regional_gradient_rms(layer, prefix, captured)
+            first = _rgs_prune(layer, prefix, grad_rms, _input_square_sums(layer, captured), len(captured), sparsity, alpha)
+            undone.append(_ro_round(layer, prefix, captured, targets, first, lr))
+            masks.update(_rgs_prune(layer, prefix, grad_rms, _input_square_sums(layer, captured), len(captured), sparsity, alpha))
+        elif method == "sparsegpt+ro":
+            block_masks = _sparsegpt_prune(layer, prefix, captured, sparsity)
+            undone.append(_ro_round(layer, prefix, captured, targets, block_masks, lr))
+            masks.update(block_masks)
+        else:
+            raise ValueError(method)
+    return masks, undone
