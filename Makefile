@@ -41,7 +41,7 @@ MANIFEST = $(shell $(PY) build_backend/torch_build.py)
 # reuses the cached build of the vendored torch-sys (its C++: minutes per torch) instead of redoing it.
 VENDOR_MTIMES = t=$$(git log -1 --format=%ct -- vendor 2>/dev/null) && [ -n "$$t" ] && git ls-files vendor | grep -vxFf <(git diff --name-only HEAD -- vendor) | xargs -d '\n' touch -d "@$$t" || true
 
-.PHONY: help setup build wheel test test-rust test-python test-fast test-compat test-older-torches demo docs docs-serve bench lint clean
+.PHONY: help setup build stub wheel test test-rust test-python test-fast test-compat test-older-torches demo docs docs-serve bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ $(STAMP): $(PY) pyproject.toml Cargo.toml torch-2.11/Cargo.toml build.rs build_b
 build: ## rebuild the Rust extension of the editable .venv in place after changing src/ (release)
 	rm -f python/wandapp/_core*.so
 	$(PY) -m maturin develop --release --skip-install --manifest-path $(MANIFEST)
+
+stub: ## copy the compiled module's docstrings (src/bindings.rs doc comments) into python/wandapp/_core.pyi, after `make build`
+	$(PY) tools/stub_docs.py
 
 test-rust: setup ## Rust unit tests (pure core, no Python)
 	LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --quiet --manifest-path $(MANIFEST)

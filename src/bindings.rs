@@ -69,6 +69,8 @@ fn pattern_arg(sparsity: f64, nm: Option<(i64, i64)>) -> Result<Pattern> {
 /// How many weights each row of `in_features` loses: with `nm`, (m - n) per group of m; else
 /// floor(in_features x sparsity) with the sparsity read as the decimal it prints as (100 x 0.58 =
 /// 58, not 57). The one rule behind the masks, the report and `wandapp.testing.assert_sparsity`.
+/// Raises SparsityError (sparsity outside [0, 1), an invalid N:M) or InvalidArgumentError
+/// (`in_features` < 0).
 #[pyfunction]
 #[pyo3(signature = (in_features, sparsity = 0.5, nm = None))]
 fn pruned_per_row(in_features: i64, sparsity: f64, nm: Option<(i64, i64)>) -> PyResult<i64> {
@@ -80,7 +82,9 @@ fn pruned_per_row(in_features: i64, sparsity: f64, nm: Option<(i64, i64)>) -> Py
 
 /// Per-row unstructured keep-mask (True = keep): every row of `scores` drops exactly
 /// `pruned_per_row(in_features, sparsity)` of its lowest scores; at equal score the lower column
-/// is dropped first. Runs on the scores' device (CPU: rayon partial selection).
+/// is dropped first. `scores` [out, in], any float dtype, CPU or CUDA; returns bool [out, in] on
+/// the same device (CPU: rayon partial selection). Raises ShapeError (not 2-D), DtypeError (not a
+/// float tensor), SparsityError, NonFiniteError (NaN or infinite scores).
 #[pyfunction]
 fn unstructured_mask(py: Python<'_>, scores: &Bound<'_, PyAny>, sparsity: f64) -> PyResult<PyObject> {
     let scores = tensor_arg(scores, "scores")?;
@@ -89,7 +93,9 @@ fn unstructured_mask(py: Python<'_>, scores: &Bound<'_, PyAny>, sparsity: f64) -
 }
 
 /// N:M keep-mask: each group of `m` consecutive inputs of a row keeps its `n` highest scores
-/// ("2:4" keeps 2 of 4); at equal score the higher column is kept.
+/// ("2:4" keeps 2 of 4); at equal score the higher column is kept. `scores` [out, in], any float
+/// dtype, CPU or CUDA; returns bool [out, in] on the same device. Raises SparsityError (n > m, or
+/// `in` not divisible by m) and the errors of `unstructured_mask`.
 #[pyfunction]
 fn nm_mask(py: Python<'_>, scores: &Bound<'_, PyAny>, n: i64, m: i64) -> PyResult<PyObject> {
     let scores = tensor_arg(scores, "scores")?;
@@ -97,19 +103,25 @@ fn nm_mask(py: Python<'_>, scores: &Bound<'_, PyAny>, n: i64, m: i64) -> PyResul
     to_py(py, mask)
 }
 
-/// |W| as float32.
+/// The magnitude baseline's score |W_ij|: float32 [out, in] from `weight` [out, in] of any float
+/// dtype, on its device. Raises ShapeError, DtypeError.
 #[pyfunction]
 fn magnitude_score(py: Python<'_>, weight: &Bound<'_, PyAny>) -> PyResult<PyObject> {
     to_py(py, score::magnitude_score(&tensor_arg(weight, "weight")?)?)
 }
 
-/// Wanda score |W_ij| * act_norm_j as float32 [out, in].
+/// Wanda's score S_ij = |W_ij| * ||X_j||_2 (Sun et al. 2023; SPEC step 1): float32 [out, in] from
+/// `weight` [out, in] and `act_norm` [in] (`ActivationStats.norm`), any float dtypes, one device.
+/// Raises ShapeError (`act_norm` not [in]), DtypeError, DeviceMismatchError.
 #[pyfunction]
 fn wanda_score(py: Python<'_>, weight: &Bound<'_, PyAny>, act_norm: &Bound<'_, PyAny>) -> PyResult<PyObject> {
     to_py(py, score::wanda_score(&tensor_arg(weight, "weight")?, &tensor_arg(act_norm, "act_norm")?)?)
 }
 
-/// RGS score (alpha * G_ij + act_norm_j) * |W_ij| as float32 [out, in].
+/// Wanda++'s regional gradient score S_ij = (alpha * G_ij + ||X_j||_2) * |W_ij| (Yang et al. 2025;
+/// SPEC step 3): float32 [out, in] from `weight` and `grad_rms` [out, in] (`GradientStats.rms`) and
+/// `act_norm` [in], any float dtypes, one device; the paper's alpha is 100. Raises ShapeError,
+/// DtypeError, DeviceMismatchError.
 #[pyfunction]
 #[pyo3(signature = (weight, grad_rms, act_norm, alpha = 100.0))]
 fn rgs_score(
@@ -129,6 +141,8 @@ fn rgs_score(
 /// sweeps, and the error-compensating update. Changes `weight` in place; returns the keep-mask.
 /// Runs in the Hessian's precision (float32, or float64 when given float64) on its device. The
 /// defaults are `sparsegpt::BLOCK_SIZE` and `sparsegpt::PERCDAMP` (literal here for the signature).
+/// Raises ShapeError (`hessian` not [in, in]), SparsityError, DtypeError, DeviceMismatchError,
+/// NonFiniteError.
 #[pyfunction]
 #[pyo3(signature = (weight, hessian, *, sparsity = 0.5, nm = None, blocksize = 128, percdamp = 0.01))]
 fn sparsegpt_prune_(
@@ -169,13 +183,15 @@ fn allocate_pruned_per_row(sparsities: Vec<f64>, in_features: i64, total: i64) -
     Ok(owl::allocate_pruned_per_row(&sparsities, in_features, total)?)
 }
 
-/// Zeroes `weight` where `mask` is False, in place: same storage, outside autograd.
+/// Zeroes `weight` [out, in] where the bool `mask` [out, in] is False, in place: same storage,
+/// outside autograd. Raises ShapeError, DtypeError (`mask` not bool), DeviceMismatchError.
 #[pyfunction]
 fn apply_mask_(weight: &Bound<'_, PyAny>, mask: &Bound<'_, PyAny>) -> PyResult<()> {
     Ok(mask::apply_mask_(&tensor_arg(weight, "weight")?, &tensor_arg(mask, "mask")?)?)
 }
 
-/// SHA-256 (hex) of a bool mask's shape and bits; the hash stored in mask files.
+/// SHA-256 (64 hex characters) of a bool mask's shape and bits, bit-packed: the hash stored in
+/// mask files and the report (`LayerReport.mask_hash`). Raises DtypeError (not bool).
 #[pyfunction]
 fn mask_hash(mask: &Bound<'_, PyAny>) -> PyResult<String> {
     Ok(io::mask_hash(&tensor_arg(mask, "mask")?)?)
@@ -199,7 +215,9 @@ fn load_masks(py: Python<'_>, path: PathBuf) -> PyResult<PyMaskFile> {
     Ok((masks, metadata))
 }
 
-/// Streaming ||X_j|| of one linear layer's inputs (padding excluded).
+/// Streaming ||X_j||_2 of one linear layer's inputs over calibration sequences, as Wanda's code
+/// computes it (SPEC step 1; padding excluded): `ActivationStats(in_features)`, `update` per batch,
+/// `norm()` at the end. Raises ShapeError for an input whose last dimension is not `in_features`.
 #[pyclass(name = "ActivationStats", module = "wandapp._core", unsendable)]
 struct PyActivationStats(ActivationStats);
 
@@ -245,7 +263,9 @@ impl PyActivationStats {
     }
 }
 
-/// Streaming RMS over samples of a weight's gradient.
+/// Streaming RMS over samples of a weight's gradient, the regional gradient G of Wanda++ (SPEC
+/// step 2): `GradientStats(list(weight.shape))`, `update` with each sample's d loss / d W, `rms()`
+/// at the end.
 #[pyclass(name = "GradientStats", module = "wandapp._core", unsendable)]
 struct PyGradientStats(GradientStats);
 
@@ -256,12 +276,12 @@ impl PyGradientStats {
         Ok(Self(GradientStats::new(shape)?))
     }
 
-    /// Adds one sample's gradient (grad ** 2).
+    /// Adds one sample's gradient [shape] (its square, summed in float64). Raises ShapeError.
     fn update(&mut self, grad: &Bound<'_, PyAny>) -> PyResult<()> {
         Ok(self.0.update(&tensor_arg(grad, "grad")?)?)
     }
 
-    /// float32: sqrt(sum of squares / nsamples).
+    /// G: float32 [shape], sqrt(sum of squares / nsamples), the RMS over samples of SPEC step 2.
     fn rms(&self, py: Python<'_>) -> PyResult<PyObject> {
         to_py(py, self.0.rms()?)
     }

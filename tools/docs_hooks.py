@@ -15,10 +15,11 @@ log = logging.getLogger("mkdocs.plugins.wandapp")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The modules documented as a whole: each public function and class, and their public methods.
-MODULES = ("data", "eval", "lora", "testing", "distributed", "models")
-#: Top-level names documented otherwise: the version string, and ``wandapp.kernels`` (the compiled
-#: kernels, documented by the module's docstring and ``_core.pyi``'s signatures).
-NOT_RENDERED = {"__version__", "kernels"}
+#: ``kernels`` re-exports the compiled core, read from ``_core.pyi`` (signatures, and the docstrings
+#: tools/stub_docs.py copies from the compiled module).
+MODULES = ("data", "eval", "lora", "testing", "distributed", "models", "kernels")
+#: Top-level names documented otherwise: the version string.
+NOT_RENDERED = {"__version__"}
 
 
 def public_names() -> dict[str, griffe.Object | griffe.Alias]:
