@@ -11,6 +11,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.util
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -238,3 +239,55 @@ def test_a_rank_that_fails_before_prune_inside_guarded_stops_the_others(tmp_path
     assert results[1]["error"] == "RuntimeError"
     assert [(r["error"], r["failed_rank"]) for i, r in enumerate(results) if i != 1] == [("RankFailedError", 1)] * 2
     assert all(torch.equal(r["after"][k], v) for r in results for k, v in r["before"].items())
+
+
+class _Sent:
+    """What ``torch.distributed.all_reduce`` would send, recorded in one process: a Ctrl-C (SIGINT to
+    this process) arrives while the first one, the failure flag, is on the wire."""
+
+    def __init__(self):
+        self.tensors: list[torch.Tensor] = []
+
+    def all_reduce(self, tensor, op=None, group=None, async_op=False):
+        if not self.tensors:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # a SIGINT not held back is raised here, between the flag and the data
+        self.tensors.append(tensor.clone())
+        return _Done() if async_op else None
+
+
+class _Done:
+    def wait(self):
+        return True
+
+
+def _world_of_two() -> "wandapp.distributed.World":
+    world = wandapp.distributed.World.__new__(wandapp.distributed.World)
+    world.group, world.rank, world.size, world.device, world.stopped, world._guards = None, 0, 2, torch.device("cpu"), False, 0
+    return world
+
+
+def test_ctrl_c_during_the_failure_check_lands_after_the_data_it_announces(monkeypatch):
+    """The documented hold-back, in one process and deterministically: Ctrl-C during the flag's
+    collective is raised only once the data collective the flag announced has been sent, so the
+    other ranks never receive a failure flag where they expect data (or data where they expect a
+    flag). Fails if `_uninterrupted` is removed from `World.all_reduce`."""
+    sent = _Sent()
+    monkeypatch.setattr(wandapp.distributed.dist, "all_reduce", sent.all_reduce)
+    data = torch.arange(3.0)
+    with pytest.raises(KeyboardInterrupt):
+        _world_of_two().all_reduce([data])
+    assert [t.tolist() for t in sent.tensors] == [[0], [0.0, 1.0, 2.0]]  # the flag (no failure), then the data
+
+
+def test_ctrl_c_inside_guard_tells_the_other_ranks_once_and_then_stops_this_one(monkeypatch):
+    """A KeyboardInterrupt inside ``World.guard`` is a failure the others hear of (flag 1 + this
+    rank) before it propagates; the flag is sent whole although Ctrl-C arrives during it."""
+    sent = _Sent()
+    monkeypatch.setattr(wandapp.distributed.dist, "all_reduce", sent.all_reduce)
+    world = _world_of_two()
+    with pytest.raises(KeyboardInterrupt):
+        with world.guard():
+            raise KeyboardInterrupt
+    # The guard's failure flag went out (value rank + 1 = 1); the Ctrl-C sent during it came after.
+    assert [t.tolist() for t in sent.tensors] == [[1]] and world.stopped

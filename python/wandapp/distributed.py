@@ -155,15 +155,22 @@ class World:
 def _uninterrupted() -> Iterator[None]:
     """Ctrl-C (SIGINT) held back until the end, in the main thread: between a failure check and
     the data collective it announces, a KeyboardInterrupt would make this rank send its failure
-    flag where the others send data."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
+    flag where the others send data. The Python handler is swapped for one that only records the
+    signal, then the signal is raised again under the handler that was there. (Blocking SIGINT
+    with ``pthread_sigmask`` does not hold it back: the kernel hands a Ctrl-C to any thread that
+    does not block it, torch's worker threads included, and Python then raises it in the main
+    thread all the same.)"""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # another thread cannot set handlers; None: a handler installed outside Python, kept
         return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
 
 
 @dataclass(frozen=True)
