@@ -7,7 +7,7 @@ masks, the weights before and after, the report, or the error raised.
 Spec keys: method, sparsity, n (sequences), layers, config (PruneConfig overrides), other_data_rank
 (that rank passes other calibration data), other_weights_rank (that rank's model differs in one
 weight by one ulp), fail ({"rank", "block", "where": "capture" | "forward"
-| "ro" | "core"}: that rank raises there), offload (blocks dispatched by accelerate to CPU and disk,
+| "ro" | "core" | "after"}: that rank raises there; "after": once every block is pruned), offload (blocks dispatched by accelerate to CPU and disk,
 as tests/test_offload.py does, each rank into its own folder), checkpoint ({"src", "dst",
 optionally "own_dst_rank" and "own_dst": that rank's dst instead}: run wandapp.prune_checkpoint
 instead, on the checkpoint in src), other_config_rank and other_config (that rank's PruneConfig
@@ -47,6 +47,15 @@ def inject(fail: dict, model: torch.nn.Module) -> None:
             raise Injected("injected failure while capturing")
 
         prune_module.capture_first_block = broken_capture
+        return
+    if fail["where"] == "after":  # after the last block's collectives, still inside prune's guard
+        prune_blocks = prune_module.prune_blocks
+
+        def then_fail(*args, **kwargs):
+            prune_blocks(*args, **kwargs)
+            raise Injected("injected failure after the last block")
+
+        prune_module.prune_blocks = then_fail
         return
     if fail["where"] == "core":  # as the core starts on the block
         run_core = prune_module._run_core

@@ -149,6 +149,18 @@ def test_wanda_plus_plus_by_default_takes_one_sequence_per_rank_per_step(tmp_pat
     assert got == pytest.approx([b.mse_final for b in report.blocks], rel=1e-3)
 
 
+def test_a_rank_that_fails_after_its_last_block_leaves_the_others_their_reports(tmp_path):
+    """Every block is pruned on every rank when rank 1 fails: the others raise RankFailedError
+    naming rank 1, with a report that says all their blocks are pruned (and they are)."""
+    results = run_ranks(tmp_path, 2, method="wanda", n=4, fail={"rank": 1, "block": 0, "where": "after"})
+    assert {r["rank"]: r["error"] for r in results} == {0: "RankFailedError", 1: "Injected"}
+    other = next(r for r in results if r["rank"] == 0)
+    assert other["failed_rank"] == 1 and "every block on this rank was pruned (blocks 0..2)" in other["message"], other["message"]
+    assert [b["status"] for b in other["report"]["blocks"]] == ["pruned"] * 3
+    last = {k: v for k, v in other["after"].items() if k.startswith("model.layers.2.") and k.endswith("proj.weight")}
+    assert last and all(float((v == 0).float().mean()) == 0.5 for v in last.values())  # the last block is pruned too
+
+
 @pytest.mark.parametrize("where", ["capture", "forward", "ro"])
 def test_a_rank_that_fails_stops_every_rank_with_its_block_restored(tmp_path, where):
     block = 1

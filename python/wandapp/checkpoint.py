@@ -38,7 +38,7 @@ from wandapp.data import Sequence, collect_sequences, sequences_sha256
 from wandapp.distributed import World, guarded
 from wandapp.errors import CheckpointError, InvalidArgumentError, PruneError, ResumeMismatchError, UnsupportedModelError
 from wandapp.masks import save_masks
-from wandapp.prune import Job, Resumed, prepare, prune_blocks
+from wandapp.prune import Job, Resumed, last_check, prepare, prune_blocks
 from wandapp.report import PruneReport
 
 #: The run's record inside the destination folder.
@@ -112,7 +112,7 @@ def prune_checkpoint(
     """
     world = World.current()
     with guarded(world):  # a rank that fails anywhere stops the others
-        return _prune_checkpoint(os.fspath(src), os.fspath(dst), calib_loader, sparsity, method, config, dtype, overrides, world)
+        return last_check(world, _prune_checkpoint(os.fspath(src), os.fspath(dst), calib_loader, sparsity, method, config, dtype, overrides, world))
 
 
 def _prune_checkpoint(

@@ -99,7 +99,20 @@ def prune(
     # gradient pass or RO, and its grad mode is back as it was on return.
     world = World.current()
     with torch.inference_mode(False), torch.enable_grad(), guarded(world):
-        return prune_blocks(prepare(model, calib_loader, sparsity, method, config, overrides, world=world))
+        return last_check(world, prune_blocks(prepare(model, calib_loader, sparsity, method, config, overrides, world=world)))
+
+
+def last_check(world: World | None, report: PruneReport) -> PruneReport:
+    """``report`` once every rank has finished: a rank that failed after this one's last collective
+    raises RankFailedError here, with this rank's report (every block pruned), which the guard's
+    own last check could not give."""
+    if world is not None:
+        try:
+            world.check()
+        except RankFailedError as err:
+            message = f"{err}, after every block on this rank was pruned (blocks {_runs(report.pruned_blocks)}). See err.report."
+            raise RankFailedError(message, rank=err.rank, report=report) from None
+    return report
 
 
 @dataclass
