@@ -118,14 +118,7 @@ def wanda_model(model, sequences: list[torch.Tensor], sparsity: float | str, pru
             x = x.double().reshape(-1, x.shape[-1])
             sums[key] = sums.get(key, 0) + (x**2).sum(dim=0)
 
-        hooks = [l.register_forward_pre_hook(lambda m, a, n=n: add(n, a[0])) for n, l in linears]
-        for n, ex in experts:
-            def on_experts(m, a, n=n, ex=ex):
-                for (param, e), x in routed_expert_inputs(ex, a[0], a[1]).items():
-                    if x.shape[0]:
-                        add((n, param, e), x)
-            hooks.append(ex.register_forward_pre_hook(on_experts))
-        forward_all(model, sequences, hooks)
+        forward_all(model, sequences, _input_hooks(layer, add))
         with torch.no_grad():
             for n, l in linears:
                 norm = torch.sqrt(sums[n] / len(sequences)).float()
@@ -256,6 +249,31 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | str
     return W, keep
 
 
+def _input_hooks(layer, add) -> list:
+    """Hooks that call ``add(key, x)`` with each matrix's input in ``layer``'s forwards: a linear
+    layer's (key: its name), and each expert's routed tokens (key: (module, param, e); none for an
+    expert that no token reached)."""
+    hooks = [l.register_forward_pre_hook(lambda m, a, n=n: add(n, a[0])) for n, l in block_linears(layer)]
+    for n, ex in block_experts(layer):
+        def on_experts(m, a, n=n, ex=ex):
+            for (param, e), x in routed_expert_inputs(ex, a[0], a[1]).items():
+                if x.shape[0]:
+                    add((n, param, e), x)
+        hooks.append(ex.register_forward_pre_hook(on_experts))
+    return hooks
+
+
+def _run_block(layer, captured, hooks: list) -> None:
+    """Runs ``layer`` on every captured input without gradients, then removes ``hooks``."""
+    try:
+        with torch.no_grad():
+            for x, kw in captured:
+                layer(x, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _block_output(layer, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = layer(x, **kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -309,20 +327,7 @@ def _input_square_sums(layer, captured: list[tuple[torch.Tensor, dict]]) -> dict
         x = x.double().reshape(-1, x.shape[-1])
         sums[key] = sums.get(key, 0) + (x**2).sum(dim=0)
 
-    hooks = [l.register_forward_pre_hook(lambda m, a, n=n: add(n, a[0])) for n, l in block_linears(layer)]
-    for n, ex in block_experts(layer):
-        def on_experts(m, a, n=n, ex=ex):
-            for (param, e), x in routed_expert_inputs(ex, a[0], a[1]).items():
-                if x.shape[0]:
-                    add((n, param, e), x)
-        hooks.append(ex.register_forward_pre_hook(on_experts))
-    try:
-        with torch.no_grad():
-            for x, kw in captured:
-                layer(x, **kw)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_block(layer, captured, _input_hooks(layer, add))
     return sums
 
 
@@ -376,20 +381,7 @@ def _sparsegpt_prune(layer, prefix: str, captured, sparsity) -> dict:
         rows = x.reshape(-1, x.shape[-1]).float()
         hessians[key] = hessians.get(key, 0) + (rows.T @ rows).double()
 
-    hooks = [l.register_forward_pre_hook(lambda m, a, n=n: add(n, a[0])) for n, l in block_linears(layer)]
-    for n, ex in block_experts(layer):
-        def on_experts(m, a, n=n, ex=ex):
-            for (param, e), x in routed_expert_inputs(ex, a[0], a[1]).items():
-                if x.shape[0]:
-                    add((n, param, e), x)
-        hooks.append(ex.register_forward_pre_hook(on_experts))
-    try:
-        with torch.no_grad():
-            for x, kw in captured:
-                layer(x, **kw)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_block(layer, captured, _input_hooks(layer, add))
     masks = {}
     with torch.no_grad():
         for name, (key, w) in _block_matrices(layer, prefix).items():
