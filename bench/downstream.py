@@ -7,6 +7,7 @@ with perplexity beside, in one run.
                                              # about 10 min, 17 CPU-minutes each; pruning about 13 min)
     python bench/downstream.py --limit 100   # about 1 h
     python bench/downstream.py --limit 20 --methods magnitude,wanda --patterns 2:4 --out downstream_smoke.md
+    python bench/downstream.py --compare-only downstream.md   # redo the Wanda++ vs Wanda lines of a table
 
 Calibration: 16 x 128 tokens of Persuasion (seed 0), as bench/quality.py. Perplexity: Northanger
 Abbey, windows of 512 (--eval-tokens). Accuracy: wandapp.eval.tasks (the harness's numbers and
@@ -17,7 +18,9 @@ bench/results/downstream.md (table) and bench/results/downstream.png (chart, wit
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 import time
 
@@ -35,6 +38,48 @@ COLUMNS = [(OFFLINE_TASKS[0], "acc"), (OFFLINE_TASKS[0], "acc_norm"), (OFFLINE_T
 def cell(result: TaskResults, task: str, metric: str) -> str:
     se = result.stderr(task, metric)
     return f"{result.value(task, metric):.3f}" + ("" if se is None else f" ± {se:.3f}")
+
+
+#: {model: {(task, metric): (value, standard error or None)}}
+Cells = dict[str, dict[tuple[str, str], tuple[float, float | None]]]
+
+COMPARISON_HEADER = "Wanda++ against Wanda"
+
+
+def comparison(cells: Cells) -> list[str]:
+    """Wanda++ minus Wanda at each pattern in the table, per column, in units of the difference's
+    standard error sqrt(se_wanda++^2 + se_wanda^2) (the two models' errors as independent; both see
+    the same items, so this overstates the noise of the difference)."""
+    lines = ["", f"{COMPARISON_HEADER} (difference, and the difference over sqrt(se_wanda++^2 + se_wanda^2)):"]
+    for name in cells:
+        if not name.startswith("wanda++ ") or f"wanda {name[8:]}" not in cells:
+            continue
+        ours, theirs = cells[name], cells[f"wanda {name[8:]}"]
+        parts = []
+        for column in COLUMNS:
+            (a, sa), (b, sb) = ours[column], theirs[column]
+            se = math.hypot(sa or 0.0, sb or 0.0)
+            parts.append(f"{column[0]} {column[1]} {a - b:+.3f}" + (f" ({(a - b) / se:+.1f} se)" if se else ""))
+        lines.append(f"- {name[8:]}: " + "; ".join(parts))
+    return lines
+
+
+def cells_of(rows: list[tuple[str, float, TaskResults]]) -> Cells:
+    return {name: {(t, m): (r.value(t, m), r.stderr(t, m)) for t, m in COLUMNS} for name, _, r in rows}
+
+
+def compare_only(path: str) -> None:
+    """Rewrites the comparison lines of a table this script wrote, from its cells (3 decimals)."""
+    lines = open(path).read().splitlines()
+    if any(line.startswith(COMPARISON_HEADER) for line in lines):
+        lines = lines[: next(i for i, line in enumerate(lines) if line.startswith(COMPARISON_HEADER)) - 1]
+    cells: Cells = {}
+    for line in lines:
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        found = [re.fullmatch(r"([0-9.]+) ± ([0-9.]+)", p) for p in parts[2:]]
+        if len(parts) == 2 + len(COLUMNS) and all(found):
+            cells[parts[0]] = {c: (float(f[1]), float(f[2])) for c, f in zip(COLUMNS, found)}
+    write_results(os.path.basename(path), lines + comparison(cells), os.path.dirname(os.path.abspath(path)))
 
 
 def chart(rows: list[tuple[str, float, TaskResults]], path: str) -> str | None:
@@ -74,7 +119,11 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=None, help="task requests per forward call (default 8)")
     ap.add_argument("--out", default="downstream.md", help="file name under bench/results (the chart: same name, .png)")
+    ap.add_argument("--compare-only", metavar="FILE", help="only rewrite the Wanda++ vs Wanda lines of a table under bench/results")
     args = ap.parse_args()
+    if args.compare_only:
+        compare_only(os.path.join(RESULTS, args.compare_only))
+        return
     methods, patterns = args.methods.split(","), args.patterns.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -117,6 +166,7 @@ def main() -> None:
         "",
         f"`{OFFLINE_TASKS[1]}` perplexity (of the final word): "
         + ", ".join(f"{name} {r.value(OFFLINE_TASKS[1], 'perplexity'):.1f}" for name, _, r in rows),
+        *comparison(cells_of(rows)),
     ]
     write_results(args.out, lines)
     png = chart(rows, os.path.join(RESULTS, os.path.splitext(args.out)[0] + ".png"))

@@ -1,0 +1,34 @@
+"""bench/downstream.py's Wanda++ vs Wanda lines, the claim its table is read for, recomputed from a
+written table (``--compare-only``) against the arithmetic done by hand."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TABLE = """# Downstream accuracy
+
+| model | perplexity | austen_next_sentence acc | austen_next_sentence acc_norm | austen_last_word acc |
+|---|---|---|---|---|
+| chance | - | 0.250 | 0.250 | 0.060 |
+| dense | 33.66 | 0.550 ± 0.030 | 0.600 ± 0.030 | 0.500 ± 0.040 |
+| wanda 0.5 | 64.71 | 0.300 ± 0.030 | 0.350 ± 0.040 | 0.250 ± 0.030 |
+| wanda++ 0.5 | 50.06 | 0.340 ± 0.040 | 0.340 ± 0.030 | 0.250 ± 0.000 |
+"""
+
+
+def test_compare_only_states_each_difference_in_standard_errors(tmp_path):
+    path = tmp_path / "downstream.md"
+    path.write_text(TABLE)
+    for _ in range(2):  # the second run replaces the lines of the first
+        done = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, 'bench'); import downstream; downstream.compare_only({str(path)!r})"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    lines = path.read_text().splitlines()
+    assert lines[: len(TABLE.splitlines())] == TABLE.splitlines()
+    # 0.04 / sqrt(0.04^2 + 0.03^2) = 0.8; -0.01 / 0.05 = -0.2; a zero difference is 0 se.
+    expected = "- 0.5: austen_next_sentence acc +0.040 (+0.8 se); austen_next_sentence acc_norm -0.010 (-0.2 se); austen_last_word acc +0.000 (+0.0 se)"
+    assert [line for line in lines if line.startswith("- ")] == [expected]
