@@ -32,3 +32,12 @@ def test_compare_only_states_each_difference_in_standard_errors(tmp_path):
     # 0.04 / sqrt(0.04^2 + 0.03^2) = 0.8; -0.01 / 0.05 = -0.2; a zero difference is 0 se.
     expected = "- 0.5: austen_next_sentence acc +0.040 (+0.8 se); austen_next_sentence acc_norm -0.010 (-0.2 se); austen_last_word acc +0.000 (+0.0 se)"
     assert [line for line in lines if line.startswith("- ")] == [expected]
+
+
+def test_the_readme_and_results_page_show_the_benchmark_table_as_written():
+    """The task-accuracy numbers in README.md and docs/results.md are bench/results/downstream.md's
+    rows, verbatim: a rerun of the benchmark that changes them must be copied over."""
+    rows = [line for line in (ROOT / "bench" / "results" / "downstream.md").read_text().splitlines() if line.startswith("|")]
+    assert rows[0].startswith("| model | perplexity |") and len(rows) == 12
+    for page in ("README.md", "docs/results.md"):
+        assert "\n".join(rows) in (ROOT / page).read_text(), f"{page} lacks bench/results/downstream.md's table"
