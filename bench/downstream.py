@@ -3,9 +3,9 @@
 (austen_next_sentence, austen_last_word; built from Northanger Abbey, python/wandapp/data/tasks),
 with perplexity beside, in one run.
 
-    python bench/downstream.py               # everything: about 1 h 45 min on 2 idle CPU cores (9 evaluations of
-                                             # about 10 min, 17 CPU-minutes each; pruning about 13 min)
-    python bench/downstream.py --limit 100   # about 1 h
+    python bench/downstream.py               # everything: 64 min on the 2-core machine (9 evaluations of 3 to 7
+                                             # min, 200 items per task; pruning about 21 min, wanda++ 3 to 8)
+    python bench/downstream.py --limit 100   # about half the evaluation time
     python bench/downstream.py --limit 20 --methods magnitude,wanda --patterns 2:4 --out downstream_smoke.md
     python bench/downstream.py --compare-only downstream.md   # redo the Wanda++ vs Wanda lines of a table
 
