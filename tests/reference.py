@@ -394,12 +394,12 @@ def _sparsegpt_prune(layer, prefix: str, captured, sparsity) -> dict:
     return masks
 
 
-def _ro_round(layer, prefix: str, captured, targets, masks: dict, lr: float) -> bool:
+def _ro_round(layer, prefix: str, captured, targets, masks: dict, lr: float) -> tuple[bool, float]:
     """One regional optimization round of one step over every sequence (SPEC step 5): the mean of
     the sequences' output MSEs against the dense block, one ``torch.optim.RMSprop`` step (its
     defaults, which the paper uses) on the block's weight matrices, pruned weights set back to 0;
     undone when the error over the same sequences (the guard's held-out set) got worse or is not
-    finite. Returns whether it was undone."""
+    finite. Returns whether it was undone, and the error before it."""
     params = _block_parameters(layer)
     keep = _full_masks(layer, prefix, masks)
     before = _mean_block_mse(layer, captured, targets)
@@ -424,18 +424,19 @@ def _ro_round(layer, prefix: str, captured, targets, masks: dict, lr: float) -> 
         with torch.no_grad():
             for p, s in zip(params, snapshot):
                 p.copy_(s)
-    return undone
+    return undone, before
 
 
-def regional_schedule_model(model, sequences: list[torch.Tensor], method: str, sparsity, *, lr: float, alpha: float = 100.0) -> tuple[dict, list[bool]]:
+def regional_schedule_model(model, sequences: list[torch.Tensor], method: str, sparsity, *, lr: float, alpha: float = 100.0) -> tuple[dict, list[dict]]:
     """wanda++ or sparsegpt+ro, block by block, at the settings where the schedule is order-free:
     one RO round, no step search, one RMSprop step over every calibration sequence, which also
     guard it (``ro_rounds=1, ro_samples=ro_batch_size=N, ro_holdout=0, ro_lr_search=False``).
     wanda++ (SPEC step 6): G once on the dense block, an RGS prune, the RO round, the final RGS
     prune with the input norms of the block as RO left it. sparsegpt+ro: SparseGPT, then the RO
     round with its masks. Every block's inputs come from a full model forward. Returns
-    ({name: keep-mask}, [whether each block's round was undone])."""
-    masks, undone = {}, []
+    ({name: keep-mask}, per block {"undone": the round was undone, "mse_before_ro": the error after
+    the first prune, "mse_final": after the final one})."""
+    masks, blocks = {}, []
     for index, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{index}"
         captured = _captured_inputs(model, index, sequences)
@@ -444,12 +445,13 @@ def regional_schedule_model(model, sequences: list[torch.Tensor], method: str, s
         if method == "wanda++":
             grad_rms = _regional_gradient_rms(layer, prefix, captured)
             first = _rgs_prune(layer, prefix, grad_rms, _input_square_sums(layer, captured), len(captured), sparsity, alpha)
-            undone.append(_ro_round(layer, prefix, captured, targets, first, lr))
+            undone, before = _ro_round(layer, prefix, captured, targets, first, lr)
             masks.update(_rgs_prune(layer, prefix, grad_rms, _input_square_sums(layer, captured), len(captured), sparsity, alpha))
         elif method == "sparsegpt+ro":
             block_masks = _sparsegpt_prune(layer, prefix, captured, sparsity)
-            undone.append(_ro_round(layer, prefix, captured, targets, block_masks, lr))
+            undone, before = _ro_round(layer, prefix, captured, targets, block_masks, lr)
             masks.update(block_masks)
         else:
             raise ValueError(method)
-    return masks, undone
+        blocks.append({"undone": undone, "mse_before_ro": before, "mse_final": _mean_block_mse(layer, captured, targets)})
+    return masks, blocks

@@ -28,15 +28,22 @@ RTOL = 1e-4
 
 def near_tie_violations(scores: torch.Tensor, cpu_mask: torch.Tensor, other_mask: torch.Tensor, group: int | None = None) -> list[tuple[int, int]]:
     """(row, column) of every bit where ``other_mask`` differs from ``cpu_mask`` although the CPU
-    score there is not within ``RTOL`` (relative, plus one RTOL of the row's largest score for
-    scores near 0) of its comparison group's boundary: the midpoint between the highest pruned
-    and the lowest kept CPU score of that row (``group=None``) or N:M group of ``group`` columns."""
+    score there is not a near-tie: within 2 x RTOL (each side of a swap may move by RTOL) of its
+    comparison group's boundary, the midpoint between the highest pruned and the lowest kept CPU
+    score of that row (``group=None``) or N:M group of ``group`` columns. RTOL is relative to the
+    boundary plus the largest score of the whole tensor (the scale ``assert_close`` allows for
+    scores near 0). A group with nothing pruned or nothing kept has no boundary: any bit that
+    differs there is a violation."""
+    scale = float(scores.abs().max())
     bad = []
     for row, col in (cpu_mask != other_mask).nonzero().tolist():
         lo, hi = (0, scores.shape[1]) if group is None else (col - col % group, col - col % group + group)
         s, keep = scores[row, lo:hi].double(), cpu_mask[row, lo:hi]
-        boundary = (s[~keep].max() + s[keep].min()) / 2
-        if abs(float(s[col - lo] - boundary)) > RTOL * (abs(float(boundary)) + float(scores[row].abs().max())):
+        if keep.all() or not keep.any():
+            bad.append((row, col))
+            continue
+        boundary = float((s[~keep].max() + s[keep].min()) / 2)
+        if abs(float(s[col - lo]) - boundary) > 2 * RTOL * (abs(boundary) + scale):
             bad.append((row, col))
     return bad
 

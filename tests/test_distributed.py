@@ -155,7 +155,7 @@ def test_a_rank_that_fails_after_its_last_block_leaves_the_others_their_reports(
     results = run_ranks(tmp_path, 2, method="wanda", n=4, fail={"rank": 1, "block": 0, "where": "after"})
     assert {r["rank"]: r["error"] for r in results} == {0: "RankFailedError", 1: "Injected"}
     other = next(r for r in results if r["rank"] == 0)
-    assert other["failed_rank"] == 1 and "every block on this rank was pruned (blocks 0..2)" in other["message"], other["message"]
+    assert other["failed_rank"] == 1 and "after this rank had finished every block (blocks 0..2 pruned)" in other["message"], other["message"]
     assert [b["status"] for b in other["report"]["blocks"]] == ["pruned"] * 3
     last = {k: v for k, v in other["after"].items() if k.startswith("model.layers.2.") and k.endswith("proj.weight")}
     assert last and all(float((v == 0).float().mean()) == 0.5 for v in last.values())  # the last block is pruned too

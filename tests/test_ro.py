@@ -38,10 +38,13 @@ def test_one_round_equals_the_pure_pytorch_schedule(model_type, method, sparsity
     ref_model = copy.deepcopy(model)
     data = calib_ids(n=8, seqlen=24, seed=4)
     report = wandapp.prune(model, data, sparsity=sparsity, method=method, ro_lr=lr, **ORDER_FREE)
-    expected, expected_undone = reference.regional_schedule_model(ref_model, [data[i : i + 1] for i in range(8)], method, sparsity, lr=lr)
+    expected, blocks = reference.regional_schedule_model(ref_model, [data[i : i + 1] for i in range(8)], method, sparsity, lr=lr)
     # The setting exercises the branch it is named after, in every block.
-    assert expected_undone == [undone] * len(report.blocks)
-    assert [b.ro_rolled_back for b in report.blocks] == [[u] for u in expected_undone]
+    assert [b["undone"] for b in blocks] == [undone] * len(report.blocks)
+    assert [b.ro_rolled_back for b in report.blocks] == [[u] for u in [b["undone"] for b in blocks]]
+    for got_block, want in zip(report.blocks, blocks):  # the block errors the report gives
+        assert got_block.mse_before_ro == pytest.approx(want["mse_before_ro"], rel=1e-4)
+        assert got_block.mse_final == pytest.approx(want["mse_final"], rel=1e-4)
     assert set(report.masks) == set(expected)
     for name, mask in expected.items():
         assert torch.equal(report.masks[name], mask), name

@@ -17,6 +17,8 @@ STUB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 
 def _docstring_lines(doc: str, indent: str) -> list[str]:
+    if "\\" in doc or '"""' in doc or doc.strip().endswith('"'):
+        raise SystemExit(f"a docstring stub_docs.py cannot quote as is (a backslash or a closing quote): {doc[:60]!r}")
     lines = doc.strip().splitlines()
     if len(lines) == 1:
         return [f'{indent}"""{lines[0]}"""']
@@ -34,7 +36,7 @@ def _documented(tree: ast.Module, runtime) -> list[tuple[ast.AST, str]]:
             if isinstance(node, ast.ClassDef):
                 for member in node.body:
                     if isinstance(member, ast.FunctionDef) and not member.name.startswith("__"):
-                        found.append((member, getattr(obj, member.name).__doc__))
+                        found.append((member, getattr(getattr(obj, member.name, None), "__doc__", None)))
     return [(node, doc) for node, doc in found if doc and doc.strip()]
 
 
@@ -53,9 +55,10 @@ def with_docstrings(source: str, runtime) -> str:
             # `def f(...) -> T: ...` (or a class body of one `...`): the docstring replaces the `...`.
             line = lines[first.lineno - 1]
             head = line[: first.col_offset].rstrip()
-            lines[first.lineno - 1 : first.end_lineno] = [head, *_docstring_lines(doc, indent)]
-        else:
-            lines[first.lineno - 1 : first.lineno - 1] = _docstring_lines(doc, indent)
+            lines[first.lineno - 1 : first.end_lineno] = ([head] if head else []) + _docstring_lines(doc, indent)
+        else:  # before the first statement, or before its decorators
+            at = min([first.lineno] + [d.lineno for d in getattr(first, "decorator_list", [])])
+            lines[at - 1 : at - 1] = _docstring_lines(doc, indent)
     return "\n".join(lines) + "\n"
 
 

@@ -160,8 +160,10 @@ def _uninterrupted() -> Iterator[None]:
     with ``pthread_sigmask`` does not hold it back: the kernel hands a Ctrl-C to any thread that
     does not block it, torch's worker threads included, and Python then raises it in the main
     thread all the same.)"""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
-        yield  # another thread cannot set handlers; None: a handler installed outside Python, kept
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) in (None, signal.SIG_DFL, signal.SIG_IGN):
+        # Another thread cannot set handlers; None is a handler installed outside Python (kept);
+        # SIG_DFL and SIG_IGN raise nothing in Python (and SIG_DFL still ends a hung collective).
+        yield
         return
     held: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))

@@ -104,13 +104,16 @@ def prune(
 
 def last_check(world: World | None, report: PruneReport) -> PruneReport:
     """``report`` once every rank has finished: a rank that failed after this one's last collective
-    raises RankFailedError here, with this rank's report (every block pruned), which the guard's
-    own last check could not give."""
+    raises RankFailedError here, with this rank's report (every block finished), which the guard's
+    own last check could not give. For ``prune_checkpoint`` the destination is then complete on
+    this rank."""
     if world is not None:
         try:
             world.check()
         except RankFailedError as err:
-            message = f"{err}, after every block on this rank was pruned (blocks {_runs(report.pruned_blocks)}). See err.report."
+            pruned = report.pruned_blocks
+            done = f"blocks {_runs(pruned)} pruned" if pruned else "no block pruned"
+            message = f"{err}, after this rank had finished every block ({done}). See err.report."
             raise RankFailedError(message, rank=err.rank, report=report) from None
     return report
 
