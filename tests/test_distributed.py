@@ -273,13 +273,22 @@ class _Done:
         return True
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test: a process started in the
+    background by a shell, as CI may run pytest, inherits SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _world_of_two() -> "wandapp.distributed.World":
     world = wandapp.distributed.World.__new__(wandapp.distributed.World)
     world.group, world.rank, world.size, world.device, world.stopped, world._guards = None, 0, 2, torch.device("cpu"), False, 0
     return world
 
 
-def test_ctrl_c_during_the_failure_check_lands_after_the_data_it_announces(monkeypatch):
+def test_ctrl_c_during_the_failure_check_lands_after_the_data_it_announces(monkeypatch, ctrl_c_raises):
     """The documented hold-back, in one process and deterministically: Ctrl-C during the flag's
     collective is raised only once the data collective the flag announced has been sent, so the
     other ranks never receive a failure flag where they expect data (or data where they expect a
@@ -292,7 +301,7 @@ def test_ctrl_c_during_the_failure_check_lands_after_the_data_it_announces(monke
     assert [t.tolist() for t in sent.tensors] == [[0], [0.0, 1.0, 2.0]]  # the flag (no failure), then the data
 
 
-def test_ctrl_c_inside_guard_tells_the_other_ranks_once_and_then_stops_this_one(monkeypatch):
+def test_ctrl_c_inside_guard_tells_the_other_ranks_once_and_then_stops_this_one(monkeypatch, ctrl_c_raises):
     """A KeyboardInterrupt inside ``World.guard`` is a failure the others hear of (flag 1 + this
     rank) before it propagates; the flag is sent whole although Ctrl-C arrives during it."""
     sent = _Sent()
