@@ -108,34 +108,14 @@ def wanda_model(model, sequences: list[torch.Tensor], sparsity: float | str, pru
     received none by magnitude. ``pruned`` ({linear name: weights per row}) overrides the
     sparsity of the linear layers it names. Returns {name: keep-mask}."""
     masks = {}
-    layers = model.model.layers
-    for index, layer in enumerate(layers):
-        linears = block_linears(layer)
-        experts = block_experts(layer)
-        sums: dict = {}
+    for index, layer in enumerate(model.model.layers):
+        captured = _captured_inputs(model, index, sequences)
+        sums = _input_square_sums(layer, captured)
 
-        def add(key, x):
-            x = x.double().reshape(-1, x.shape[-1])
-            sums[key] = sums.get(key, 0) + (x**2).sum(dim=0)
+        def score(name, key, w):
+            return w.float().abs() * torch.sqrt(sums[key] / len(captured)).float()[None, :] if key in sums else w.float().abs()
 
-        forward_all(model, sequences, _input_hooks(layer, add))
-        with torch.no_grad():
-            for n, l in linears:
-                norm = torch.sqrt(sums[n] / len(sequences)).float()
-                score = l.weight.float().abs() * norm[None, :]
-                name = f"model.layers.{index}.{n}"
-                keep = drop_lowest(score, pruned[name]) if pruned and name in pruned else select(score, sparsity)
-                l.weight.mul_(keep)
-                masks[name] = keep
-            for n, ex in experts:
-                for param in ("gate_up_proj", "down_proj"):
-                    for e in range(ex.num_experts):
-                        w = expert_matrix(ex, param, e)
-                        key = (n, param, e)
-                        score = w.float().abs() * torch.sqrt(sums[key] / len(sequences)).float()[None, :] if key in sums else w.float().abs()
-                        keep = select(score, sparsity)
-                        w.mul_(keep)
-                        masks[f"model.layers.{index}.{n}.{param}[{e}]"] = keep
+        masks.update(_select_and_apply(layer, f"model.layers.{index}", score, sparsity, pruned))
     return masks
 
 
@@ -357,19 +337,28 @@ def _regional_gradient_rms(layer, prefix: str, captured) -> dict:
     return {name: torch.sqrt(s / len(captured)).float() for name, s in squares.items()}
 
 
-def _rgs_prune(layer, prefix: str, grad_rms: dict, sums: dict, count: int, sparsity, alpha: float) -> dict:
-    """SPEC step 3 on the weights as they are: (alpha G + ||X||) |W|, |W| where no token arrived."""
+def _select_and_apply(layer, prefix: str, score, sparsity, pruned: dict[str, int] | None = None) -> dict:
+    """SPEC step 4 on every matrix of ``layer`` with ``score(name, key, weight)``: each row's (or N:M
+    group's) lowest scores dropped (``pruned``: {name: weights per row} for the matrices it names),
+    the weights zeroed there. Returns {name: keep-mask}."""
     masks = {}
     with torch.no_grad():
         for name, (key, w) in _block_matrices(layer, prefix).items():
-            if key in sums:
-                norm = torch.sqrt(sums[key] / count).float()
-                score = (grad_rms[name] * alpha + norm[None, :]) * w.float().abs()
-            else:
-                score = w.float().abs()
-            masks[name] = select(score, sparsity)
+            s = score(name, key, w)
+            masks[name] = drop_lowest(s, pruned[name]) if pruned and name in pruned else select(s, sparsity)
             w.mul_(masks[name])
     return masks
+
+
+def _rgs_prune(layer, prefix: str, grad_rms: dict, sums: dict, count: int, sparsity, alpha: float) -> dict:
+    """SPEC step 3 on the weights as they are: (alpha G + ||X||) |W|, |W| where no token arrived."""
+
+    def score(name, key, w):
+        if key not in sums:
+            return w.float().abs()
+        return (grad_rms[name] * alpha + torch.sqrt(sums[key] / count).float()[None, :]) * w.float().abs()
+
+    return _select_and_apply(layer, prefix, score, sparsity)
 
 
 def _sparsegpt_prune(layer, prefix: str, captured, sparsity) -> dict:

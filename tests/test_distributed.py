@@ -282,10 +282,11 @@ def ctrl_c_raises():
     signal.signal(signal.SIGINT, previous)
 
 
-def _world_of_two() -> "wandapp.distributed.World":
-    world = wandapp.distributed.World.__new__(wandapp.distributed.World)
-    world.group, world.rank, world.size, world.device, world.stopped, world._guards = None, 0, 2, torch.device("cpu"), False, 0
-    return world
+def _world_of_two(monkeypatch) -> "wandapp.distributed.World":
+    """Rank 0 of two on gloo, as ``World`` sees it, with no process group behind it."""
+    for name, value in (("get_rank", 0), ("get_world_size", 2), ("get_backend", "gloo")):
+        monkeypatch.setattr(wandapp.distributed.dist, name, lambda group=None, value=value: value)
+    return wandapp.distributed.World()
 
 
 def test_ctrl_c_during_the_failure_check_lands_after_the_data_it_announces(monkeypatch, ctrl_c_raises):
@@ -297,7 +298,7 @@ def test_ctrl_c_during_the_failure_check_lands_after_the_data_it_announces(monke
     monkeypatch.setattr(wandapp.distributed.dist, "all_reduce", sent.all_reduce)
     data = torch.arange(3.0)
     with pytest.raises(KeyboardInterrupt):
-        _world_of_two().all_reduce([data])
+        _world_of_two(monkeypatch).all_reduce([data])
     assert [t.tolist() for t in sent.tensors] == [[0], [0.0, 1.0, 2.0]]  # the flag (no failure), then the data
 
 
@@ -306,7 +307,7 @@ def test_ctrl_c_inside_guard_tells_the_other_ranks_once_and_then_stops_this_one(
     rank) before it propagates; the flag is sent whole although Ctrl-C arrives during it."""
     sent = _Sent()
     monkeypatch.setattr(wandapp.distributed.dist, "all_reduce", sent.all_reduce)
-    world = _world_of_two()
+    world = _world_of_two(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         with world.guard():
             raise KeyboardInterrupt
