@@ -125,6 +125,7 @@ def test_statistics_and_masks_on_the_device_match_cpu(method, sparsity):
     """The statement of RTOL, on the same block inputs: statistics and scores agree to RTOL, and
     every mask bit that differs is a near-tie at its row's (group's) boundary."""
     on_cpu, on_device = first_block_statistics("cpu"), first_block_statistics(DEVICE)
+    select = (lambda s: kernels.unstructured_mask(s, 0.5)) if sparsity == 0.5 else (lambda s: kernels.nm_mask(s, 2, 4))
     differing = 0
     for name, (w, norm, grad) in on_cpu.items():
         _, device_norm, device_grad = on_device[name]
@@ -132,7 +133,6 @@ def test_statistics_and_masks_on_the_device_match_cpu(method, sparsity):
         torch.testing.assert_close(device_grad, grad, rtol=RTOL, atol=RTOL * float(grad.abs().max()))
         score, device_score = ((kernels.wanda_score(w, n) if method == "wanda" else kernels.rgs_score(w, g, n)) for n, g in ((norm, grad), (device_norm, device_grad)))
         torch.testing.assert_close(device_score, score, rtol=RTOL, atol=RTOL * float(score.abs().max()))
-        select = (lambda s: kernels.unstructured_mask(s, 0.5)) if sparsity == 0.5 else (lambda s: kernels.nm_mask(s, 2, 4))
         # The device's scores, selected on the device.
         cpu_mask, device_mask = select(score), select(device_score.to(DEVICE)).cpu()
         assert near_tie_violations(score, cpu_mask, device_mask, None if sparsity == 0.5 else 4) == [], name

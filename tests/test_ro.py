@@ -41,7 +41,7 @@ def test_one_round_equals_the_pure_pytorch_schedule(model_type, method, sparsity
     expected, blocks = reference.regional_schedule_model(ref_model, [data[i : i + 1] for i in range(8)], method, sparsity, lr=lr)
     # The setting exercises the branch it is named after, in every block.
     assert [b["undone"] for b in blocks] == [undone] * len(report.blocks)
-    assert [b.ro_rolled_back for b in report.blocks] == [[u] for u in [b["undone"] for b in blocks]]
+    assert [b.ro_rolled_back for b in report.blocks] == [[b["undone"]] for b in blocks]
     for got_block, want in zip(report.blocks, blocks):  # the block errors the report gives
         assert got_block.mse_before_ro == pytest.approx(want["mse_before_ro"], rel=1e-4)
         assert got_block.mse_final == pytest.approx(want["mse_final"], rel=1e-4)
