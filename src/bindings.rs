@@ -463,12 +463,14 @@ impl Processes for PyReduce<'_> {
 }
 
 /// Runs one block's whole schedule (SPEC step 6) on `weights`, in place; returns a dict with
-/// `masks` (bool, one per weight), `mse_before_ro`, `mse_final` and `rounds` (one dict per RO round).
+/// `masks` (bool, one per weight), `mse_before_ro`, `mse_final`, `rounds` (one dict per RO round)
+/// and `ro_stop` (why the rounds ended: "rounds", "converged", "rolled back"; None without RO).
+/// `ro_min_improvement` > 0 ends a block's rounds early (see `PruneConfig.ro_min_improvement`).
 /// `pruned_per_row` (one count per weight) replaces the unstructured `sparsity` with per-layer
 /// counts (OWL); `ro_lr_search` scales RO's first round by a line search on the held-out sequences.
 #[pyfunction]
 #[pyo3(signature = (block, weights, *, method, sparsity = 0.5, nm = None, pruned_per_row = None, alpha = 100.0,
-                    ro_rounds = 5, ro_samples = 32, ro_holdout = 8, ro_lr = 3e-7, ro_lr_search = false, ro_batch_size = 1, seed = 0))]
+                    ro_rounds = 5, ro_samples = 32, ro_holdout = 8, ro_lr = 3e-7, ro_lr_search = false, ro_batch_size = 1, ro_min_improvement = 0.0, ro_extrapolate = false, seed = 0))]
 #[allow(clippy::too_many_arguments)]
 fn prune_block_<'py>(
     py: Python<'py>,
@@ -485,6 +487,8 @@ fn prune_block_<'py>(
     ro_lr: f64,
     ro_lr_search: bool,
     ro_batch_size: usize,
+    ro_min_improvement: f64,
+    ro_extrapolate: bool,
     seed: u64,
 ) -> PyResult<Bound<'py, PyDict>> {
     let weights = weights.iter().map(|w| tensor_arg(w, "weights")).collect::<Result<Vec<_>>>()?;
@@ -499,7 +503,7 @@ fn prune_block_<'py>(
         method: Method::parse(method)?,
         patterns,
         alpha,
-        ro: RoSettings { rounds: ro_rounds, samples: ro_samples, holdout: ro_holdout, lr: ro_lr, lr_search: ro_lr_search, seed, batch: ro_batch_size },
+        ro: RoSettings { rounds: ro_rounds, samples: ro_samples, holdout: ro_holdout, lr: ro_lr, lr_search: ro_lr_search, seed, batch: ro_batch_size, min_improvement: ro_min_improvement, extrapolate: ro_extrapolate },
     };
     let len = block.len()?;
     // A block without `world_size` (the trait's own tests, user blocks) runs alone.
@@ -520,9 +524,11 @@ fn prune_block_<'py>(
         d.set_item("holdout_before", r.holdout_before)?;
         d.set_item("holdout_after", r.holdout_after)?;
         d.set_item("rolled_back", r.rolled_back)?;
+        d.set_item("steps", r.steps)?;
         rounds.append(d)?;
     }
     result.set_item("rounds", rounds)?;
+    result.set_item("ro_stop", outcome.ro_stop.map(|s| s.as_str()))?;
     Ok(result)
 }
 

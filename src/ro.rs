@@ -19,13 +19,42 @@ pub struct RoSettings {
     pub holdout: usize,
     pub lr: f64,
     /// Scale the first round's update by a line search on the held-out sequences, and run the
-    /// later rounds at the learning rate found (`lr_search_factors`).
+    /// later rounds at the learning rate found (`search_scale`).
     pub lr_search: bool,
     pub seed: u64,
     /// Sequences per step: the step's gradient is their mean. Processes that share the
     /// calibration each take the step's sequences they hold, so more processes than `batch`
     /// leave some idle.
     pub batch: usize,
+    /// Early stopping: a block's rounds end after a round that lowers the held-out error by
+    /// less than this fraction of its error before the round (a rolled-back round lowers it by
+    /// nothing). 0 runs every round.
+    pub min_improvement: f64,
+    /// Extrapolate every round after the first along its own update: scale it by the power of
+    /// two t >= 1 that minimises the held-out error (doubling while the error falls), at the
+    /// cost of one held-out pass per doubling tried.
+    pub extrapolate: bool,
+}
+
+/// Why a block's RO rounds ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoStop {
+    /// All `rounds` ran.
+    Rounds,
+    /// A kept round lowered the held-out error by less than `min_improvement`.
+    Converged,
+    /// A round was rolled back (with `min_improvement` > 0).
+    RolledBack,
+}
+
+impl RoStop {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoStop::Rounds => "rounds",
+            RoStop::Converged => "converged",
+            RoStop::RolledBack => "rolled back",
+        }
+    }
 }
 
 /// The line search's scales of the first round's update: powers of two from 2^-10 to 2^6, so a
@@ -46,6 +75,9 @@ impl RoSettings {
     pub fn split(&self, nsamples: usize) -> Result<RoSplit> {
         if self.batch == 0 {
             return Err(Error::InvalidArgument { arg: "ro_batch_size", reason: "must be at least 1".into() });
+        }
+        if !(self.min_improvement >= 0.0 && self.min_improvement < 1.0) {
+            return Err(Error::InvalidArgument { arg: "ro_min_improvement", reason: format!("must be in [0, 1), got {}", self.min_improvement) });
         }
         if self.samples == 0 || self.samples > nsamples {
             return Err(Error::InvalidArgument {
@@ -189,6 +221,23 @@ pub struct RoundRecord {
     pub holdout_before: f64,
     pub holdout_after: f64,
     pub rolled_back: bool,
+    /// Optimizer steps the round took.
+    pub steps: usize,
+}
+
+impl RoundRecord {
+    /// Whether the block's rounds end after this one (`RoSettings::min_improvement`).
+    pub fn stop(&self, min_improvement: f64) -> Option<RoStop> {
+        if min_improvement <= 0.0 {
+            None
+        } else if self.rolled_back {
+            Some(RoStop::RolledBack)
+        } else if self.holdout_before - self.holdout_after < min_improvement * self.holdout_before {
+            Some(RoStop::Converged)
+        } else {
+            None
+        }
+    }
 }
 
 /// Sets every weight to `base + scale * step` (float32 arithmetic, written in the weight's dtype).
@@ -202,35 +251,73 @@ fn set_along(weights: &[Tensor], base: &[Tensor], step: &[Tensor], scale: f64) -
 
 /// The held-out error of the block as it is now (one pass, no autograd) and, with `record`, each
 /// weight's input norms on the held-out sequences from the same forwards.
-fn holdout_pass(block: &dyn Block, weights: &[Tensor], holdout: &[usize], record: bool) -> Result<(f64, Option<InputNorms>)> {
+fn holdout_pass(block: &dyn Block, weights: &[Tensor], holdout: &[usize], record: bool) -> Result<Measured> {
     if !record {
         return Ok((block_mse(block, holdout)?, None));
     }
+    Ok(measure(block, weights, holdout, &[], true)?.0)
+}
+
+/// One pass without autograd over `holdout` and `others`: the held-out measurement (as
+/// [`holdout_pass`]) and the mean error over both groups.
+fn measure(block: &dyn Block, weights: &[Tensor], holdout: &[usize], others: &[usize], record: bool) -> Result<(Measured, f64)> {
     let _guard = tch::no_grad_guard();
-    let mut stats = InputStats::new(weights)?;
-    let mut total = DeviceSum::default();
-    for batch in block.batches(&local_share(block, holdout)?)? {
-        let mask = block.token_mask(&batch)?;
-        let (inputs, out) = block.linear_inputs(&batch)?;
-        stats.update(&inputs, mask.as_ref(), batch.len() as i64)?;
-        total.add(&summed_mse(&out, &block.target(&batch)?, mask.as_ref())?)?;
+    let mut stats = if record { Some(InputStats::new(weights)?) } else { None };
+    let mut sums = [DeviceSum::default(), DeviceSum::default()];
+    for (k, (group, sum)) in [holdout, others].into_iter().zip(&mut sums).enumerate() {
+        let held_out = k == 0;
+        for batch in block.batches(&local_share(block, group)?)? {
+            let mask = block.token_mask(&batch)?;
+            let out = match &mut stats {
+                Some(stats) if held_out => {
+                    let (inputs, out) = block.linear_inputs(&batch)?;
+                    stats.update(&inputs, mask.as_ref(), batch.len() as i64)?;
+                    out
+                }
+                _ => block.forward(&batch)?,
+            };
+            sum.add(&summed_mse(&out, &block.target(&batch)?, mask.as_ref())?)?;
+        }
     }
-    stats.all_reduce(block)?;
-    Ok((total.all_reduced(block)? / holdout.len().max(1) as f64, Some(stats.finish()?)))
+    let norms = match stats {
+        Some(mut stats) => {
+            stats.all_reduce(block)?;
+            Some(stats.finish()?)
+        }
+        None => None,
+    };
+    let [held, rest] = sums;
+    let held = held.all_reduced(block)?;
+    // Every process holds the same lists, so all skip this collective together.
+    let rest = if others.is_empty() { 0.0 } else { rest.all_reduced(block)? };
+    let all = (held + rest) / (holdout.len() + others.len()).max(1) as f64;
+    Ok(((held / holdout.len().max(1) as f64, norms), all))
 }
 
 /// A held-out measurement: the error and, when recorded, the input norms at that point.
 type Measured = (f64, Option<InputNorms>);
 
+/// How a round's update is scaled before the guard judges it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Search {
+    /// Kept as it is.
+    None,
+    /// Doubled or halved (the first round's step-size search).
+    Both,
+    /// Only doubled (extrapolation).
+    Up,
+}
+
 /// The scale t (a power of two) of the round's update `step` that minimises the held-out error
 /// of `base + t * step`, starting from t = 1 (measured `at_one`): doubles while the error falls,
-/// else halves while it falls, within 2^LR_SEARCH_MIN_EXPONENT .. 2^LR_SEARCH_MAX_EXPONENT.
-/// Leaves the weights at the best point; returns t and that point's measurement. The update is
-/// zero on pruned weights, so every point keeps the masks.
-fn search_scale(block: &dyn Block, weights: &[Tensor], base: &[Tensor], step: &[Tensor], holdout: &[usize], at_one: Measured) -> Result<(f64, Measured)> {
+/// else (with `Search::Both`) halves while it falls, within 2^LR_SEARCH_MIN_EXPONENT ..
+/// 2^LR_SEARCH_MAX_EXPONENT. Leaves the weights at the best point; returns t and that point's
+/// measurement. The update is zero on pruned weights, so every point keeps the masks.
+fn search_scale(block: &dyn Block, weights: &[Tensor], base: &[Tensor], step: &[Tensor], holdout: &[usize], at_one: Measured, search: Search) -> Result<(f64, Measured)> {
     let record = at_one.1.is_some();
     let mut best = (0i32, at_one);
-    for direction in [1i32, -1] {
+    let directions: &[i32] = if search == Search::Both { &[1, -1] } else { &[1] };
+    for &direction in directions {
         let mut exponent = best.0 + direction;
         while (LR_SEARCH_MIN_EXPONENT..=LR_SEARCH_MAX_EXPONENT).contains(&exponent) {
             set_along(weights, base, step, 2f64.powi(exponent))?;
@@ -259,11 +346,42 @@ pub struct RoRun<'a> {
     split: RoSplit,
     lr: f64,
     record_inputs: bool,
+    /// The last round's keep-masks and the held-out measurement at the weights it left: the
+    /// next round's starting point when its masks are the same, since the weights then are too.
+    last: Option<(Vec<Tensor>, Measured)>,
+    records: Vec<RoundRecord>,
+    /// Set when a round ends the block's rounds early (`RoSettings::min_improvement`).
+    stop: Option<RoStop>,
+}
+
+/// Whether two lists of keep-masks are equal, mask by mask.
+fn same_masks(a: &[Tensor], b: &[Tensor]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.size() == y.size() && x.equal(y))
+}
+
+/// A second handle on the same norm tensors.
+fn shared_norms(norms: &Option<InputNorms>) -> Option<InputNorms> {
+    norms.as_ref().map(|norms| norms.iter().map(|n| n.as_ref().map(Tensor::shallow_clone)).collect())
 }
 
 impl<'a> RoRun<'a> {
     pub fn new(settings: &'a RoSettings, nsamples: usize, record_inputs: bool) -> Result<Self> {
-        Ok(Self { split: settings.split(nsamples)?, lr: settings.lr, settings, record_inputs })
+        Ok(Self { split: settings.split(nsamples)?, lr: settings.lr, settings, record_inputs, last: None, records: Vec::new(), stop: None })
+    }
+
+    /// Whether the block's rounds have ended: all ran, or one ended them early.
+    pub fn done(&self) -> bool {
+        self.stop.is_some() || self.records.len() >= self.settings.rounds
+    }
+
+    /// How many rounds ran.
+    pub fn rounds_run(&self) -> usize {
+        self.records.len()
+    }
+
+    /// The rounds that ran and why they ended.
+    pub fn finish(self) -> (Vec<RoundRecord>, RoStop) {
+        (self.records, self.stop.unwrap_or(RoStop::Rounds))
     }
 
     /// The sequences that guard each round.
@@ -271,24 +389,49 @@ impl<'a> RoRun<'a> {
         &self.split.holdout
     }
 
-    /// Round `round` (0-based) with the keep-masks `masks` fixed; with `record_inputs`, also the
-    /// input norms on the held-out sequences at the weights the round leaves.
-    pub fn round(&mut self, block: &dyn Block, weights: &[Tensor], masks: &[Tensor], round: usize) -> Result<(RoundRecord, Option<InputNorms>)> {
-        let search = self.settings.lr_search && round == 0;
-        let (record, norms) = self.guarded_round(block, weights, masks, round, search)?;
-        if search {
+    /// Measures the pruned block before its first round, in one pass over every sequence: returns
+    /// their mean error, and keeps the held-out measurement the first round starts from.
+    pub fn start(&mut self, block: &dyn Block, weights: &[Tensor], masks: &[Tensor]) -> Result<f64> {
+        let others: Vec<usize> = (0..block.len()).filter(|i| !self.split.holdout.contains(i)).collect();
+        let (measured, all) = measure(block, weights, &self.split.holdout, &others, self.record_inputs)?;
+        self.last = Some((masks.iter().map(Tensor::shallow_clone).collect(), measured));
+        Ok(all)
+    }
+
+    /// The next round with the keep-masks `masks` fixed, recorded; with `record_inputs`, returns
+    /// the input norms on the held-out sequences at the weights the round leaves. The held-out
+    /// measurement before the round is the one `start` or the previous round left when the masks
+    /// did not change (the weights then are the same: no second pass over them).
+    pub fn round(&mut self, block: &dyn Block, weights: &[Tensor], masks: &[Tensor]) -> Result<Option<InputNorms>> {
+        let round = self.records.len();
+        let search = match round {
+            0 if self.settings.lr_search => Search::Both,
+            r if r > 0 && self.settings.extrapolate => Search::Up,
+            _ => Search::None,
+        };
+        let before = match self.last.take() {
+            Some((previous, measured)) if same_masks(&previous, masks) => measured,
+            _ => holdout_pass(block, weights, &self.split.holdout, self.record_inputs)?,
+        };
+        let (record, left) = self.guarded_round(block, weights, masks, round, search, before)?;
+        if search == Search::Both {
             self.lr = record.lr;
         }
-        Ok((record, norms))
+        let norms = shared_norms(&left.1);
+        self.last = Some((masks.iter().map(Tensor::shallow_clone).collect(), left));
+        self.stop = record.stop(self.settings.min_improvement);
+        self.records.push(record);
+        Ok(norms)
     }
 
     /// One pass of masked RMSprop over the training sequences (in an order seeded by the seed
     /// and `round`), guarded by the held-out error: a round that does not lower it, or is
-    /// non-finite, is undone. With `search`, the round's update is first scaled by
+    /// non-finite, is undone. With a `search`, the round's update is first scaled by
     /// [`search_scale`] (the record's `lr` says which rate the kept update corresponds to).
-    fn guarded_round(&self, block: &dyn Block, weights: &[Tensor], masks: &[Tensor], round: usize, search: bool) -> Result<(RoundRecord, Option<InputNorms>)> {
+    /// `before` is the held-out measurement at the weights as they are. Returns the record and
+    /// the measurement at the weights the round leaves.
+    fn guarded_round(&self, block: &dyn Block, weights: &[Tensor], masks: &[Tensor], round: usize, search: Search, before: Measured) -> Result<(RoundRecord, Measured)> {
         let holdout = &self.split.holdout;
-        let before = holdout_pass(block, weights, holdout, self.record_inputs)?;
         let snapshot: Vec<Tensor> = {
             let _guard = tch::no_grad_guard();
             weights.iter().map(|w| w.f_detach().map(|d| d.copy())).collect::<std::result::Result<_, _>>()?
@@ -302,16 +445,18 @@ impl<'a> RoRun<'a> {
         let tracking = GradTracking::enable(weights);
         // Summed on the device and read once per round: no host synchronisation per step.
         let mut loss_sum = DeviceSum::default();
+        let mut steps = 0;
         for step in order.chunks(self.settings.batch) {
             let grads = step_gradients(block, weights, step, &mut loss_sum)?;
             opt.step(weights, &grads)?;
+            steps += 1;
         }
         let loss_sum = loss_sum.all_reduced(block)?;
         drop(tracking);
 
         let mut after = holdout_pass(block, weights, holdout, self.record_inputs)?;
         let mut scale = 1.0;
-        if search {
+        if search != Search::None {
             // An overflowing round starts the search from an infinite error, so halving can find
             // a finite step.
             if !after.0.is_finite() {
@@ -322,7 +467,7 @@ impl<'a> RoRun<'a> {
                 let pairs = weights.iter().zip(&snapshot);
                 pairs.map(|(w, s)| w.f_to_kind(Kind::Float)?.f_sub(&s.f_to_kind(Kind::Float)?)).collect::<std::result::Result<_, _>>()?
             };
-            (scale, after) = search_scale(block, weights, &snapshot, &step, holdout, after)?;
+            (scale, after) = search_scale(block, weights, &snapshot, &step, holdout, after, search)?;
         }
         let rolled_back = !after.0.is_finite() || after.0 > before.0;
         if rolled_back {
@@ -337,8 +482,9 @@ impl<'a> RoRun<'a> {
             holdout_before: before.0,
             holdout_after: after.0,
             rolled_back,
+            steps,
         };
-        Ok((record, if rolled_back { before.1 } else { after.1 }))
+        Ok((record, if rolled_back { before } else { after }))
     }
 }
 
@@ -348,7 +494,7 @@ mod tests {
 
     #[test]
     fn split_is_seeded_and_disjoint() {
-        let s = RoSettings { rounds: 1, samples: 4, holdout: 3, lr: 1e-3, lr_search: false, seed: 3, batch: 1 };
+        let s = RoSettings { rounds: 1, samples: 4, holdout: 3, lr: 1e-3, lr_search: false, seed: 3, batch: 1, min_improvement: 0.0, extrapolate: false };
         let a = s.split(10).unwrap();
         assert_eq!(a, s.split(10).unwrap());
         assert_eq!(a.train.len(), 4);
@@ -356,6 +502,21 @@ mod tests {
         assert!(a.holdout.iter().all(|h| !a.train.contains(h)));
         assert_eq!(s.split(4).unwrap().holdout, s.split(4).unwrap().train);
         assert!(s.split(3).is_err());
+    }
+
+    #[test]
+    fn a_round_stops_the_block_below_the_minimum_improvement_or_when_rolled_back() {
+        let record = |before: f64, after: f64, rolled_back: bool| RoundRecord { loss: 0.0, lr: 1e-4, holdout_before: before, holdout_after: after, rolled_back, steps: 4 };
+        assert_eq!(record(1.0, 0.5, false).stop(0.0), None);
+        assert_eq!(record(1.0, 2.0, true).stop(0.0), None, "0 runs every round");
+        assert_eq!(record(1.0, 0.5, false).stop(0.4), None);
+        assert_eq!(record(1.0, 0.7, false).stop(0.4), Some(RoStop::Converged));
+        assert_eq!(record(2.0, 1.2, false).stop(0.4), None, "relative to the error before the round");
+        assert_eq!(record(1.0, 2.0, true).stop(0.01), Some(RoStop::RolledBack));
+        let mut s = RoSettings { rounds: 1, samples: 4, holdout: 3, lr: 1e-3, lr_search: false, seed: 3, batch: 1, min_improvement: 1.0, extrapolate: false };
+        assert!(s.split(10).is_err());
+        s.min_improvement = f64::NAN;
+        assert!(s.split(10).is_err());
     }
 
     /// The textbook RMSprop update in f64 scalars, pruned weights pinned at zero.

@@ -5,10 +5,10 @@
 //! `Block::all_reduce` before a decision is taken from it (block.rs), so that every process
 //! ends with the same weights.
 
-use crate::block::{block_mse, regional_norm, summed_mse, Block, DeviceSum};
+use crate::block::{regional_norm, summed_mse, Block, DeviceSum};
 use crate::error::{Error, Result};
 use crate::mask::{apply_mask_, select, Pattern};
-use crate::ro::{GradTracking, RoRun, RoSettings, RoundRecord};
+use crate::ro::{GradTracking, RoRun, RoSettings, RoStop, RoundRecord};
 use crate::score::{magnitude_score, rgs_score, wanda_score};
 use crate::sparsegpt::{sparsegpt_prune_, HessianStats, BLOCK_SIZE, PERCDAMP};
 use crate::stats::{all_reduce_sums, check_inputs, rescaled_norms, GradientStats, InputNorms, InputStats};
@@ -71,6 +71,8 @@ pub struct BlockOutcome {
     /// it (an expert the router never chose); its activation statistics would all be zero.
     pub magnitude_fallback: Vec<bool>,
     pub rounds: Vec<RoundRecord>,
+    /// Why RO's rounds ended; None without RO.
+    pub ro_stop: Option<RoStop>,
 }
 
 
@@ -245,15 +247,13 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
     // RO after re-pruning (wanda++) records the input norms of its held-out passes for the next prune.
     let reprunes = !matches!(plan.method, Method::SparseGpt | Method::SparseGptRo);
     let mut ro = if plan.method.uses_ro() && plan.ro.rounds > 0 { Some(RoRun::new(&plan.ro, n, reprunes)?) } else { None };
-    let all: Vec<usize> = (0..n).collect();
-    let mut rounds = Vec::new();
     let mut mse_before_ro = None;
     let (masks, magnitude_fallback) = if matches!(plan.method, Method::SparseGpt | Method::SparseGptRo) {
         let (masks, fallback) = sparsegpt_once(block, weights, plan)?;
         if let Some(ro) = &mut ro {
-            mse_before_ro = Some(finite(block_mse(block, &all)?)?);
-            for r in 0..plan.ro.rounds {
-                rounds.push(ro.round(block, weights, &masks, r)?.0);
+            mse_before_ro = Some(finite(ro.start(block, weights, &masks)?)?);
+            while !ro.done() {
+                ro.round(block, weights, &masks)?;
             }
         }
         (masks, fallback)
@@ -273,14 +273,12 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
         // the held-out sequences, which the round's guard measured (stats::rescaled_norms).
         let mut norms = None;
         if let Some(ro) = &mut ro {
-            for r in 0..plan.ro.rounds {
+            while !ro.done() {
                 let (masks, _) = prune_once(weights, plan, grad_rms.as_deref(), norms.as_ref().or(first.as_ref()))?;
-                if r == 0 {
-                    mse_before_ro = Some(finite(block_mse(block, &all)?)?);
+                if ro.rounds_run() == 0 {
+                    mse_before_ro = Some(finite(ro.start(block, weights, &masks)?)?);
                 }
-                let (record, holdout_now) = ro.round(block, weights, &masks, r)?;
-                rounds.push(record);
-                if let (Some(first), Some(now)) = (&first, holdout_now) {
+                if let (Some(first), Some(now)) = (&first, ro.round(block, weights, &masks)?) {
                     norms = Some(rescaled_norms(first, &holdout_first, &now)?);
                 }
             }
@@ -288,12 +286,17 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
         prune_once(weights, plan, grad_rms.as_deref(), norms.as_ref().or(first.as_ref()))?
     };
     let mse_final = final_outputs(block)?;
-    Ok(BlockOutcome { masks, mse_before_ro: mse_before_ro.unwrap_or(mse_final), mse_final, magnitude_fallback, rounds })
+    let (rounds, ro_stop) = match ro.map(RoRun::finish) {
+        Some((rounds, stop)) => (rounds, Some(stop)),
+        None => (Vec::new(), None),
+    };
+    Ok(BlockOutcome { masks, mse_before_ro: mse_before_ro.unwrap_or(mse_final), mse_final, magnitude_fallback, rounds, ro_stop })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::block_mse;
     use crate::rng::SplitMix64;
     use crate::stats::Processes;
     use std::cell::RefCell;
@@ -309,6 +312,8 @@ mod tests {
         outputs: RefCell<Vec<Option<Tensor>>>,
         /// Sequences per batch in `batches` (1: one by one, the trait's default).
         batch_size: usize,
+        /// Sequences run through the block so far (forwards, with or without autograd).
+        forwards: std::cell::Cell<usize>,
     }
 
     /// Uniform in [-scale, scale) from the crate's own generator: cargo runs tests on parallel
@@ -338,9 +343,10 @@ mod tests {
             let xs: Vec<Tensor> = (0..12).map(|_| uniform(&mut rng, &[1, 5, 8], 1.7)).collect();
             let n = xs.len();
             let empty = || RefCell::new((0..n).map(|_| None).collect());
-            ToyBlock { w1, w2, xs, targets: empty(), outputs: empty(), batch_size: 1 }
+            ToyBlock { w1, w2, xs, targets: empty(), outputs: empty(), batch_size: 1, forwards: Default::default() }
         }
         fn inputs(&self, batch: &[usize]) -> Tensor {
+            self.forwards.set(self.forwards.get() + batch.len());
             stack_rows(&self.xs, batch)
         }
         fn weights(&self) -> Vec<Tensor> {
@@ -389,7 +395,7 @@ mod tests {
             method,
             patterns: vec![Pattern::nm(2, 4).unwrap(); 2],
             alpha: 100.0,
-            ro: RoSettings { rounds: 3, samples: 8, holdout: 4, lr, lr_search: false, seed: 0, batch: 1 },
+            ro: RoSettings { rounds: 3, samples: 8, holdout: 4, lr, lr_search: false, seed: 0, batch: 1, min_improvement: 0.0, extrapolate: false },
         }
     }
 
@@ -428,6 +434,93 @@ mod tests {
         for (a, b) in sparsegpt.masks.iter().zip(&with_ro.masks) {
             assert!(a.equal(b), "RO keeps SparseGPT's masks");
         }
+    }
+
+    /// The relative drop of the held-out error in each round.
+    fn gains(out: &BlockOutcome) -> Vec<f64> {
+        out.rounds.iter().map(|r| (r.holdout_before - r.holdout_after) / r.holdout_before).collect()
+    }
+
+    #[test]
+    fn early_stopping_ends_a_blocks_rounds_and_says_why() {
+        for method in [Method::WandaPlusPlus, Method::SparseGptRo] {
+            let run = |min_improvement: f64, lr: f64| {
+                let b = ToyBlock::new(12);
+                let mut p = plan(method, lr);
+                p.ro.min_improvement = min_improvement;
+                prune_block_(&b, &b.weights(), &p).unwrap()
+            };
+            let all = run(0.0, 1e-3);
+            assert_eq!((all.rounds.len(), all.ro_stop), (3, Some(RoStop::Rounds)), "{method:?}");
+            let g = gains(&all);
+            assert!(g[0] > g[1] && g[1] > 0.0, "{method:?}: the toy's rounds help less and less: {g:?}");
+            // A threshold between the first two rounds' gains stops after the second round.
+            let stopped = run((g[0] + g[1]) / 2.0, 1e-3);
+            assert_eq!((stopped.rounds.len(), stopped.ro_stop), (2, Some(RoStop::Converged)), "{method:?}");
+            // The rounds that ran are those of the full run, bit for bit.
+            for (a, b) in stopped.rounds.iter().zip(&all.rounds) {
+                assert_eq!((a.holdout_before, a.holdout_after, a.steps), (b.holdout_before, b.holdout_after, b.steps), "{method:?}");
+            }
+            // Every round of a huge rate is undone; the first ends the block's rounds.
+            let harmful = run(0.01, 10.0);
+            assert_eq!((harmful.rounds.len(), harmful.ro_stop), (1, Some(RoStop::RolledBack)), "{method:?}");
+        }
+        let b = ToyBlock::new(12);
+        assert_eq!(prune_block_(&b, &b.weights(), &plan(Method::Wanda, 1e-3)).unwrap().ro_stop, None);
+    }
+
+    #[test]
+    fn a_round_starts_where_the_last_one_left_without_measuring_again() {
+        // 12 sequences: RO trains on M = 8, 4 held out guard it; one sequence per step.
+        let (m, h, n) = (8, 4, 12);
+        for method in [Method::WandaPlusPlus, Method::SparseGptRo] {
+            let run = |rounds: usize| {
+                let b = ToyBlock::new(13);
+                let mut p = plan(method, 1e-3);
+                p.ro.rounds = rounds;
+                let out = prune_block_(&b, &b.weights(), &p).unwrap();
+                (out, b.forwards.get())
+            };
+            let (none, base) = run(0);
+            let (one, first) = run(1);
+            let (three, total) = run(3);
+            // Before RO: one pass over every sequence gives the block error and the first
+            // round's held-out error; a round: M training forwards and one held-out pass.
+            assert_eq!(first - base, n + m + h, "{method:?}");
+            assert_eq!(total - first, 2 * (m + h), "{method:?}");
+            for pair in three.rounds.windows(2) {
+                let left = if pair[0].rolled_back { pair[0].holdout_before } else { pair[0].holdout_after };
+                assert_eq!(pair[1].holdout_before, left, "{method:?}");
+            }
+            // The error over every sequence after the first prune, as the method without RO
+            // measures it in its final pass (summed in another order).
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs();
+            assert!(close(one.mse_before_ro, none.mse_final) && close(three.mse_before_ro, none.mse_final), "{method:?}");
+            assert!(one.rounds.iter().chain(&three.rounds).all(|r| r.steps == m), "{method:?}");
+        }
+    }
+
+    #[test]
+    fn extrapolation_scales_later_rounds_up_by_powers_of_two() {
+        let run = |extrapolate: bool| {
+            let b = ToyBlock::new(14);
+            let mut p = plan(Method::WandaPlusPlus, 1e-4);
+            p.ro.extrapolate = extrapolate;
+            prune_block_(&b, &b.weights(), &p).unwrap()
+        };
+        let (plain, extrapolated) = (run(false), run(true));
+        // The first round is the same; the second starts from the same weights, and its update
+        // scaled by t >= 1 is kept only where it lowers the held-out error further.
+        assert_eq!(plain.rounds[0].holdout_after, extrapolated.rounds[0].holdout_after);
+        assert!(extrapolated.rounds[1].holdout_after <= plain.rounds[1].holdout_after);
+        let mut scaled = false;
+        for r in &extrapolated.rounds[1..] {
+            let exponent = (r.lr / 1e-4).log2().round();
+            assert!(exponent >= 0.0 && (r.lr / 1e-4 - 2f64.powf(exponent)).abs() < 1e-12, "{}", r.lr);
+            scaled |= exponent > 0.0;
+        }
+        assert!(scaled, "a small rate on the toy is extrapolated at least once: {:?}", extrapolated.rounds);
+        assert!(plain.rounds.iter().all(|r| r.lr == 1e-4));
     }
 
     #[test]
@@ -545,13 +638,18 @@ mod tests {
                 }
             };
             // The plain round gives the update direction.
-            let plain = RoRun::new(&p.ro, b.len(), false).unwrap().round(&b, &b.weights(), &masks, 0).unwrap().0;
+            let first_round = |p: &Plan| {
+                let mut run = RoRun::new(&p.ro, b.len(), false).unwrap();
+                run.round(&b, &b.weights(), &masks).unwrap();
+                run.finish().0.remove(0)
+            };
+            let plain = first_round(&p);
             if plain.rolled_back {
                 // The plain round's update is undone, so its direction is not observable here:
                 // the search must still find a smaller scale that beats it.
                 set(&start);
                 p.ro.lr_search = true;
-                let record = RoRun::new(&p.ro, b.len(), false).unwrap().round(&b, &b.weights(), &masks, 0).unwrap().0;
+                let record = first_round(&p);
                 assert!(record.lr < lr && record.holdout_after < plain.holdout_after, "{lr}: {record:?}");
                 continue;
             }
@@ -566,8 +664,7 @@ mod tests {
                 .collect();
             set(&start);
             p.ro.lr_search = true;
-            let mut run = RoRun::new(&p.ro, b.len(), false).unwrap();
-            let record = run.round(&b, &b.weights(), &masks, 0).unwrap().0;
+            let record = first_round(&p);
             let exponent = (record.lr / lr).log2().round() as i32;
             assert!((record.lr / lr - 2f64.powi(exponent)).abs() < 1e-12, "{lr}: {}", record.lr);
             let chosen = errors.iter().find(|(e, _)| *e == exponent).unwrap().1;
@@ -708,6 +805,27 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn ranks_that_share_the_sequences_stop_after_the_same_rounds() {
+        let mut p = plan(Method::WandaPlusPlus, 1e-3);
+        p.ro.batch = 3;
+        p.ro.extrapolate = true;
+        let one = ToyBlock::new(15);
+        let g = gains(&prune_block_(&one, &one.weights(), &p).unwrap());
+        p.ro.min_improvement = (g[0] + g[1]) / 2.0;
+        let one = ToyBlock::new(15);
+        let alone = prune_block_(&one, &one.weights(), &p).unwrap();
+        // Below the gain of one of the first two rounds: the rounds end before the third.
+        assert!(alone.rounds.len() < 3 && alone.ro_stop == Some(RoStop::Converged), "{g:?}: {:?}", alone.rounds);
+        for size in [2, 3] {
+            for (outcome, _, _) in on_ranks(size, 15, &p) {
+                assert_eq!((outcome.rounds.len(), outcome.ro_stop), (alone.rounds.len(), alone.ro_stop), "{size} ranks");
+                let lrs = |o: &BlockOutcome| o.rounds.iter().map(|r| r.lr).collect::<Vec<_>>();
+                assert_eq!(lrs(&outcome), lrs(&alone), "{size} ranks: the same extrapolation scales");
             }
         }
     }

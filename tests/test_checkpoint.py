@@ -150,6 +150,7 @@ def test_a_run_stopped_at_any_write_resumes_to_the_same_result(tmp_path, monkeyp
         at_stop = state(folder)
         report = wandapp.prune_checkpoint(src, folder, IDS, **RUN)
         assert_same_masks(report.masks, expected.masks)
+        assert [(b.ro_steps, b.ro_stop) for b in report.blocks] == [(b.ro_steps, b.ro_stop) for b in expected.blocks], point
         tensors = written_tensors(folder)
         assert tensors.keys() == expected_tensors.keys(), point
         assert all(torch.equal(tensors[k], expected_tensors[k]) for k in tensors), point

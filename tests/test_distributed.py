@@ -96,7 +96,9 @@ def assert_ranks_agree(results: list[dict]) -> None:
         assert mask_bits_differing(first["masks"], other["masks"]) == 0
         for k, v in first["after"].items():
             assert torch.equal(v, other["after"][k]), f"rank {other['rank']}: {k}"
-        assert [b["mse_final"] for b in first["report"]["blocks"]] == [b["mse_final"] for b in other["report"]["blocks"]]
+        # RO's decisions too: how many rounds and steps, its rate, and why its rounds ended.
+        for key in ("mse_final", "ro_rolled_back", "ro_steps", "ro_stop", "ro_lr"):
+            assert [b[key] for b in first["report"]["blocks"]] == [b[key] for b in other["report"]["blocks"]], key
 
 
 @pytest.mark.parametrize(
@@ -126,8 +128,10 @@ def test_statistics_summed_over_ranks_give_the_single_process_masks(tmp_path, me
 def test_wanda_plus_plus_with_a_fixed_ro_batch_matches_one_process_up_to_summation_order(tmp_path):
     # ro_batch_size fixed: every step averages the same sequences' gradients whatever the number of
     # ranks, so only float summation order differs.
-    config = dict(ro_batch_size=2, ro_samples=4, ro_holdout=2, ro_rounds=2)
+    # A minimum improvement that some blocks' rounds miss: every rank stops them where one process does.
+    config = dict(ro_batch_size=2, ro_samples=4, ro_holdout=2, ro_rounds=3, ro_min_improvement=0.05, ro_extrapolate=True)
     _, report = single_process(7, "wanda++", **config)
+    assert {b.ro_stop for b in report.blocks} & {"converged", "rolled back"}, [b.ro_stop for b in report.blocks]
     for world in (2, 3):
         results = run_ranks(tmp_path, world, method="wanda++", n=7, config=config)
         assert_ranks_agree(results)
@@ -136,6 +140,7 @@ def test_wanda_plus_plus_with_a_fixed_ro_batch_matches_one_process_up_to_summati
         assert mask_bits_differing(results[0]["masks"], report.masks) <= 1e-4 * total, f"{world} ranks"
         got = [b["mse_final"] for b in results[0]["report"]["blocks"]]
         assert got == pytest.approx([b.mse_final for b in report.blocks], rel=1e-3), f"{world} ranks"
+        assert [b["ro_stop"] for b in results[0]["report"]["blocks"]] == [b.ro_stop for b in report.blocks], f"{world} ranks"
 
 
 def test_wanda_plus_plus_by_default_takes_one_sequence_per_rank_per_step(tmp_path):

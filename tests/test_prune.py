@@ -151,8 +151,24 @@ def test_report_prints_and_serialises(ids):
     assert d["seed"] == 0 and d["config"]["ro_rounds"] == 2 and d["achieved_sparsity"] == pytest.approx(0.5)
     layer = d["blocks"][0]["layers"]["model.layers.0.self_attn.q_proj"]
     assert len(layer["mask_hash"]) == 64 and layer["sparsity"] == pytest.approx(0.5)
-    assert len(d["blocks"][0]["ro_losses"]) == 2
+    assert len(d["blocks"][0]["ro_losses"]) == d["blocks"][0]["ro_steps"] // 8 <= 2
+    assert d["blocks"][0]["ro_stop"] in ("rounds", "converged", "rolled back")
 
+
+def test_the_report_says_how_many_rounds_and_steps_ran_and_why_they_ended(ids):
+    run = lambda method="wanda++", **kw: wandapp.prune(tiny_model("llama"), ids, sparsity="2:4", method=method, **{**FAST, **kw})  # noqa: E731
+    every = run(ro_rounds=3, ro_min_improvement=0.0)
+    # M = 8 training sequences, one per step, in each of the 3 rounds.
+    assert [(len(b.ro_losses), b.ro_steps, b.ro_stop) for b in every.blocks] == [(3, 24, "rounds")] * 2
+    early = run(ro_rounds=3, ro_min_improvement=0.9)  # no round lowers the held-out error by 90%
+    assert [(len(b.ro_losses), b.ro_steps) for b in early.blocks] == [(1, 8)] * 2
+    assert {b.ro_stop for b in early.blocks} <= {"converged", "rolled back"}
+    assert early.blocks[0].ro_losses == every.blocks[0].ro_losses[:1]  # the round that ran is the same
+    assert f"1 (0), {early.blocks[0].ro_stop}" in str(early) or "1 (1), rolled back" in str(early)
+    batched = run(ro_rounds=3, ro_min_improvement=0.0, ro_batch_size=3)  # steps of 3, 3 and 2 sequences
+    assert [b.ro_steps for b in batched.blocks] == [9, 9]
+    wanda = run(method="wanda")
+    assert [(b.ro_steps, b.ro_stop) for b in wanda.blocks] == [(0, None)] * 2
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_runs_on_each_device(device, ids):
@@ -190,6 +206,9 @@ def untouched(model, before):
         (dict(nsamples=32), wandapp.CalibrationError, "yielded 16 sequences"),
         (dict(ro_samples=20, nsamples=16), wandapp.CalibrationError, "ro_samples"),
         (dict(ro_lr=-1.0), wandapp.InvalidArgumentError, "ro_lr"),
+        (dict(ro_min_improvement=1.0), wandapp.InvalidArgumentError, "ro_min_improvement"),
+        (dict(ro_min_improvement=True), wandapp.InvalidArgumentError, "ro_min_improvement"),
+        (dict(ro_extrapolate="yes"), wandapp.InvalidArgumentError, "ro_extrapolate"),
         (dict(typo=1), wandapp.InvalidArgumentError, "typo"),
     ],
 )

@@ -96,7 +96,9 @@ def test_sparsegpt_methods_on_dense_and_moe_models(method, model_type):
     assert_masks_equal(model, report.masks)
     assert torch.isfinite(model(ids[:2]).logits).all()
     if method == "sparsegpt+ro":
-        assert all(len(b.ro_losses) == 2 and b.mse_final <= b.mse_before_ro * (1 + 1e-6) for b in report.blocks)
+        # Two rounds, or fewer when one lowered the held-out error by under 1% (ro_min_improvement).
+        assert all(len(b.ro_losses) == {"rounds": 2}.get(b.ro_stop, len(b.ro_losses)) <= 2 for b in report.blocks)
+        assert all(b.mse_final <= b.mse_before_ro * (1 + 1e-6) for b in report.blocks)
 
 
 def test_sparsegpt_lowers_block_error_against_wanda():

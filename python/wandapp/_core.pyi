@@ -157,6 +157,7 @@ class _RoundResult(TypedDict):
     holdout_before: float
     holdout_after: float
     rolled_back: bool
+    steps: int
 
 class _BlockResult(TypedDict):
     masks: list[torch.Tensor]
@@ -164,6 +165,7 @@ class _BlockResult(TypedDict):
     mse_final: float
     magnitude_fallback: list[bool]
     rounds: list[_RoundResult]
+    ro_stop: str | None
 
 def prune_block_(
     block: _Block,
@@ -180,10 +182,14 @@ def prune_block_(
     ro_lr: float = 3e-7,
     ro_lr_search: bool = False,
     ro_batch_size: int = 1,
+    ro_min_improvement: float = 0.0,
+    ro_extrapolate: bool = False,
     seed: int = 0,
 ) -> _BlockResult:
     """Runs one block's whole schedule (SPEC step 6) on `weights`, in place; returns a dict with
-    `masks` (bool, one per weight), `mse_before_ro`, `mse_final` and `rounds` (one dict per RO round).
+    `masks` (bool, one per weight), `mse_before_ro`, `mse_final`, `rounds` (one dict per RO round)
+    and `ro_stop` (why the rounds ended: "rounds", "converged", "rolled back"; None without RO).
+    `ro_min_improvement` > 0 ends a block's rounds early (see `PruneConfig.ro_min_improvement`).
     `pruned_per_row` (one count per weight) replaces the unstructured `sparsity` with per-layer
     counts (OWL); `ro_lr_search` scales RO's first round by a line search on the held-out sequences.
     """

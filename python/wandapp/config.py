@@ -18,8 +18,9 @@ RO_METHODS = ("wanda++", "sparsegpt+ro")
 #: How the sparsity is spread over blocks: the same in every block, or by OWL (unstructured only).
 LAYER_SPARSITIES = ("uniform", "owl")
 
-#: Default RO learning rate, chosen by measurement on SmolLM2-135M at 2:4 (bench/ro_lr.py,
-#: bench/results/ro_lr.md). The paper's 3e-7 barely moves the weights of a small model.
+#: Default RO learning rate (where each block's step search starts), chosen by measurement on
+#: SmolLM2-135M at 2:4 (bench/ro_lr.py, bench/results/ro_lr.md). The paper's 3e-7 barely moves
+#: the weights of a small model.
 DEFAULT_RO_LR = 1e-4
 
 
@@ -84,13 +85,17 @@ class PruneConfig:
 
     Attributes:
         alpha: weight of the regional gradient in the RGS score (paper: 100).
-        ro_rounds: K, rounds of prune -> regional optimization per block (paper: 5); for
-            "sparsegpt+ro", rounds of RO after SparseGPT, its masks fixed.
+        ro_rounds: K, the most rounds of prune -> regional optimization per block (paper: 5);
+            for "sparsegpt+ro", rounds of RO after SparseGPT, its masks fixed.
+            ``ro_min_improvement`` may end a block's rounds earlier. Fewer rounds cost less and
+            prune worse: bench/results/pareto.md.
         ro_samples: M, calibration sequences RO trains on, drawn with ``seed`` (paper: 32);
             None = min(32, the sequences used).
         ro_lr: RMSprop learning rate of RO (paper: 3e-7, tuned for 7B models; wandapp's
-            default was measured on SmolLM2-135M, see bench/results/ro_lr.md). With
-            ``ro_lr_search`` it is the starting point of each block's search.
+            default was measured on SmolLM2-135M, see bench/results/ro_lr.md; a larger rate
+            with fewer rounds fits the calibration's domain better and text unlike it worse,
+            bench/results/pareto.md). With ``ro_lr_search`` it is the starting point of each
+            block's search, which keeps it or scales it by a power of two.
         ro_lr_search: choose each block's RO step size on its held-out sequences: the first
             round's update is scaled by the power of two t in [2^-10, 2^6] that minimises the
             held-out block error (doubling or halving from t = 1 while it falls), and the later
@@ -98,6 +103,14 @@ class PruneConfig:
             ``ro_lr`` gives each block's rate. False = ``ro_lr`` everywhere (the paper's way).
         ro_holdout: sequences held out of RO to guard it: a round that makes their block
             error worse or non-finite is rolled back. 0 guards on the training sequences.
+        ro_min_improvement: early stopping: a block's rounds end after a round that lowers its
+            held-out block error by less than this fraction of the error before the round, or
+            that the guard rolled back (the next round would start from the same weights at the
+            same rate). 0 (the default, and the paper's way) runs all ``ro_rounds``. The report's ``ro_stop`` says
+            per block why its rounds ended, ``ro_steps`` how many RMSprop steps ran.
+        ro_extrapolate: after each round but the first, scale the round's update by the power of
+            two t >= 1 that minimises the held-out block error (doubling while it falls, one
+            held-out pass per doubling tried). Off by default: measured in bench/results/pareto.md.
         ro_batch_size: calibration sequences per RO step, whose gradients are averaged (the
             paper: 1). None = 1 in one process; under torch.distributed, the number of ranks, so
             that each step takes one sequence per rank and RO runs in parallel (a round then takes
@@ -152,6 +165,8 @@ class PruneConfig:
     ro_lr_search: bool = True
     ro_holdout: int = 8
     ro_batch_size: Optional[int] = None
+    ro_min_improvement: float = 0.0
+    ro_extrapolate: bool = False
     seed: int = 0
     nsamples: Optional[int] = None
     batch_size: Optional[int] = None
@@ -184,6 +199,12 @@ class PruneConfig:
         need(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1), "batch_size", "must be None or an integer >= 1")
         need(isinstance(self.progress, bool), "progress", "must be True or False")
         need(isinstance(self.ro_lr_search, bool), "ro_lr_search", "must be True or False")
+        need(isinstance(self.ro_extrapolate, bool), "ro_extrapolate", "must be True or False")
+        need(
+            isinstance(self.ro_min_improvement, (int, float)) and not isinstance(self.ro_min_improvement, bool) and 0 <= self.ro_min_improvement < 1,
+            "ro_min_improvement",
+            "must be a number in [0, 1)",
+        )
         need(isinstance(self.dense_check, bool), "dense_check", "must be True or False")
         need(self.layer_sparsity in LAYER_SPARSITIES, "layer_sparsity", f"must be one of {', '.join(LAYER_SPARSITIES)}")
         need(isinstance(self.owl_m, (int, float)) and self.owl_m > 0, "owl_m", "must be a number > 0")

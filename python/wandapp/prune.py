@@ -383,7 +383,9 @@ def _prune_one_block(
     block.mse_final = result["mse_final"]
     block.ro_losses = [r["loss"] for r in result["rounds"]]
     block.ro_rolled_back = [r["rolled_back"] for r in result["rounds"]]
-    block.ro_lr = result["rounds"][-1]["lr"] if result["rounds"] else None
+    block.ro_lr = result["rounds"][0]["lr"] if result["rounds"] else None
+    block.ro_steps = sum(r["steps"] for r in result["rounds"])
+    block.ro_stop = result["ro_stop"]
     block.seconds = time.perf_counter() - start
     block.peak_memory_bytes = (
         torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -439,6 +441,8 @@ def _run_core(
             ro_lr=cfg.ro_lr,
             ro_lr_search=cfg.ro_lr_search,
             ro_batch_size=cfg.ro_batch_size,
+            ro_min_improvement=cfg.ro_min_improvement,
+            ro_extrapolate=cfg.ro_extrapolate,
             seed=cfg.seed + index,
         )
         return result, runner.finish()

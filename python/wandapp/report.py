@@ -37,6 +37,10 @@ class BlockReport:
     ro_losses: list[float] = field(default_factory=list)  # mean RO loss of each round
     ro_rolled_back: list[bool] = field(default_factory=list)
     ro_lr: float | None = None  # RO's learning rate after the first round (its line search, PruneConfig.ro_lr_search)
+    ro_steps: int = 0  # RMSprop steps over all rounds
+    #: why RO's rounds ended: "rounds" (all PruneConfig.ro_rounds ran), "converged" (a round lowered the
+    #: held-out error by less than PruneConfig.ro_min_improvement) or "rolled back" (a round was undone); None without RO
+    ro_stop: str | None = None
     outlier_ratio: float | None = None  # layer_sparsity="owl": share of Wanda scores above owl_m x the block's mean
     target_sparsity: float | None = None  # layer_sparsity="owl": the sparsity OWL gave the block (before rounding)
     seconds: float = 0.0
@@ -163,16 +167,16 @@ class PruneReport:
             f"PruneReport: {self.model}, method={self.method}, sparsity={self.sparsity}, "
             f"nsamples={self.nsamples}, seed={self.config.get('seed')}, device={self.device}\n"
             f"{'block':>5} {'status':>9} {'sparsity':>8} {'mse before RO':>13} {'mse final':>10} "
-            f"{'RO rounds (rolled back)':>23} {'seconds':>8} {'peak MiB':>9}"
+            f"{'RO rounds (rolled back), stop':>31} {'seconds':>8} {'peak MiB':>9}"
         )
         rows = [head]
         for b in self.blocks:
             sp = np.mean([l.sparsity for l in b.layers.values()]) if b.layers else float("nan")
             fmt = lambda v: "-" if v is None else f"{v:.3e}"  # noqa: E731
-            ro = f"{len(b.ro_losses)} ({sum(b.ro_rolled_back)})" if b.ro_losses else "-"
+            ro = f"{len(b.ro_losses)} ({sum(b.ro_rolled_back)}), {b.ro_stop}" if b.ro_stop else "-"
             rows.append(
                 f"{b.index:>5} {b.status:>9} {sp:>8.4f} {fmt(b.mse_before_ro):>13} {fmt(b.mse_final):>10} "
-                f"{ro:>23} {b.seconds:>8.1f} {b.peak_memory_bytes / 2**20:>9.0f}"
+                f"{ro:>31} {b.seconds:>8.1f} {b.peak_memory_bytes / 2**20:>9.0f}"
             )
         matrices = sum(len(b.layers) for b in self.blocks)
         rows.append(
