@@ -7,7 +7,8 @@ masks, the weights before and after, the report, or the error raised.
 Spec keys: method, sparsity, n (sequences), layers, config (PruneConfig overrides), other_data_rank
 (that rank passes other calibration data), other_weights_rank (that rank's model differs in one
 weight by one ulp), fail ({"rank", "block", "where": "capture" | "forward"
-| "ro" | "core" | "after"}: that rank raises there; "after": once every block is pruned), offload (blocks dispatched by accelerate to CPU and disk,
+| "ro" | "core" | "after"}: that rank raises there; "after": once every block is pruned, or
+once prune_checkpoint has written the checkpoint), offload (blocks dispatched by accelerate to CPU and disk,
 as tests/test_offload.py does, each rank into its own folder), checkpoint ({"src", "dst",
 optionally "own_dst_rank" and "own_dst": that rank's dst instead}: run wandapp.prune_checkpoint
 instead, on the checkpoint in src), other_config_rank and other_config (that rank's PruneConfig
@@ -33,6 +34,7 @@ import wandapp  # noqa: E402
 from wandapp import block  # noqa: E402
 
 prune_module = importlib.import_module("wandapp.prune")  # `wandapp.prune` is the function
+checkpoint_module = importlib.import_module("wandapp.checkpoint")
 
 
 class Injected(RuntimeError):
@@ -48,14 +50,16 @@ def inject(fail: dict, model: torch.nn.Module) -> None:
 
         prune_module.capture_first_block = broken_capture
         return
-    if fail["where"] == "after":  # after the last block's collectives, still inside prune's guard
-        prune_blocks = prune_module.prune_blocks
+    if fail["where"] == "after":  # after the last block's collectives, still inside the guard
+        # prune_checkpoint: once its checkpoint is written; prune: once every block is pruned.
+        module, name = (checkpoint_module, "_prune_checkpoint") if model is None else (prune_module, "prune_blocks")
+        run = getattr(module, name)
 
         def then_fail(*args, **kwargs):
-            prune_blocks(*args, **kwargs)
+            run(*args, **kwargs)
             raise Injected("injected failure after the last block")
 
-        prune_module.prune_blocks = then_fail
+        setattr(module, name, then_fail)
         return
     if fail["where"] == "core":  # as the core starts on the block
         run_core = prune_module._run_core
@@ -119,7 +123,8 @@ def main(spec_json: str, out: str) -> None:
             report = wandapp.prune_checkpoint(where["src"], dst, ids, sparsity=spec["sparsity"], method=spec["method"], progress=False)
             result = {"rank": rank, "report": report.to_dict()}
         except Exception as err:  # the test inspects it
-            result = {"rank": rank, "error": type(err).__name__, "message": str(err)}
+            result = {"rank": rank, "error": type(err).__name__, "message": str(err), "failed_rank": getattr(err, "rank", None)}
+            result["report"] = err.report.to_dict() if getattr(err, "report", None) is not None else None
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
         dist.destroy_process_group()
         return

@@ -234,6 +234,27 @@ def test_a_checkpoint_streamed_by_ranks_equals_one_process_and_resumes(tmp_path)
     assert os.listdir(dst / ".wandapp-run") == ["state.json"]
 
 
+def test_a_rank_that_fails_after_prune_checkpoint_wrote_leaves_the_others_a_complete_checkpoint(tmp_path):
+    """Rank 1 fails once the checkpoint is written: rank 0 raises RankFailedError with its report
+    (every block pruned), the destination holds the one-process checkpoint and records the run as
+    finished, so the same call returns the recorded report without pruning again."""
+    src, alone, dst = tmp_path / "src", tmp_path / "alone", tmp_path / "dst"
+    tiny_model("llama", num_hidden_layers=3).save_pretrained(src)
+    wandapp.prune_checkpoint(src, alone, calib_ids(7, 16), sparsity=0.5, method="wanda", progress=False)
+    spec = dict(method="wanda", n=7, checkpoint={"src": str(src), "dst": str(dst)})
+    results = run_ranks(tmp_path, 2, **spec, fail={"rank": 1, "block": 0, "where": "after"})
+    assert [r["error"] for r in results] == ["RankFailedError", "Injected"], [r.get("message") for r in results]
+    assert results[0]["failed_rank"] == 1, results[0]["message"]
+    assert "after this rank had finished every block (blocks 0..2 pruned)" in results[0]["message"], results[0]["message"]
+    assert [b["status"] for b in results[0]["report"]["blocks"]] == ["pruned"] * 3
+    got, expected = checkpoint_tensors(dst), checkpoint_tensors(alone)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert json.load(open(dst / ".wandapp-run" / "state.json"))["finished"]
+    again = run_ranks(tmp_path, 2, **spec)
+    assert all("error" not in r for r in again), [r.get("message") for r in again]
+    assert again[0]["report"] == results[0]["report"]
+
+
 def test_ranks_with_other_data_or_too_few_sequences_are_refused_on_every_rank(tmp_path):
     for other in (dict(other_data_rank=1), dict(other_weights_rank=1)):
         results = run_ranks(tmp_path, 2, method="wanda", n=4, **other)
