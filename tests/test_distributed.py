@@ -207,11 +207,22 @@ def checkpoint_tensors(folder) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_a_checkpoint_streamed_by_ranks_equals_one_process_and_resumes(tmp_path):
+def checkpoint_run(tmp_path) -> tuple:
+    """(the one-process wanda checkpoint of a tiny model saved in tmp_path/src, the ranks'
+    destination, their run_ranks spec)."""
     src, alone, dst = tmp_path / "src", tmp_path / "alone", tmp_path / "dst"
     tiny_model("llama", num_hidden_layers=3).save_pretrained(src)
     wandapp.prune_checkpoint(src, alone, calib_ids(7, 16), sparsity=0.5, method="wanda", progress=False)
-    spec = dict(method="wanda", n=7, checkpoint={"src": str(src), "dst": str(dst)})
+    return alone, dst, dict(method="wanda", n=7, checkpoint={"src": str(src), "dst": str(dst)})
+
+
+def assert_same_checkpoint(got_folder, expected_folder) -> None:
+    got, expected = checkpoint_tensors(got_folder), checkpoint_tensors(expected_folder)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_a_checkpoint_streamed_by_ranks_equals_one_process_and_resumes(tmp_path):
+    alone, dst, spec = checkpoint_run(tmp_path)
     # Rank 1 fails as block 1 starts: every rank stops; block 0 stays recorded.
     results = run_ranks(tmp_path, 2, **spec, fail={"rank": 1, "block": 1, "where": "core"})
     assert [r["error"] for r in results] == ["RankFailedError", "PruneError"], [r.get("message") for r in results]
@@ -227,8 +238,7 @@ def test_a_checkpoint_streamed_by_ranks_equals_one_process_and_resumes(tmp_path)
     results = run_ranks(tmp_path, 2, **spec)
     assert all("error" not in r for r in results), [r.get("message") for r in results]
     assert [b["status"] for b in results[0]["report"]["blocks"]] == ["pruned"] * 3
-    got, expected = checkpoint_tensors(dst), checkpoint_tensors(alone)
-    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert_same_checkpoint(dst, alone)
     ranks_masks, alone_masks = wandapp.load_masks(str(dst / "masks")), wandapp.load_masks(str(alone / "masks"))
     assert ranks_masks.keys() == alone_masks.keys() and all(torch.equal(ranks_masks[k], alone_masks[k]) for k in alone_masks)
     assert os.listdir(dst / ".wandapp-run") == ["state.json"]
@@ -238,17 +248,13 @@ def test_a_rank_that_fails_after_prune_checkpoint_wrote_leaves_the_others_a_comp
     """Rank 1 fails once the checkpoint is written: rank 0 raises RankFailedError with its report
     (every block pruned), the destination holds the one-process checkpoint and records the run as
     finished, so the same call returns the recorded report without pruning again."""
-    src, alone, dst = tmp_path / "src", tmp_path / "alone", tmp_path / "dst"
-    tiny_model("llama", num_hidden_layers=3).save_pretrained(src)
-    wandapp.prune_checkpoint(src, alone, calib_ids(7, 16), sparsity=0.5, method="wanda", progress=False)
-    spec = dict(method="wanda", n=7, checkpoint={"src": str(src), "dst": str(dst)})
+    alone, dst, spec = checkpoint_run(tmp_path)
     results = run_ranks(tmp_path, 2, **spec, fail={"rank": 1, "block": 0, "where": "after"})
     assert [r["error"] for r in results] == ["RankFailedError", "Injected"], [r.get("message") for r in results]
     assert results[0]["failed_rank"] == 1, results[0]["message"]
     assert "after this rank had finished every block (blocks 0..2 pruned)" in results[0]["message"], results[0]["message"]
     assert [b["status"] for b in results[0]["report"]["blocks"]] == ["pruned"] * 3
-    got, expected = checkpoint_tensors(dst), checkpoint_tensors(alone)
-    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert_same_checkpoint(dst, alone)
     assert json.load(open(dst / ".wandapp-run" / "state.json"))["finished"]
     again = run_ranks(tmp_path, 2, **spec)
     assert all("error" not in r for r in again), [r.get("message") for r in again]
