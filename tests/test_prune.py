@@ -151,8 +151,8 @@ def test_report_prints_and_serialises(ids):
     assert d["seed"] == 0 and d["config"]["ro_rounds"] == 2 and d["achieved_sparsity"] == pytest.approx(0.5)
     layer = d["blocks"][0]["layers"]["model.layers.0.self_attn.q_proj"]
     assert len(layer["mask_hash"]) == 64 and layer["sparsity"] == pytest.approx(0.5)
-    assert len(d["blocks"][0]["ro_losses"]) == d["blocks"][0]["ro_steps"] // 8 <= 2
-    assert d["blocks"][0]["ro_stop"] in ("rounds", "converged", "rolled back")
+    # ro_min_improvement is 0 by default: both rounds of M = 8 one-sequence steps run.
+    assert (len(d["blocks"][0]["ro_losses"]), d["blocks"][0]["ro_steps"], d["blocks"][0]["ro_stop"]) == (2, 16, "rounds")
 
 
 def test_the_report_says_how_many_rounds_and_steps_ran_and_why_they_ended(ids):
