@@ -24,6 +24,8 @@ CONFIG_FLAGS = {
     "device": str, "offload": str,
     "layer_sparsity": str, "owl_m": float, "owl_lambda": float,
 }
+#: Boolean PruneConfig fields that `wandapp prune` exposes as --flag / --no-flag (unset: the config's default).
+BOOL_CONFIG_FLAGS = ("ro_lr_search", "ro_extrapolate")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -123,7 +125,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         check_tasks(args.eval_tasks, args.include_path)
     accuracy = lambda m, t: _task_accuracy(m, t, args, args.eval_tasks, args.eval_limit, args.eval_batch_size)  # noqa: E731
     overrides = {
-        field: getattr(args, field) for field in (*CONFIG_FLAGS, "ro_lr_search", "ro_extrapolate", "dense_check", "targets", "ignore") if getattr(args, field) is not None
+        field: getattr(args, field) for field in (*CONFIG_FLAGS, *BOOL_CONFIG_FLAGS, "dense_check", "targets", "ignore") if getattr(args, field) is not None
     }
     config = (PruneConfig.paper() if args.paper else PruneConfig()).replace(nsamples=args.nsamples, seed=args.seed, **overrides)
     # Under torchrun every rank prunes (each its share of the calibration) and rank 0 writes; a rank
@@ -290,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", action="store_true", help="start from PruneConfig.paper() (lr 3e-7, 32 RO samples)")
     for field, kind in CONFIG_FLAGS.items():
         p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None, help=f"PruneConfig.{field} (see its docs)")
-    for field in ("ro_lr_search", "ro_extrapolate"):
+    for field in BOOL_CONFIG_FLAGS:
         p.add_argument(f"--{field.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None, help=f"PruneConfig.{field} (see its docs)")
     p.add_argument(
         "--dense-check", action=argparse.BooleanOptionalAction, default=None,
