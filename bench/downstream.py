@@ -7,7 +7,7 @@ with perplexity beside, in one run.
                                              # min, 200 items per task; pruning about 21 min, wanda++ 3 to 8)
     python bench/downstream.py --limit 100   # about half the evaluation time
     python bench/downstream.py --limit 20 --methods magnitude,wanda --patterns 2:4 --out downstream_smoke.md
-    python bench/downstream.py --compare-only downstream.md   # redo the Wanda++ vs Wanda lines of a table
+    python bench/downstream.py --compare-only downstream.md   # redo the Wanda++ vs Wanda lines and the chart of a table
 
 Calibration: 16 x 128 tokens of Persuasion (seed 0), as bench/quality.py. Perplexity: Northanger
 Abbey, windows of 512 (--eval-tokens). Accuracy: wandapp.eval.tasks (the harness's numbers and
@@ -68,21 +68,35 @@ def cells_of(rows: list[tuple[str, float, TaskResults]]) -> Cells:
     return {name: {(t, m): (r.value(t, m), r.stderr(t, m)) for t, m in COLUMNS} for name, _, r in rows}
 
 
+def read_cells(lines: list[str]) -> tuple[Cells, dict[tuple[str, str], float]]:
+    """The cells (value ± standard error) of a table this script wrote, and its chance row."""
+    cells: Cells = {}
+    chance: dict[tuple[str, str], float] = {}
+    for line in lines:
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if len(parts) != 2 + len(COLUMNS):
+            continue
+        found = [re.fullmatch(r"([0-9.]+) ± ([0-9.]+)", p) for p in parts[2:]]
+        if all(found):
+            cells[parts[0]] = {c: (float(f[1]), float(f[2])) for c, f in zip(COLUMNS, found)}
+        elif parts[0] == "chance":
+            chance = {c: float(v) for c, v in zip(COLUMNS, parts[2:]) if re.fullmatch(r"[0-9.]+", v)}
+    return cells, chance
+
+
 def compare_only(path: str) -> None:
-    """Rewrites the comparison lines of a table this script wrote, from its cells (3 decimals)."""
+    """Rewrites the comparison lines of a table this script wrote, from its cells (3 decimals), and
+    redraws its chart: for a table some of whose rows were re-measured by a run of fewer methods."""
     lines = open(path).read().splitlines()
     if any(line.startswith(COMPARISON_HEADER) for line in lines):
         lines = lines[: next(i for i, line in enumerate(lines) if line.startswith(COMPARISON_HEADER)) - 1]
-    cells: Cells = {}
-    for line in lines:
-        parts = [p.strip() for p in line.strip().strip("|").split("|")]
-        found = [re.fullmatch(r"([0-9.]+) ± ([0-9.]+)", p) for p in parts[2:]]
-        if len(parts) == 2 + len(COLUMNS) and all(found):
-            cells[parts[0]] = {c: (float(f[1]), float(f[2])) for c, f in zip(COLUMNS, found)}
+    cells, chance = read_cells(lines)
     write_results(os.path.basename(path), lines + comparison(cells), os.path.dirname(os.path.abspath(path)))
+    chart(cells, chance, os.path.splitext(path)[0] + ".png")
 
 
-def chart(rows: list[tuple[str, float, TaskResults]], path: str) -> str | None:
+def chart(cells: Cells, chance: dict[tuple[str, str], float], path: str) -> str | None:
+    """Bars of each model's value ± standard error per column, with the chance level."""
     try:
         import matplotlib
 
@@ -92,14 +106,14 @@ def chart(rows: list[tuple[str, float, TaskResults]], path: str) -> str | None:
         print("matplotlib is not installed; no chart")
         return None
     fig, axes = plt.subplots(1, len(COLUMNS), figsize=(4.2 * len(COLUMNS), 3.8), sharey=False)
-    names = [r[0] for r in rows]
+    names = list(cells)
     for ax, (task, metric) in zip(axes, COLUMNS):
-        values = [r[2].value(task, metric) for r in rows]
-        errors = [r[2].stderr(task, metric) or 0 for r in rows]
+        values = [cells[n][(task, metric)][0] for n in names]
+        errors = [cells[n][(task, metric)][1] or 0 for n in names]
         ax.barh(names, values, xerr=errors, color="#69c", capsize=2)
-        chance = rows[0][2].chance.get(task, {}).get(metric)
-        if chance is not None:
-            ax.axvline(chance, color="#c66", linestyle="--", label=f"chance {chance:.2f}")
+        level = chance.get((task, metric))
+        if level is not None:
+            ax.axvline(level, color="#c66", linestyle="--", label=f"chance {level:.2f}")
             ax.legend(loc="lower right", fontsize=7)
         ax.invert_yaxis()
         ax.set_title(f"{task}\n{metric} (± stderr)", fontsize=9)
@@ -119,7 +133,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=None, help="task requests per forward call (default 8)")
     ap.add_argument("--out", default="downstream.md", help="file name under bench/results (the chart: same name, .png)")
-    ap.add_argument("--compare-only", metavar="FILE", help="only rewrite the Wanda++ vs Wanda lines of a table under bench/results")
+    ap.add_argument("--compare-only", metavar="FILE", help="only rewrite the Wanda++ vs Wanda lines and the chart of a table under bench/results")
     args = ap.parse_args()
     if args.compare_only:
         compare_only(os.path.join(RESULTS, args.compare_only))
@@ -169,7 +183,8 @@ def main() -> None:
         *comparison(cells_of(rows)),
     ]
     write_results(args.out, lines)
-    png = chart(rows, os.path.join(RESULTS, os.path.splitext(args.out)[0] + ".png"))
+    chance = {(t, m): first.chance[t][m] for t, m in COLUMNS if m in first.chance.get(t, {})}
+    png = chart(cells_of(rows), chance, os.path.join(RESULTS, os.path.splitext(args.out)[0] + ".png"))
     if png:
         print(f"wrote {png}")
 

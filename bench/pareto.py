@@ -30,12 +30,15 @@ RUNS = {
     "wanda": ("wanda", {}),
     "sparsegpt": ("sparsegpt", {}),
     "sparsegpt+ro": ("sparsegpt+ro", {}),
-    "wanda++ default (K=5, lr 1e-4)": ("wanda++", {}),
-    "wanda++ K=3": ("wanda++", dict(ro_rounds=3)),
+    "wanda++ default (K=3, lr 3e-4)": ("wanda++", {}),
+    "wanda++ previous default (K=5, lr 1e-4)": ("wanda++", dict(ro_rounds=5, ro_lr=1e-4)),
+    "wanda++ K=3, lr 3e-4 without search": ("wanda++", dict(ro_lr_search=False)),
+    "wanda++ K=2": ("wanda++", dict(ro_rounds=2)),
+    "wanda++ K=3, M=12, H=4": ("wanda++", dict(ro_samples=12, ro_holdout=4)),
     "wanda++ K=2, lr 6e-4, extrapolate": ("wanda++", dict(ro_rounds=2, ro_lr=6e-4, ro_extrapolate=True)),
 }
-DEFAULT = "wanda++ default (K=5, lr 1e-4)"
-SMOKE_RUNS = ("wanda", DEFAULT, "wanda++ K=3")
+DEFAULT = "wanda++ default (K=3, lr 3e-4)"
+SMOKE_RUNS = ("wanda", DEFAULT, "wanda++ K=2")
 #: The row of --previous: the earlier version's code and default settings.
 PREVIOUS_VERSION = "wanda++ previous version, its default"
 

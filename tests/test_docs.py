@@ -6,12 +6,14 @@ run in tests/test_tasks_eval.py."""
 
 from __future__ import annotations
 
+import ast
 import inspect
 import os
 
 import pytest
 from helpers import python_blocks, run_python_blocks
 
+from wandapp import PruneConfig
 from wandapp.testing import tiny_llama_model
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
@@ -37,3 +39,34 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
     for name, test in list(namespace.items()):
         if name.startswith("test_") and callable(test):
             test(**{arg: FIXTURES[arg]() for arg in inspect.signature(test).parameters})
+
+
+def settings_table() -> dict[str, tuple[str, str]]:
+    """docs/methods.md's PruneConfig table: field -> (default cell, paper cell)."""
+    rows = {}
+    for line in open(os.path.join(DOCS, "methods.md"), encoding="utf-8"):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[0].startswith("`") and cells[0].endswith("`"):
+            rows[cells[0].strip("`")] = (cells[1], cells[2])
+    return rows
+
+
+def literal(cell: str):
+    """The cell's value when it is a plain Python literal (3, 3e-4, True), else None."""
+    try:
+        return ast.literal_eval(cell)
+    except (ValueError, SyntaxError):
+        return None
+
+
+def test_the_settings_table_states_the_defaults_and_the_papers_values():
+    rows = settings_table()
+    default, paper = PruneConfig(), PruneConfig.paper()
+    checked = 0
+    for field, (default_cell, paper_cell) in rows.items():
+        for cell, config in ((default_cell, default), (paper_cell, paper)):
+            value = literal(cell)
+            if value is not None:
+                assert getattr(config, field) == value, f"docs/methods.md says {field} = {cell}; PruneConfig has {getattr(config, field)!r}"
+                checked += 1
+    assert {"alpha", "ro_rounds", "ro_lr", "ro_lr_search", "ro_holdout"} <= rows.keys() and checked >= 12

@@ -51,14 +51,14 @@ def test_each_schedule_is_stated_against_the_default(pareto):
     )
 
 
-def test_the_script_runs_and_writes_its_table(tmp_path):
+def test_the_script_runs_and_writes_its_table(tmp_path, pareto):
     done = subprocess.run([sys.executable, "bench/pareto.py", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| 2:4 |")]
-    assert [r[1].strip() for r in rows] == ["wanda", "wanda++ default (K=5, lr 1e-4)", "wanda++ K=3"]
+    assert [r[1].strip() for r in rows] == ["wanda", pareto.DEFAULT, "wanda++ K=2"]
     assert all(float(r[2]) >= 0 and float(r[3]) > 1 and float(r[4]) > 1 for r in rows)
     assert any(r[5].strip() == "yes" for r in rows) and any(r[6].strip() == "yes" for r in rows)
-    assert "- 2:4, wanda++ K=3: " in done.stdout
+    assert "- 2:4, wanda++ K=2: " in done.stdout
 
 
 def test_the_readme_shows_the_benchmark_table_as_written():

@@ -19,9 +19,13 @@ RO_METHODS = ("wanda++", "sparsegpt+ro")
 LAYER_SPARSITIES = ("uniform", "owl")
 
 #: Default RO learning rate (where each block's step search starts), chosen by measurement on
-#: SmolLM2-135M at 2:4 (bench/ro_lr.py, bench/results/ro_lr.md). The paper's 3e-7 barely moves
-#: the weights of a small model.
-DEFAULT_RO_LR = 1e-4
+#: SmolLM2-135M at 2:4 (bench/ro_lr.py, bench/results/ro_lr.md; with 3 rounds instead of 5,
+#: bench/results/pareto.md). The paper's 3e-7 barely moves the weights of a small model.
+DEFAULT_RO_LR = 3e-4
+
+#: Default number of RO rounds per block: 3 at 3e-4 matched 5 at 1e-4 in perplexity on both
+#: held-out texts at 0.7x the time (bench/results/pareto.md); the paper runs 5.
+DEFAULT_RO_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -85,16 +89,17 @@ class PruneConfig:
 
     Attributes:
         alpha: weight of the regional gradient in the RGS score (paper: 100).
-        ro_rounds: K, the most rounds of prune -> regional optimization per block (paper: 5);
+        ro_rounds: K, the most rounds of prune -> regional optimization per block (paper: 5;
+            wandapp: 3, which at ``ro_lr`` 3e-4 matched 5 rounds at 1e-4 at 0.7x the time);
             for "sparsegpt+ro", rounds of RO after SparseGPT, its masks fixed.
             ``ro_min_improvement`` may end a block's rounds earlier. Fewer rounds cost less and
             prune worse: bench/results/pareto.md.
         ro_samples: M, calibration sequences RO trains on, drawn with ``seed`` (paper: 32);
             None = min(32, the sequences used).
         ro_lr: RMSprop learning rate of RO (paper: 3e-7, tuned for 7B models; wandapp's
-            default was measured on SmolLM2-135M, see bench/results/ro_lr.md; a larger rate
-            with fewer rounds fits the calibration's domain better and text unlike it worse,
-            bench/results/pareto.md). With ``ro_lr_search`` it is the starting point of each
+            default was measured on SmolLM2-135M, see bench/results/ro_lr.md and
+            bench/results/pareto.md: a larger rate with fewer rounds fits the calibration's
+            domain better and text unlike it worse). With ``ro_lr_search`` it is the starting point of each
             block's search, which keeps it or scales it by a power of two.
         ro_lr_search: choose each block's RO step size on its held-out sequences: the first
             round's update is scaled by the power of two t in [2^-10, 2^6] that minimises the
@@ -159,7 +164,7 @@ class PruneConfig:
     """
 
     alpha: float = 100.0
-    ro_rounds: int = 5
+    ro_rounds: int = DEFAULT_RO_ROUNDS
     ro_samples: Optional[int] = None
     ro_lr: float = DEFAULT_RO_LR
     ro_lr_search: bool = True
