@@ -99,8 +99,8 @@ class PruneConfig:
         ro_lr: RMSprop learning rate of RO (paper: 3e-7, tuned for 7B models; wandapp's
             default was measured on SmolLM2-135M, see bench/results/ro_lr.md and
             bench/results/pareto.md: a larger rate with fewer rounds fits the calibration's
-            domain better and text unlike it worse). With ``ro_lr_search`` it is the starting point of each
-            block's search, which keeps it or scales it by a power of two.
+            domain better and text unlike it worse). With ``ro_lr_search`` it is the starting
+            point of each block's search, which keeps it or scales it by a power of two.
         ro_lr_search: choose each block's RO step size on its held-out sequences: the first
             round's update is scaled by the power of two t in [2^-10, 2^6] that minimises the
             held-out block error (doubling or halving from t = 1 while it falls), and the later
