@@ -162,6 +162,7 @@ def main() -> None:
         f" --{flag.replace('_', '-')} {value}" for flag, value in vars(args).items() if value != ap.get_default(flag)
     )
     first = rows[0][2]
+    cells = cells_of(rows)
     header = "| model | perplexity | " + " | ".join(f"{t} {m}" for t, m in COLUMNS) + " |"
     chance = "| chance | - | " + " | ".join(f"{first.chance.get(t, {}).get(m, float('nan')):.3f}" for t, m in COLUMNS) + " |"
     lines = [
@@ -180,11 +181,11 @@ def main() -> None:
         "",
         f"`{OFFLINE_TASKS[1]}` perplexity (of the final word): "
         + ", ".join(f"{name} {r.value(OFFLINE_TASKS[1], 'perplexity'):.1f}" for name, _, r in rows),
-        *comparison(cells_of(rows)),
+        *comparison(cells),
     ]
     write_results(args.out, lines)
-    chance = {(t, m): first.chance[t][m] for t, m in COLUMNS if m in first.chance.get(t, {})}
-    png = chart(cells_of(rows), chance, os.path.join(RESULTS, os.path.splitext(args.out)[0] + ".png"))
+    chance_levels = {(t, m): first.chance[t][m] for t, m in COLUMNS if m in first.chance.get(t, {})}
+    png = chart(cells, chance_levels, os.path.join(RESULTS, os.path.splitext(args.out)[0] + ".png"))
     if png:
         print(f"wrote {png}")
 
