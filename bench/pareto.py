@@ -5,6 +5,7 @@ calibration's domain; B: the Python language reference, out of it).
 
     python bench/pareto.py                        # 16 x 256 calibration, 2:4 and 50% (about 45 min on 2 cores)
     python bench/pareto.py --smoke                # 2 x 32 tokens, 2:4, three runs: checks the script
+    python bench/pareto.py --runs "A;B" --out NAME   # only runs A and B (and the default), to NAME.md
 
 With --previous DIR (the python/ folder of a built checkout of an earlier wandapp, e.g.
 `git worktree add ../wandapp-before 2a21492 && make -C ../wandapp-before build`), that version's
@@ -36,6 +37,9 @@ RUNS = {
     "wanda++ K=2": ("wanda++", dict(ro_rounds=2)),
     "wanda++ K=3, M=12, H=4": ("wanda++", dict(ro_samples=12, ro_holdout=4)),
     "wanda++ K=2, lr 6e-4, extrapolate": ("wanda++", dict(ro_rounds=2, ro_lr=6e-4, ro_extrapolate=True)),
+    "wanda++ bfloat16 autocast": ("wanda++", dict(ro_autocast="bfloat16")),
+    "wanda++ bfloat16 autocast, no search": ("wanda++", dict(ro_autocast="bfloat16", ro_lr_search=False)),
+    "wanda++ bfloat16 autocast, K=4, no search": ("wanda++", dict(ro_autocast="bfloat16", ro_rounds=4, ro_lr_search=False)),
 }
 DEFAULT = "wanda++ default (K=3, lr 3e-4)"
 SMOKE_RUNS = ("wanda", DEFAULT, "wanda++ K=2")
@@ -95,8 +99,17 @@ def main() -> None:
     ap.add_argument("--patterns", default="2:4,0.5", help="comma-separated sparsities")
     ap.add_argument("--smoke", action="store_true", help="2 x 32 tokens, 2:4, three runs, written to pareto_smoke.md")
     ap.add_argument("--previous", metavar="DIR", help="python/ folder of a built earlier wandapp whose default wanda++ also runs")
+    ap.add_argument("--runs", metavar="A;B", help="only these runs (names of RUNS, ';'-separated), the default always among them")
+    ap.add_argument("--out", metavar="NAME", help="results file name without .md (default: pareto, or pareto_smoke)")
     args = ap.parse_args()
-    runs = {name: RUNS[name] for name in (SMOKE_RUNS if args.smoke else RUNS)}
+    names = SMOKE_RUNS if args.smoke else RUNS
+    if args.runs:
+        chosen = args.runs.split(";")
+        unknown = [n for n in chosen if n not in RUNS]
+        if unknown:
+            ap.error(f"unknown runs {unknown}; known: {list(RUNS)}")
+        names = [n for n in RUNS if n in chosen or n == DEFAULT]
+    runs = {name: RUNS[name] for name in names}
     if args.smoke:
         args.nsamples, args.seqlen, args.eval_tokens, args.patterns = 2, 32, 256, "2:4"
     patterns = args.patterns.split(",")
@@ -117,6 +130,10 @@ def main() -> None:
                 print(f"{pattern:>4} {PREVIOUS_VERSION:>42}: {results[pattern][PREVIOUS_VERSION][0]:6.0f} s", flush=True)
 
     command = "python bench/pareto.py" + (" --smoke" if args.smoke else "")
+    if args.runs:
+        command += f' --runs "{args.runs}"'
+    if args.out:
+        command += f" --out {args.out}"
     if args.previous:
         head = subprocess.run(["git", "-C", args.previous, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         command += f" --previous <python/ of a build of {head or args.previous}>"
@@ -147,7 +164,7 @@ def main() -> None:
     lines += ["", "Against the default, measured above:", ""]
     for pattern, rows in results.items():
         lines += against_default(rows, pattern)
-    name = "pareto_smoke" if args.smoke else "pareto"
+    name = args.out or ("pareto_smoke" if args.smoke else "pareto")
     write_results(f"{name}.md", lines)
     chart(results, dense, os.path.join(RESULTS, f"{name}.png"))
 

@@ -304,12 +304,15 @@ impl PyGradientStats {
 /// A Python object with `__len__`, `batches(indices)`, `forward`, `linear_inputs` (returning
 /// (inputs, output)), `target` and `token_mask` taking a list of indices (one batch), and
 /// `set_targets` / `set_outputs` taking a batch and a tensor; with `world_size()` > 1 also
-/// `local()` and `all_reduce(tensors)` (`Block`). The first exception it raises is kept and
+/// `local()` and `all_reduce(tensors)`; optionally `training_forward` (else `forward` serves RO's
+/// training steps) (`Block`). The first exception it raises is kept and
 /// re-raised unchanged.
 struct PyBlock<'py> {
     obj: Bound<'py, PyAny>,
     len: usize,
     world_size: usize,
+    /// Whether the object has its own `training_forward`.
+    training_forward: bool,
     error: KeptError,
 }
 
@@ -360,6 +363,10 @@ impl Block for PyBlock<'_> {
 
     fn forward(&self, batch: &[usize]) -> Result<Tensor> {
         self.tensor("forward", batch)
+    }
+
+    fn training_forward(&self, batch: &[usize]) -> Result<Tensor> {
+        self.tensor(if self.training_forward { "training_forward" } else { "forward" }, batch)
     }
 
     fn linear_inputs(&self, batch: &[usize]) -> Result<(Vec<Tensor>, Tensor)> {
@@ -508,7 +515,8 @@ fn prune_block_<'py>(
     let len = block.len()?;
     // A block without `world_size` (the trait's own tests, user blocks) runs alone.
     let world_size = if block.hasattr("world_size")? { block.call_method0("world_size")?.extract()? } else { 1 };
-    let block = PyBlock { obj: block, len, world_size, error: KeptError::default() };
+    let training_forward = block.hasattr("training_forward")?;
+    let block = PyBlock { obj: block, len, world_size, training_forward, error: KeptError::default() };
     let outcome = run_schedule(&block, &weights, &plan).map_err(|e| block.error.raise(e))?;
     let result = PyDict::new(py);
     let masks = outcome.masks.into_iter().map(|m| to_py(py, m)).collect::<PyResult<Vec<_>>>()?;

@@ -29,6 +29,13 @@ pub trait Block: Processes {
     }
     /// Block output [b, seq, hidden]; tracks gradients when grad mode is on.
     fn forward(&self, batch: &[usize]) -> Result<Tensor>;
+    /// The forward of an RO training step [b, seq, hidden], under grad mode: its output serves
+    /// only the step's gradient, so an implementation may run it in lower precision (PyTorch's
+    /// autocast, `PruneConfig.ro_autocast`). Every measured forward (targets, errors, activation
+    /// statistics, the next block's inputs) goes through `forward` or `linear_inputs`.
+    fn training_forward(&self, batch: &[usize]) -> Result<Tensor> {
+        self.forward(batch)
+    }
     /// One forward that also records each weight's input (in the order of the weights): [b, seq,
     /// in] for a layer that sees every token (padding is left out with `token_mask`), or [rows,
     /// in] for an expert of a mixture of experts: the real tokens of the batch routed to it,

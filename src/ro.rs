@@ -178,7 +178,7 @@ fn step_gradients(block: &dyn Block, weights: &[Tensor], step: &[usize], loss_su
     for i in local_share(block, step)? {
         let (loss, grads) = tch::with_grad(|| -> Result<(Tensor, Vec<Tensor>)> {
             let mask = block.token_mask(&[i])?;
-            let loss = masked_mse(&block.forward(&[i])?, &block.target(&[i])?, mask.as_ref())?;
+            let loss = masked_mse(&block.training_forward(&[i])?, &block.target(&[i])?, mask.as_ref())?;
             let grads = block.gradients(&loss, weights)?;
             Ok((loss.f_detach()?, grads))
         })?;

@@ -383,12 +383,23 @@ def _sparsegpt_prune(layer, prefix: str, captured, sparsity) -> dict:
     return masks
 
 
-def _ro_round(layer, prefix: str, captured, targets, masks: dict, lr: float) -> tuple[bool, float]:
+def _training_output(layer, x: torch.Tensor, kwargs: dict, autocast: torch.dtype | None) -> torch.Tensor:
+    """The block output of a training step, each sequence's forward in its own ``torch.autocast``
+    region to ``autocast`` when set (so each gets its own weight cast and hands the float32
+    weights a float32 gradient)."""
+    if autocast is None:
+        return _block_output(layer, x, kwargs)
+    with torch.autocast(x.device.type, dtype=autocast):
+        return _block_output(layer, x, kwargs)
+
+
+def _ro_round(layer, prefix: str, captured, targets, masks: dict, lr: float, autocast: torch.dtype | None = None) -> tuple[bool, float]:
     """One regional optimization round of one step over every sequence (SPEC step 5): the mean of
-    the sequences' output MSEs against the dense block, one ``torch.optim.RMSprop`` step (its
-    defaults, which the paper uses) on the block's weight matrices, pruned weights set back to 0;
-    undone when the error over the same sequences (the guard's held-out set) got worse or is not
-    finite. Returns whether it was undone, and the error before it."""
+    the sequences' output MSEs against the dense block (the forwards under ``torch.autocast`` to
+    ``autocast`` when set), one ``torch.optim.RMSprop`` step (its defaults, which the paper uses)
+    on the block's weight matrices, pruned weights set back to 0; undone when the error over the
+    same sequences (the guard's held-out set, measured in float32) got worse or is not finite.
+    Returns whether it was undone, and the error before it."""
     params = _block_parameters(layer)
     keep = _full_masks(layer, prefix, masks)
     before = _mean_block_mse(layer, captured, targets)
@@ -398,7 +409,7 @@ def _ro_round(layer, prefix: str, captured, targets, masks: dict, lr: float) -> 
         p.requires_grad_(True)
     optimizer = torch.optim.RMSprop(params, lr=lr)
     optimizer.zero_grad()
-    loss = sum(((_block_output(layer, x, kw).float() - t) ** 2).mean() for (x, kw), t in zip(captured, targets)) / len(captured)
+    loss = sum(((_training_output(layer, x, kw, autocast).float() - t) ** 2).mean() for (x, kw), t in zip(captured, targets)) / len(captured)
     loss.backward()
     optimizer.step()
     with torch.no_grad():
@@ -416,13 +427,15 @@ def _ro_round(layer, prefix: str, captured, targets, masks: dict, lr: float) -> 
     return undone, before
 
 
-def regional_schedule_model(model, sequences: list[torch.Tensor], method: str, sparsity, *, lr: float, alpha: float = 100.0) -> tuple[dict, list[dict]]:
+def regional_schedule_model(
+    model, sequences: list[torch.Tensor], method: str, sparsity, *, lr: float, alpha: float = 100.0, autocast: torch.dtype | None = None
+) -> tuple[dict, list[dict]]:
     """wanda++ or sparsegpt+ro, block by block, at the settings where the schedule is order-free:
     one RO round, no step search, one RMSprop step over every calibration sequence, which also
     guard it (``ro_rounds=1, ro_samples=ro_batch_size=N, ro_holdout=0, ro_lr_search=False``).
     wanda++ (SPEC step 6): G once on the dense block, an RGS prune, the RO round, the final RGS
     prune with the input norms of the block as RO left it. sparsegpt+ro: SparseGPT, then the RO
-    round with its masks. Every block's inputs come from a full model forward. Returns
+    round with its masks. ``autocast``: the dtype of RO's training forwards (``ro_autocast``). Every block's inputs come from a full model forward. Returns
     ({name: keep-mask}, per block {"undone": the round was undone, "mse_before_ro": the error after
     the first prune, "mse_final": after the final one})."""
     masks, blocks = {}, []
@@ -434,11 +447,11 @@ def regional_schedule_model(model, sequences: list[torch.Tensor], method: str, s
         if method == "wanda++":
             grad_rms = _regional_gradient_rms(layer, prefix, captured)
             first = _rgs_prune(layer, prefix, grad_rms, _input_square_sums(layer, captured), len(captured), sparsity, alpha)
-            undone, before = _ro_round(layer, prefix, captured, targets, first, lr)
+            undone, before = _ro_round(layer, prefix, captured, targets, first, lr, autocast)
             masks.update(_rgs_prune(layer, prefix, grad_rms, _input_square_sums(layer, captured), len(captured), sparsity, alpha))
         elif method == "sparsegpt+ro":
             block_masks = _sparsegpt_prune(layer, prefix, captured, sparsity)
-            undone, before = _ro_round(layer, prefix, captured, targets, block_masks, lr)
+            undone, before = _ro_round(layer, prefix, captured, targets, block_masks, lr, autocast)
             masks.update(block_masks)
         else:
             raise ValueError(method)

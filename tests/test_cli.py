@@ -67,7 +67,7 @@ def test_config_flags_reach_the_report(saved_model, tmp_path):
     assert config["ro_lr"] == 3e-7  # from --paper
     assert (config["alpha"], config["ro_samples"], config["ro_holdout"], config["ro_rounds"], config["offload"]) == (50.0, 4, 2, 1, "cpu")
     assert config["ro_lr_search"] is False  # from --paper
-    assert (config["ro_min_improvement"], config["ro_extrapolate"]) == (0.0, False)  # from --paper
+    assert (config["ro_min_improvement"], config["ro_extrapolate"], config["ro_autocast"]) == (0.0, False, "off")  # from --paper
 
 
 def test_owl_and_lr_search_flags(saved_model, tmp_path):
@@ -75,15 +75,16 @@ def test_owl_and_lr_search_flags(saved_model, tmp_path):
     code = main([
         "prune", "--model", saved_model, "--sparsity", "0.5", "--method", "wanda++", "--calib", "persuasion", "--nsamples", "8",
         "--seqlen", "32", "--ro-samples", "4", "--ro-holdout", "2", "--ro-rounds", "2", "--no-ro-lr-search", "--ro-extrapolate",
-        "--ro-min-improvement", "0.2",
+        "--ro-min-improvement", "0.2", "--ro-autocast", "bfloat16",
         "--layer-sparsity", "owl", "--owl-lambda", "0.1", "--out", out,
     ])
     assert code == 0
     report = json.load(open(os.path.join(out, "report.json")))
     config = report["config"]
     assert (config["layer_sparsity"], config["owl_lambda"], config["ro_lr_search"]) == ("owl", 0.1, False)
-    assert (config["ro_extrapolate"], config["ro_min_improvement"]) == (True, 0.2)
+    assert (config["ro_extrapolate"], config["ro_min_improvement"], config["ro_autocast"]) == (True, 0.2, "bfloat16")
     assert all(b["target_sparsity"] is not None and b["ro_lr"] == config["ro_lr"] for b in report["blocks"])
+    assert {b["ro_autocast"] for b in report["blocks"]} == {"bfloat16"}
 
 
 def test_eval_prints_the_protocol(saved_model, capsys):

@@ -209,6 +209,7 @@ def untouched(model, before):
         (dict(ro_min_improvement=1.0), wandapp.InvalidArgumentError, "ro_min_improvement"),
         (dict(ro_min_improvement=True), wandapp.InvalidArgumentError, "ro_min_improvement"),
         (dict(ro_extrapolate="yes"), wandapp.InvalidArgumentError, "ro_extrapolate"),
+        (dict(ro_autocast="float16"), wandapp.InvalidArgumentError, "ro_autocast.*'auto', 'bfloat16', 'off'"),
         (dict(typo=1), wandapp.InvalidArgumentError, "typo"),
     ],
 )

@@ -21,7 +21,7 @@ import reference
 from conftest import calib_ids, tiny_architecture, tiny_model
 
 #: One round of one RMSprop step over every sequence, guarded by those same sequences.
-ORDER_FREE = dict(nsamples=8, ro_rounds=1, ro_samples=8, ro_batch_size=8, ro_holdout=0, ro_lr_search=False, progress=False)
+ORDER_FREE = dict(nsamples=8, ro_rounds=1, ro_samples=8, ro_batch_size=8, ro_holdout=0, ro_lr_search=False, ro_autocast="off", progress=False)
 
 
 def block_weights(model) -> dict[str, torch.Tensor]:
@@ -52,3 +52,30 @@ def test_one_round_equals_the_pure_pytorch_schedule(model_type, method, sparsity
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+def test_a_bfloat16_round_equals_the_pure_pytorch_schedule_under_autocast(model_type):
+    """ro_autocast="bfloat16": the training forwards under torch.autocast (each sequence its own
+    region), everything measured in float32: masks equal to the reference's, weights as close as
+    in float32, and away from the float32 schedule's (the setting takes effect). wanda++ only:
+    bfloat16 rounds SparseGPT's float32 differences from its transcription (1e-6) to whole
+    bfloat16 steps, and sparsegpt+ro's RO is the same code. The reference runs the experts with
+    transformers' per-expert loop, as wandapp does: its grouped kernel rounds otherwise in bfloat16."""
+    method = "wanda++"
+    model = tiny_model("llama", seed=3) if model_type == "llama" else tiny_architecture(model_type, seed=3)
+    ref_model, fp32_model = copy.deepcopy(model), copy.deepcopy(model)
+    if model_type == "mixtral":
+        ref_model.set_experts_implementation("eager")
+    data = calib_ids(n=8, seqlen=24, seed=4)
+    settings = {**ORDER_FREE, "ro_autocast": "bfloat16"}
+    report = wandapp.prune(model, data, sparsity="2:4", method=method, ro_lr=1e-4, **settings)
+    assert {b.ro_autocast for b in report.blocks} == {"bfloat16"}
+    expected, _ = reference.regional_schedule_model(ref_model, [data[i : i + 1] for i in range(8)], method, "2:4", lr=1e-4, autocast=torch.bfloat16)
+    for name, mask in expected.items():
+        assert torch.equal(report.masks[name], mask), name
+    got, want = block_weights(model), block_weights(ref_model)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=2e-7, msg=lambda m, n=name: f"{n}: {m}")
+    wandapp.prune(fp32_model, data, sparsity="2:4", method=method, ro_lr=1e-4, **ORDER_FREE)
+    assert any(not torch.equal(got[name], p) for name, p in block_weights(fp32_model).items())

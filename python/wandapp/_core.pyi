@@ -150,6 +150,8 @@ class _Block(Protocol):
     def token_mask(self, batch: list[int]) -> torch.Tensor | None: ...
     # Optional: a block whose calibration is spread over processes (world_size() > 1) also has
     # local() -> list[int] (its sequences, sorted) and all_reduce(tensors: list[torch.Tensor]) -> None.
+    # Optional: training_forward(batch) -> torch.Tensor, the forward of an RO training step (its
+    # output serves only the gradient, so it may run under autocast); without it, forward serves.
 
 class _RoundResult(TypedDict):
     loss: float

@@ -69,6 +69,26 @@ def batching_fails(adapter: DecoderAdapter, samples: list[Sample], device: torch
     return None
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU with bfloat16
+    support (compute capability 8.0 or later), or a CPU with AVX512-BF16 or AMX (on other CPUs
+    oneDNN emulates bfloat16, slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def training_autocast(setting: str, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype RO's training forwards run in under ``torch.autocast`` for
+    ``PruneConfig.ro_autocast`` = ``setting`` on ``device``, for weights of ``dtype``; None: no
+    autocast (the weights' own dtype). Only float32 weights are autocast."""
+    if dtype != torch.float32 or setting == "off" or (setting == "auto" and not native_bfloat16(device)):
+        return None
+    return torch.bfloat16
+
+
 class BlockRunner:
     """The ``Block`` the core drives: the HuggingFace layer, run unchanged on ``device``, on
     batches of calibration sequences given by index.
@@ -83,7 +103,14 @@ class BlockRunner:
     """
 
     def __init__(
-        self, adapter: DecoderAdapter, index: int, samples: list[Sample], device: torch.device, batch_size: int = 1, share: Share | None = None
+        self,
+        adapter: DecoderAdapter,
+        index: int,
+        samples: list[Sample],
+        device: torch.device,
+        batch_size: int = 1,
+        share: Share | None = None,
+        autocast: torch.dtype | None = None,
     ):
         self.layer = adapter.layers[index]
         self.kind = adapter.kinds[index]
@@ -101,6 +128,8 @@ class BlockRunner:
         self.batch_size = batch_size
         self.pin = pinned_offload(samples[0].hidden.device, device)
         self._arguments: dict[Any, dict[str, Any]] = {}
+        #: The dtype RO's training forwards run in under torch.autocast (training_autocast); None: the model's own.
+        self.autocast = autocast
 
     def __len__(self) -> int:
         return self.share.nsamples
@@ -139,6 +168,15 @@ class BlockRunner:
             hidden = torch.cat([self.samples[i].hidden.to(self.device, non_blocking=True) for i in indices])
             kwargs = _expand_batch(kwargs, len(indices))
         return DecoderAdapter.call(self.layer, hidden, kwargs)
+
+    def training_forward(self, indices: list[int]) -> torch.Tensor:
+        """The forward of an RO training step (the core calls it under grad mode): ``forward``,
+        under ``torch.autocast`` to ``self.autocast`` when set. Its output serves only the step's
+        gradient, which reaches the float32 weights in float32."""
+        if self.autocast is None:
+            return self.forward(indices)
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            return self.forward(indices)
 
     @staticmethod
     def _sharing_key(sample: Sample) -> tuple[int, ...] | None:

@@ -20,7 +20,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 #: PruneConfig fields that `wandapp prune` exposes as --flags (unset: the config's default).
 CONFIG_FLAGS = {
-    "alpha": float, "ro_rounds": int, "ro_samples": int, "ro_lr": float, "ro_holdout": int, "ro_min_improvement": float,
+    "alpha": float, "ro_rounds": int, "ro_samples": int, "ro_lr": float, "ro_holdout": int, "ro_min_improvement": float, "ro_autocast": str,
     "device": str, "offload": str,
     "layer_sparsity": str, "owl_m": float, "owl_lambda": float,
 }

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from wandapp import _core, owl
 from wandapp.adapters import DecoderAdapter, Target, require_materialized, resolve, unwrap
-from wandapp.block import BlockRunner, batching_fails
+from wandapp.block import BlockRunner, batching_fails, training_autocast
 from wandapp.capture import Sample, capture_first_block, next_block_inputs, pinned_offload
 from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences, sequences_sha256
@@ -360,7 +360,8 @@ def _prune_one_block(
             try:
                 for p in layer.parameters():
                     p.requires_grad_(False)
-                result, outputs = _run_core(adapter, index, samples, method, pattern, counts if layers else None, cfg, device, share)
+                autocast = training_autocast(cfg.ro_autocast, device, targets[0].weight().dtype) if method in RO_METHODS else None
+                result, outputs = _run_core(adapter, index, samples, method, pattern, counts if layers else None, cfg, device, share, autocast)
                 measured, extra_zeros = _measured_masks(targets, result["masks"])
                 # Inside the try: a write-back that fails leaves the stored copies as they were.
                 if run is None:
@@ -386,6 +387,7 @@ def _prune_one_block(
     block.ro_lr = result["rounds"][0]["lr"] if result["rounds"] else None
     block.ro_steps = sum(r["steps"] for r in result["rounds"])
     block.ro_stop = result["ro_stop"]
+    block.ro_autocast = str(autocast).removeprefix("torch.") if autocast is not None and result["rounds"] else None
     block.seconds = time.perf_counter() - start
     block.peak_memory_bytes = (
         torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -421,12 +423,13 @@ def _run_core(
     cfg: PruneConfig,
     device: torch.device,
     share: Share,
+    autocast: torch.dtype | None,
 ) -> tuple[dict, list[torch.Tensor]]:
-    """The core's schedule on block ``index`` (already on ``device``): its result and the next
-    block's inputs."""
+    """The core's schedule on block ``index`` (already on ``device``), RO's training forwards
+    under ``torch.autocast`` to ``autocast`` when set: its result and the next block's inputs."""
     targets = adapter.targets(index)
     with unfused(targets) as leaves:
-        runner = BlockRunner(adapter, index, samples, device, cfg.batch_size, share)
+        runner = BlockRunner(adapter, index, samples, device, cfg.batch_size, share, autocast)
         result = _core.prune_block_(
             runner,
             [t.weight() if t.expert is None else leaves[t.name] for t in targets],

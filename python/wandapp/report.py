@@ -41,6 +41,9 @@ class BlockReport:
     #: why RO's rounds ended: "rounds" (all PruneConfig.ro_rounds ran), "converged" (a round lowered the
     #: held-out error by less than PruneConfig.ro_min_improvement) or "rolled back" (a round was undone); None without RO
     ro_stop: str | None = None
+    #: the dtype RO's training forwards ran in under torch.autocast (PruneConfig.ro_autocast), e.g.
+    #: "bfloat16"; None: the weights' own dtype, or no RO
+    ro_autocast: str | None = None
     outlier_ratio: float | None = None  # layer_sparsity="owl": share of Wanda scores above owl_m x the block's mean
     target_sparsity: float | None = None  # layer_sparsity="owl": the sparsity OWL gave the block (before rounding)
     seconds: float = 0.0
