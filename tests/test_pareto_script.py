@@ -61,6 +61,12 @@ def test_the_script_runs_and_writes_its_table(tmp_path, pareto):
     assert "- 2:4, wanda++ K=2: " in done.stdout
 
 
+def test_an_unknown_run_is_refused_with_the_known_ones():
+    done = subprocess.run([sys.executable, "bench/pareto.py", "--runs", "wanda;wanda++ K=9"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "unknown runs ['wanda++ K=9']" in done.stderr and "wanda++ bfloat16 autocast" in done.stderr
+
+
 def test_the_readme_shows_the_benchmark_table_as_written():
     """README.md's frontier table is bench/results/pareto.md's rows, verbatim."""
     rows = [line for line in (ROOT / "bench" / "results" / "pareto.md").read_text().splitlines() if line.startswith("| ")]

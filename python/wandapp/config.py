@@ -126,9 +126,11 @@ class PruneConfig:
             them in the model's dtype (the default, and the paper's way); "auto" is "bfloat16"
             where the device computes it natively (a CUDA GPU with bfloat16 support, a CPU with
             AVX512-BF16 or AMX) and "off" elsewhere. Applies to float32 models only (a bfloat16
-            or float16 model trains in its own dtype). Measured in bench/results/pareto.md: on a
-            CPU with AVX512-BF16, about 0.8x the time at up to 1.2% higher perplexity, or a 4th
-            round for the time of 3. The report's ``ro_autocast`` says per block what ran.
+            or float16 model trains in its own dtype). Measured on SmolLM2-135M on a CPU with
+            AVX512-BF16 (bench/results/pareto_autocast.md): 0.73-0.84x the default's time at
+            +0.0-0.6% perplexity in the calibration's domain and +1.6-3.7% outside it; with
+            ``ro_lr_search=False`` too, 0.67-0.75x at +0.3/+1.5% at most. The report's
+            ``ro_autocast`` says per block what ran.
         ro_batch_size: calibration sequences per RO step, whose gradients are averaged (the
             paper: 1). None = 1 in one process; under torch.distributed, the number of ranks, so
             that each step takes one sequence per rank and RO runs in parallel (a round then takes
