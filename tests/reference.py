@@ -435,9 +435,10 @@ def regional_schedule_model(
     guard it (``ro_rounds=1, ro_samples=ro_batch_size=N, ro_holdout=0, ro_lr_search=False``).
     wanda++ (SPEC step 6): G once on the dense block, an RGS prune, the RO round, the final RGS
     prune with the input norms of the block as RO left it. sparsegpt+ro: SparseGPT, then the RO
-    round with its masks. ``autocast``: the dtype of RO's training forwards (``ro_autocast``). Every block's inputs come from a full model forward. Returns
-    ({name: keep-mask}, per block {"undone": the round was undone, "mse_before_ro": the error after
-    the first prune, "mse_final": after the final one})."""
+    round with its masks. ``autocast``: the dtype of RO's training forwards (``ro_autocast``).
+    Every block's inputs come from a full model forward. Returns ({name: keep-mask}, per block
+    {"undone": the round was undone, "mse_before_ro": the error after the first prune,
+    "mse_final": after the final one})."""
     masks, blocks = {}, []
     for index, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{index}"

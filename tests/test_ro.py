@@ -45,6 +45,12 @@ def test_one_round_equals_the_pure_pytorch_schedule(model_type, method, sparsity
     for got_block, want in zip(report.blocks, blocks):  # the block errors the report gives
         assert got_block.mse_before_ro == pytest.approx(want["mse_before_ro"], rel=1e-4)
         assert got_block.mse_final == pytest.approx(want["mse_final"], rel=1e-4)
+    assert_matches_reference(report, model, expected, ref_model, atol)
+
+
+def assert_matches_reference(report, model, expected: dict[str, torch.Tensor], ref_model, atol: float) -> None:
+    """The report's masks are the reference's (``expected``) and the block weights of ``model``
+    are those of ``ref_model`` within ``atol``."""
     assert set(report.masks) == set(expected)
     for name, mask in expected.items():
         assert torch.equal(report.masks[name], mask), name
@@ -62,20 +68,16 @@ def test_a_bfloat16_round_equals_the_pure_pytorch_schedule_under_autocast(model_
     bfloat16 rounds SparseGPT's float32 differences from its transcription (1e-6) to whole
     bfloat16 steps, and sparsegpt+ro's RO is the same code. The reference runs the experts with
     transformers' per-expert loop, as wandapp does: its grouped kernel rounds otherwise in bfloat16."""
-    method = "wanda++"
     model = tiny_model("llama", seed=3) if model_type == "llama" else tiny_architecture(model_type, seed=3)
     ref_model, fp32_model = copy.deepcopy(model), copy.deepcopy(model)
     if model_type == "mixtral":
         ref_model.set_experts_implementation("eager")
     data = calib_ids(n=8, seqlen=24, seed=4)
     settings = {**ORDER_FREE, "ro_autocast": "bfloat16"}
-    report = wandapp.prune(model, data, sparsity="2:4", method=method, ro_lr=1e-4, **settings)
+    report = wandapp.prune(model, data, sparsity="2:4", method="wanda++", ro_lr=1e-4, **settings)
     assert {b.ro_autocast for b in report.blocks} == {"bfloat16"}
-    expected, _ = reference.regional_schedule_model(ref_model, [data[i : i + 1] for i in range(8)], method, "2:4", lr=1e-4, autocast=torch.bfloat16)
-    for name, mask in expected.items():
-        assert torch.equal(report.masks[name], mask), name
-    got, want = block_weights(model), block_weights(ref_model)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=2e-7, msg=lambda m, n=name: f"{n}: {m}")
-    wandapp.prune(fp32_model, data, sparsity="2:4", method=method, ro_lr=1e-4, **ORDER_FREE)
+    expected, _ = reference.regional_schedule_model(ref_model, [data[i : i + 1] for i in range(8)], "wanda++", "2:4", lr=1e-4, autocast=torch.bfloat16)
+    assert_matches_reference(report, model, expected, ref_model, atol=2e-7)
+    wandapp.prune(fp32_model, data, sparsity="2:4", method="wanda++", ro_lr=1e-4, **ORDER_FREE)
+    got = block_weights(model)
     assert any(not torch.equal(got[name], p) for name, p in block_weights(fp32_model).items())
