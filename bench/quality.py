@@ -1,13 +1,13 @@
 """Quality grid on the embedded SmolLM2-135M: dense, every method, and the variants in VARIANTS
-(RO at the constant learning rate instead of the per-block search; the RO default before issue 24,
-5 rounds from 1e-4; OWL layer-wise sparsity) at
+(RO with the full per-block step search instead of backtracking, RO at the constant rate; the RO
+default before issue 24, 5 rounds searched from 1e-4; OWL layer-wise sparsity) at
 50% unstructured, 4:8 and 2:4. Perplexity on two held-out texts (Northanger Abbey, the
 calibration's domain: calibration on Persuasion; and the Python language reference, out of it),
 pruning seconds and peak memory, side by side.
 
     python bench/quality.py                   # small, CPU-friendly defaults
     python bench/quality.py --paper           # the paper's 128 x 2048 calibration
-    python bench/quality.py --methods "wanda++,wanda++ no search" --out quality_ro_lr.md
+    python bench/quality.py --methods "wanda++,wanda++ full search" --out quality_ro_lr.md
 
 Writes bench/results/quality.md and bench/results/quality.png.
 """
@@ -25,9 +25,10 @@ PATTERNS = ["0.5", "4:8", "2:4"]
 METHODS = ["magnitude", "wanda", "rgs", "wanda++", "sparsegpt", "sparsegpt+ro"]
 #: name -> (method, PruneConfig overrides); OWL applies to unstructured sparsity only.
 VARIANTS = {
-    "wanda++ no search": ("wanda++", dict(ro_lr_search=False)),
-    "sparsegpt+ro no search": ("sparsegpt+ro", dict(ro_lr_search=False)),
-    "wanda++ K=5 lr=1e-4": ("wanda++", dict(ro_rounds=5, ro_lr=1e-4)),
+    "wanda++ full search": ("wanda++", dict(ro_lr_search="full")),
+    "sparsegpt+ro full search": ("sparsegpt+ro", dict(ro_lr_search="full")),
+    "wanda++ no search": ("wanda++", dict(ro_lr_search="off")),
+    "wanda++ K=5 lr=1e-4": ("wanda++", dict(ro_rounds=5, ro_lr=1e-4, ro_lr_search="full")),
     "wanda owl": ("wanda", dict(layer_sparsity="owl")),
     "wanda++ owl": ("wanda++", dict(layer_sparsity="owl")),
     "sparsegpt owl": ("sparsegpt", dict(layer_sparsity="owl")),
@@ -82,8 +83,10 @@ def main() -> None:
         f"float32): A = the first {args.eval_tokens} tokens of Northanger Abbey (the calibration's domain); B = the "
         f"first {args.eval_tokens} tokens of {SECOND_TEXT} (out of it). Seconds: pruning only, the runs one after "
         "another in one process. wandapp defaults otherwise (see `wandapp.PruneConfig`). Peak memory is the "
-        "process's peak RSS. Variants: `no search` runs RO at the constant `ro_lr` (`ro_lr_search=False`); "
-        "`K=5 lr=1e-4` is the RO default before issue 24 (5 rounds, the search starting at 1e-4); "
+        "process's peak RSS. Variants: `full search` scales each block's first RO round by the best power of two "
+        "(`ro_lr_search=\"full\"`, the default before the backtracking one); `no search` runs RO at the constant "
+        "`ro_lr` (`ro_lr_search=\"off\"`); `K=5 lr=1e-4` is the RO default before issue 24 (5 rounds, the full "
+        "search starting at 1e-4); "
         "`owl` is `layer_sparsity=\"owl\"` (unstructured only, `-` for N:M).",
         f"Machine: {machine()}.",
         "",

@@ -164,12 +164,13 @@ def paper_ratio(dense: torch.nn.Module, tokenizer) -> None:
     """wanda and wanda++ (defaults) at the paper's N=128, M=32, K=5, back to back: wanda before
     and after wanda++, so that a machine that slows down or speeds up during the run shows."""
     paper = data.text_calibration(tokenizer, data.CALIBRATION_TEXT, 128, 64, 0)
-    runs = []
+    runs, autocast = [], set()
     for method in ("wanda", "wanda++", "wanda"):
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        wandapp.prune(model, paper, method=method, sparsity="2:4", nsamples=128, ro_samples=32, ro_rounds=5, progress=False)
+        report = wandapp.prune(model, paper, method=method, sparsity="2:4", nsamples=128, ro_samples=32, ro_rounds=5, progress=False)
         runs.append(time.perf_counter() - start)
+        autocast |= {str(b.ro_autocast) for b in report.blocks if b.ro_losses}
         print(f"{method} at N=128, M=32, K=5: {runs[-1]:.1f} s", flush=True)
     seconds = {"wanda": (runs[0] + runs[2]) / 2, "wanda++": runs[1]}
     write_results("paper_ratio.md", [
@@ -177,7 +178,9 @@ def paper_ratio(dense: torch.nn.Module, tokenizer) -> None:
         "",
         "Command: `python bench/schedule.py --only-paper-ratio`",
         f"N=128 calibration sequences of 64 tokens (Persuasion), M=32, K=5, ro_holdout 8, 2:4, defaults otherwise "
-        f"(RO step search on). Machine: {machine()}. One process, back to back.",
+        f"(`wandapp.PruneConfig`: `ro_lr_search` {wandapp.PruneConfig().ro_lr_search!r}, `ro_autocast` "
+        f"{wandapp.PruneConfig().ro_autocast!r}, RO's training steps in {', '.join(sorted(autocast)).replace('None', 'float32')}). "
+        f"Machine: {machine()}. One process, back to back.",
         "",
         "| method | seconds |",
         "|---|---|",

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::io;
 use crate::mask::{self, Pattern};
 use crate::owl;
-use crate::ro::RoSettings;
+use crate::ro::{LrSearch, RoSettings};
 use crate::score;
 use crate::sparsegpt;
 use crate::stats::{all_reduce_sums, ActivationStats, GradientStats, Processes};
@@ -474,10 +474,11 @@ impl Processes for PyReduce<'_> {
 /// and `ro_stop` (why the rounds ended: "rounds", "converged", "rolled back"; None without RO).
 /// `ro_min_improvement` > 0 ends a block's rounds early (see `PruneConfig.ro_min_improvement`).
 /// `pruned_per_row` (one count per weight) replaces the unstructured `sparsity` with per-layer
-/// counts (OWL); `ro_lr_search` scales RO's first round by a line search on the held-out sequences.
+/// counts (OWL); `ro_lr_search` ("off", "backtrack", "full") scales RO's first round by a line search on the
+/// held-out sequences.
 #[pyfunction]
 #[pyo3(signature = (block, weights, *, method, sparsity = 0.5, nm = None, pruned_per_row = None, alpha = 100.0,
-                    ro_rounds = 5, ro_samples = 32, ro_holdout = 8, ro_lr = 3e-7, ro_lr_search = false, ro_batch_size = 1, ro_min_improvement = 0.0, ro_extrapolate = false, seed = 0))]
+                    ro_rounds = 5, ro_samples = 32, ro_holdout = 8, ro_lr = 3e-7, ro_lr_search = "off", ro_batch_size = 1, ro_min_improvement = 0.0, ro_extrapolate = false, seed = 0))]
 #[allow(clippy::too_many_arguments)]
 fn prune_block_<'py>(
     py: Python<'py>,
@@ -492,7 +493,7 @@ fn prune_block_<'py>(
     ro_samples: usize,
     ro_holdout: usize,
     ro_lr: f64,
-    ro_lr_search: bool,
+    ro_lr_search: &str,
     ro_batch_size: usize,
     ro_min_improvement: f64,
     ro_extrapolate: bool,
@@ -510,7 +511,7 @@ fn prune_block_<'py>(
         method: Method::parse(method)?,
         patterns,
         alpha,
-        ro: RoSettings { rounds: ro_rounds, samples: ro_samples, holdout: ro_holdout, lr: ro_lr, lr_search: ro_lr_search, seed, batch: ro_batch_size, min_improvement: ro_min_improvement, extrapolate: ro_extrapolate },
+        ro: RoSettings { rounds: ro_rounds, samples: ro_samples, holdout: ro_holdout, lr: ro_lr, lr_search: LrSearch::parse(ro_lr_search)?, seed, batch: ro_batch_size, min_improvement: ro_min_improvement, extrapolate: ro_extrapolate },
     };
     let len = block.len()?;
     // A block without `world_size` (the trait's own tests, user blocks) runs alone.

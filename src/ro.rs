@@ -18,9 +18,9 @@ pub struct RoSettings {
     pub samples: usize,
     pub holdout: usize,
     pub lr: f64,
-    /// Scale the first round's update by a line search on the held-out sequences, and run the
-    /// later rounds at the learning rate found (`search_scale`).
-    pub lr_search: bool,
+    /// Whether and how the first round's update is scaled by a line search on the held-out
+    /// sequences, the later rounds running at the learning rate found (`search_scale`).
+    pub lr_search: LrSearch,
     pub seed: u64,
     /// Sequences per step: the step's gradient is their mean. Processes that share the
     /// calibration each take the step's sequences they hold, so more processes than `batch`
@@ -34,6 +34,29 @@ pub struct RoSettings {
     /// two t >= 1 that minimises the held-out error (doubling while the error falls), at the
     /// cost of one held-out pass per doubling tried.
     pub extrapolate: bool,
+}
+
+/// The first round's step-size search (`PruneConfig.ro_lr_search`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LrSearch {
+    /// `lr` everywhere (the paper).
+    Off,
+    /// Backtracking: only when the first round at `lr` does not lower the held-out error, halve
+    /// its update while the error falls. No extra pass when the rate works.
+    Backtrack,
+    /// Doubling or halving the first round's update while the held-out error falls.
+    Full,
+}
+
+impl LrSearch {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "off" => Ok(LrSearch::Off),
+            "backtrack" => Ok(LrSearch::Backtrack),
+            "full" => Ok(LrSearch::Full),
+            other => Err(Error::InvalidArgument { arg: "ro_lr_search", reason: format!("must be 'off', 'backtrack' or 'full', got {other:?}") }),
+        }
+    }
 }
 
 /// Why a block's RO rounds ended.
@@ -304,19 +327,25 @@ enum Search {
     None,
     /// Doubled or halved (the first round's step-size search).
     Both,
+    /// Halved, only when the round did not lower the held-out error (backtracking).
+    Down,
     /// Only doubled (extrapolation).
     Up,
 }
 
 /// The scale t (a power of two) of the round's update `step` that minimises the held-out error
 /// of `base + t * step`, starting from t = 1 (measured `at_one`): doubles while the error falls,
-/// else (with `Search::Both`) halves while it falls, within 2^LR_SEARCH_MIN_EXPONENT ..
+/// else (with `Search::Both`) halves while it falls (`Search::Down`: only halves), within 2^LR_SEARCH_MIN_EXPONENT ..
 /// 2^LR_SEARCH_MAX_EXPONENT. Leaves the weights at the best point; returns t and that point's
 /// measurement. The update is zero on pruned weights, so every point keeps the masks.
 fn search_scale(block: &dyn Block, weights: &[Tensor], base: &[Tensor], step: &[Tensor], holdout: &[usize], at_one: Measured, search: Search) -> Result<(f64, Measured)> {
     let record = at_one.1.is_some();
     let mut best = (0i32, at_one);
-    let directions: &[i32] = if search == Search::Both { &[1, -1] } else { &[1] };
+    let directions: &[i32] = match search {
+        Search::Both => &[1, -1],
+        Search::Down => &[-1],
+        _ => &[1],
+    };
     for &direction in directions {
         let mut exponent = best.0 + direction;
         while (LR_SEARCH_MIN_EXPONENT..=LR_SEARCH_MAX_EXPONENT).contains(&exponent) {
@@ -338,7 +367,7 @@ fn search_scale(block: &dyn Block, weights: &[Tensor], base: &[Tensor], step: &[
 }
 
 /// The RO rounds of one block: their split of the sequences, and the learning rate, which the
-/// first round's line search sets when `lr_search` is on. With `record_inputs`, every held-out
+/// first round's step search sets (`lr_search`, when it runs). With `record_inputs`, every held-out
 /// pass also records the weights' input norms, so that a round hands back the norms on the
 /// held-out sequences at the weights it leaves (no separate pass).
 pub struct RoRun<'a> {
@@ -404,9 +433,10 @@ impl<'a> RoRun<'a> {
     /// did not change (the weights then are the same: no second pass over them).
     pub fn round(&mut self, block: &dyn Block, weights: &[Tensor], masks: &[Tensor]) -> Result<Option<InputNorms>> {
         let round = self.records.len();
-        let search = match round {
-            0 if self.settings.lr_search => Search::Both,
-            r if r > 0 && self.settings.extrapolate => Search::Up,
+        let search = match (round, self.settings.lr_search) {
+            (0, LrSearch::Full) => Search::Both,
+            (0, LrSearch::Backtrack) => Search::Down,
+            (r, _) if r > 0 && self.settings.extrapolate => Search::Up,
             _ => Search::None,
         };
         let before = match self.last.take() {
@@ -414,7 +444,7 @@ impl<'a> RoRun<'a> {
             _ => holdout_pass(block, weights, &self.split.holdout, self.record_inputs)?,
         };
         let (record, left) = self.guarded_round(block, weights, masks, round, search, before)?;
-        if search == Search::Both {
+        if matches!(search, Search::Both | Search::Down) {
             self.lr = record.lr;
         }
         let norms = shared_norms(&left.1);
@@ -427,7 +457,8 @@ impl<'a> RoRun<'a> {
     /// One pass of masked RMSprop over the training sequences (in an order seeded by the seed
     /// and `round`), guarded by the held-out error: a round that does not lower it, or is
     /// non-finite, is undone. With a `search`, the round's update is first scaled by
-    /// [`search_scale`] (the record's `lr` says which rate the kept update corresponds to).
+    /// [`search_scale`] (`Search::Down`: only when the round did not lower the held-out error;
+    /// the record's `lr` says which rate the kept update corresponds to).
     /// `before` is the held-out measurement at the weights as they are. Returns the record and
     /// the measurement at the weights the round leaves.
     fn guarded_round(&self, block: &dyn Block, weights: &[Tensor], masks: &[Tensor], round: usize, search: Search, before: Measured) -> Result<(RoundRecord, Measured)> {
@@ -456,7 +487,13 @@ impl<'a> RoRun<'a> {
 
         let mut after = holdout_pass(block, weights, holdout, self.record_inputs)?;
         let mut scale = 1.0;
-        if search != Search::None {
+        // Backtracking searches only when the round at the current rate did not help.
+        let searching = match search {
+            Search::None => false,
+            Search::Down => !(after.0 < before.0),
+            _ => true,
+        };
+        if searching {
             // An overflowing round starts the search from an infinite error, so halving can find
             // a finite step.
             if !after.0.is_finite() {
@@ -494,7 +531,7 @@ mod tests {
 
     #[test]
     fn split_is_seeded_and_disjoint() {
-        let s = RoSettings { rounds: 1, samples: 4, holdout: 3, lr: 1e-3, lr_search: false, seed: 3, batch: 1, min_improvement: 0.0, extrapolate: false };
+        let s = RoSettings { rounds: 1, samples: 4, holdout: 3, lr: 1e-3, lr_search: LrSearch::Off, seed: 3, batch: 1, min_improvement: 0.0, extrapolate: false };
         let a = s.split(10).unwrap();
         assert_eq!(a, s.split(10).unwrap());
         assert_eq!(a.train.len(), 4);
@@ -513,7 +550,7 @@ mod tests {
         assert_eq!(record(1.0, 0.7, false).stop(0.4), Some(RoStop::Converged));
         assert_eq!(record(2.0, 1.2, false).stop(0.4), None, "relative to the error before the round");
         assert_eq!(record(1.0, 2.0, true).stop(0.01), Some(RoStop::RolledBack));
-        let mut s = RoSettings { rounds: 1, samples: 4, holdout: 3, lr: 1e-3, lr_search: false, seed: 3, batch: 1, min_improvement: 1.0, extrapolate: false };
+        let mut s = RoSettings { rounds: 1, samples: 4, holdout: 3, lr: 1e-3, lr_search: LrSearch::Off, seed: 3, batch: 1, min_improvement: 1.0, extrapolate: false };
         assert!(s.split(10).is_err());
         s.min_improvement = f64::NAN;
         assert!(s.split(10).is_err());

@@ -8,7 +8,7 @@
 use crate::block::{regional_norm, summed_mse, Block, DeviceSum};
 use crate::error::{Error, Result};
 use crate::mask::{apply_mask_, select, Pattern};
-use crate::ro::{GradTracking, RoRun, RoSettings, RoStop, RoundRecord};
+use crate::ro::{GradTracking, LrSearch, RoRun, RoSettings, RoStop, RoundRecord};
 use crate::score::{magnitude_score, rgs_score, wanda_score};
 use crate::sparsegpt::{sparsegpt_prune_, HessianStats, BLOCK_SIZE, PERCDAMP};
 use crate::stats::{all_reduce_sums, check_inputs, rescaled_norms, GradientStats, InputNorms, InputStats};
@@ -395,7 +395,7 @@ mod tests {
             method,
             patterns: vec![Pattern::nm(2, 4).unwrap(); 2],
             alpha: 100.0,
-            ro: RoSettings { rounds: 3, samples: 8, holdout: 4, lr, lr_search: false, seed: 0, batch: 1, min_improvement: 0.0, extrapolate: false },
+            ro: RoSettings { rounds: 3, samples: 8, holdout: 4, lr, lr_search: LrSearch::Off, seed: 0, batch: 1, min_improvement: 0.0, extrapolate: false },
         }
     }
 
@@ -626,7 +626,7 @@ mod tests {
         for lr in [1e-5, 1e-3, 1e-1, 10.0] {
             let b = ToyBlock::new(10);
             let mut p = plan(Method::Wanda, lr);
-            p.ro.lr_search = false;
+            p.ro.lr_search = LrSearch::Off;
             prune_block_(&b, &b.weights(), &p).unwrap();
             let masks: Vec<Tensor> = b.weights().iter().map(|w| w.ne(0.0)).collect();
             let start: Vec<Tensor> = b.weights().iter().map(|w| w.copy()).collect();
@@ -648,7 +648,7 @@ mod tests {
                 // The plain round's update is undone, so its direction is not observable here:
                 // the search must still find a smaller scale that beats it.
                 set(&start);
-                p.ro.lr_search = true;
+                p.ro.lr_search = LrSearch::Full;
                 let record = first_round(&p);
                 assert!(record.lr < lr && record.holdout_after < plain.holdout_after, "{lr}: {record:?}");
                 continue;
@@ -663,7 +663,7 @@ mod tests {
                 })
                 .collect();
             set(&start);
-            p.ro.lr_search = true;
+            p.ro.lr_search = LrSearch::Full;
             let record = first_round(&p);
             let exponent = (record.lr / lr).log2().round() as i32;
             assert!((record.lr / lr - 2f64.powi(exponent)).abs() < 1e-12, "{lr}: {}", record.lr);
@@ -681,6 +681,45 @@ mod tests {
                 assert!(exponent > 0, "a tiny rate must be scaled up");
             }
         }
+    }
+
+    #[test]
+    fn backtracking_searches_only_when_the_first_round_at_the_rate_fails() {
+        let mut seen = (false, false);
+        for lr in [1e-5, 1e-3, 1e-1, 10.0] {
+            let b = ToyBlock::new(10);
+            let mut p = plan(Method::Wanda, lr);
+            prune_block_(&b, &b.weights(), &p).unwrap();
+            let masks: Vec<Tensor> = b.weights().iter().map(|w| w.ne(0.0)).collect();
+            let start: Vec<Tensor> = b.weights().iter().map(|w| w.copy()).collect();
+            let first_round = |p: &Plan| {
+                let _g = tch::no_grad_guard();
+                for (w, v) in b.weights().iter().zip(&start) {
+                    w.shallow_clone().copy_(v);
+                }
+                drop(_g);
+                let mut run = RoRun::new(&p.ro, b.len(), false).unwrap();
+                run.round(&b, &b.weights(), &masks).unwrap();
+                (run.finish().0.remove(0), b.weights().iter().map(|w| w.copy()).collect::<Vec<Tensor>>())
+            };
+            p.ro.lr_search = LrSearch::Off;
+            let (plain, plain_weights) = first_round(&p);
+            p.ro.lr_search = LrSearch::Backtrack;
+            let (record, weights) = first_round(&p);
+            if plain.rolled_back {
+                // Halved until the error stops falling: a smaller power of two, better than the rate.
+                seen.0 = true;
+                let exponent = (record.lr / lr).log2().round() as i32;
+                assert!(exponent < 0 && (record.lr / lr - 2f64.powi(exponent)).abs() < 1e-12, "{lr}: {record:?}");
+                assert!(record.holdout_after < plain.holdout_after, "{lr}: {record:?} vs {plain:?}");
+            } else {
+                // The rate worked: the plain round, bit for bit, with no search pass.
+                seen.1 = true;
+                assert_eq!((record.lr, record.holdout_after, record.rolled_back), (plain.lr, plain.holdout_after, false), "{lr}");
+                assert!(weights.iter().zip(&plain_weights).all(|(a, b)| a.equal(b)), "{lr}");
+            }
+        }
+        assert!(seen.0 && seen.1, "the rates tried must give both a failed and a working first round: {seen:?}");
     }
 
     /// Ranks of one process group as threads: `all_reduce` adds every rank's tensors into a

@@ -220,6 +220,22 @@ def test_resume_refuses_another_model_data_or_settings(tmp_path, monkeypatch):
     assert again.pruned_blocks == [0, 1] and len(again.masks) == 14
 
 
+def test_resume_refuses_a_machine_that_resolves_ro_autocast_auto_otherwise(tmp_path, monkeypatch):
+    src = save_sharded(tmp_path / "src")
+    dst = tmp_path / "dst"
+    native = wandapp.block.native_bfloat16(torch.device("cpu"))
+    wandapp.prune_checkpoint(src, dst, IDS, method="wanda++", ro_autocast="auto", **FAST)
+    monkeypatch.setattr("wandapp.checkpoint.native_bfloat16", lambda device: not native)
+    with pytest.raises(wandapp.ResumeMismatchError, match="settings"):
+        wandapp.prune_checkpoint(src, dst, IDS, method="wanda++", ro_autocast="auto", **FAST)
+    # An explicit setting means the same on any machine: its run resumes on the other kind.
+    monkeypatch.setattr("wandapp.checkpoint.native_bfloat16", lambda device: native)
+    wandapp.prune_checkpoint(src, tmp_path / "off", IDS, method="wanda++", ro_autocast="off", **FAST)
+    monkeypatch.setattr("wandapp.checkpoint.native_bfloat16", lambda device: not native)
+    again = wandapp.prune_checkpoint(src, tmp_path / "off", IDS, method="wanda++", ro_autocast="off", **FAST)
+    assert again.pruned_blocks == [0, 1]
+
+
 def test_bad_folders_are_refused_before_any_work(tmp_path):
     src = save_sharded(tmp_path / "src")
     busy = tmp_path / "busy"

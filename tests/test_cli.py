@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def test_config_flags_reach_the_report(saved_model, tmp_path):
     ]
     assert config["ro_lr"] == 3e-7  # from --paper
     assert (config["alpha"], config["ro_samples"], config["ro_holdout"], config["ro_rounds"], config["offload"]) == (50.0, 4, 2, 1, "cpu")
-    assert config["ro_lr_search"] is False  # from --paper
+    assert config["ro_lr_search"] == "off"  # from --paper
     assert (config["ro_min_improvement"], config["ro_extrapolate"], config["ro_autocast"]) == (0.0, False, "off")  # from --paper
 
 
@@ -74,17 +75,19 @@ def test_owl_and_lr_search_flags(saved_model, tmp_path):
     out = str(tmp_path / "out")
     code = main([
         "prune", "--model", saved_model, "--sparsity", "0.5", "--method", "wanda++", "--calib", "persuasion", "--nsamples", "8",
-        "--seqlen", "32", "--ro-samples", "4", "--ro-holdout", "2", "--ro-rounds", "2", "--no-ro-lr-search", "--ro-extrapolate",
-        "--ro-min-improvement", "0.2", "--ro-autocast", "bfloat16",
+        "--seqlen", "32", "--ro-samples", "4", "--ro-holdout", "2", "--ro-rounds", "2", "--ro-lr-search", "full", "--ro-extrapolate",
+        "--ro-min-improvement", "0.2", "--ro-autocast", "off",
         "--layer-sparsity", "owl", "--owl-lambda", "0.1", "--out", out,
     ])
     assert code == 0
     report = json.load(open(os.path.join(out, "report.json")))
     config = report["config"]
-    assert (config["layer_sparsity"], config["owl_lambda"], config["ro_lr_search"]) == ("owl", 0.1, False)
-    assert (config["ro_extrapolate"], config["ro_min_improvement"], config["ro_autocast"]) == (True, 0.2, "bfloat16")
-    assert all(b["target_sparsity"] is not None and b["ro_lr"] == config["ro_lr"] for b in report["blocks"])
-    assert {b["ro_autocast"] for b in report["blocks"]} == {"bfloat16"}
+    # Each flag differs from PruneConfig's default.
+    assert (config["layer_sparsity"], config["owl_lambda"], config["ro_lr_search"]) == ("owl", 0.1, "full")
+    assert (config["ro_extrapolate"], config["ro_min_improvement"], config["ro_autocast"]) == (True, 0.2, "off")
+    # The step search scales the first round's rate by a power of two.
+    assert all(b["target_sparsity"] is not None and math.log2(b["ro_lr"] / config["ro_lr"]).is_integer() for b in report["blocks"])
+    assert {b["ro_autocast"] for b in report["blocks"]} == {None}
 
 
 def test_eval_prints_the_protocol(saved_model, capsys):

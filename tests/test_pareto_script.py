@@ -51,6 +51,15 @@ def test_each_schedule_is_stated_against_the_default(pareto):
     )
 
 
+def test_the_default_is_stated_against_the_default_before_issue_24(pareto):
+    rows = {pareto.DEFAULT: (140.0, 71.0, 73.7), "wanda": (20.0, 180.0, 110.0)}
+    assert pareto.default_against_before(rows, "2:4") == []
+    rows[pareto.BEFORE] = (280.0, 72.0, 73.0)
+    assert pareto.default_against_before(rows, "2:4") == [
+        "- 2:4: the default takes 0.50 x the seconds of the default before issue 24 (140 s against 280 s); perplexity -1.4% on A, +1.0% on B."
+    ]
+
+
 def test_the_script_runs_and_writes_its_table(tmp_path, pareto):
     done = subprocess.run([sys.executable, "bench/pareto.py", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -64,7 +73,7 @@ def test_the_script_runs_and_writes_its_table(tmp_path, pareto):
 def test_an_unknown_run_is_refused_with_the_known_ones():
     done = subprocess.run([sys.executable, "bench/pareto.py", "--runs", "wanda;wanda++ K=9"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "unknown runs ['wanda++ K=9']" in done.stderr and "wanda++ bfloat16 autocast" in done.stderr
+    assert "unknown runs ['wanda++ K=9']" in done.stderr and "wanda++ bfloat16 autocast" in done.stderr and "wanda++ K=2" in done.stderr
 
 
 def test_the_readme_shows_the_benchmark_table_as_written():

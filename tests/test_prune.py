@@ -210,6 +210,7 @@ def untouched(model, before):
         (dict(ro_min_improvement=True), wandapp.InvalidArgumentError, "ro_min_improvement"),
         (dict(ro_extrapolate="yes"), wandapp.InvalidArgumentError, "ro_extrapolate"),
         (dict(ro_autocast="float16"), wandapp.InvalidArgumentError, "ro_autocast.*'auto', 'bfloat16', 'off'"),
+        (dict(ro_lr_search="yes"), wandapp.InvalidArgumentError, "ro_lr_search.*'off', 'backtrack', 'full'"),
         (dict(typo=1), wandapp.InvalidArgumentError, "typo"),
     ],
 )
@@ -227,6 +228,13 @@ def test_a_float_string_is_the_float():
     from wandapp.config import parse_sparsity
 
     assert parse_sparsity("0.5") == parse_sparsity(0.5) and parse_sparsity(" 2:4 ") == parse_sparsity("2:4")
+
+
+def test_ro_lr_search_takes_the_switch_it_was():
+    """ro_lr_search was a boolean, True the full search: configs written then keep their meaning."""
+    assert wandapp.PruneConfig(ro_lr_search=True).ro_lr_search == "full"
+    assert wandapp.PruneConfig(ro_lr_search=False).ro_lr_search == "off"
+    assert wandapp.PruneConfig.from_dict(wandapp.PruneConfig(ro_lr_search=True).to_dict()).ro_lr_search == "full"
 
 
 @pytest.mark.parametrize(

@@ -182,7 +182,7 @@ def prune_block_(
     ro_samples: int = 32,
     ro_holdout: int = 8,
     ro_lr: float = 3e-7,
-    ro_lr_search: bool = False,
+    ro_lr_search: str = "off",
     ro_batch_size: int = 1,
     ro_min_improvement: float = 0.0,
     ro_extrapolate: bool = False,
@@ -193,6 +193,7 @@ def prune_block_(
     and `ro_stop` (why the rounds ended: "rounds", "converged", "rolled back"; None without RO).
     `ro_min_improvement` > 0 ends a block's rounds early (see `PruneConfig.ro_min_improvement`).
     `pruned_per_row` (one count per weight) replaces the unstructured `sparsity` with per-layer
-    counts (OWL); `ro_lr_search` scales RO's first round by a line search on the held-out sequences.
+    counts (OWL); `ro_lr_search` ("off", "backtrack", "full") scales RO's first round by a line search on the
+    held-out sequences.
     """
 

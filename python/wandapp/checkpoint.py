@@ -32,8 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wandapp import _core, owl
+from wandapp.block import native_bfloat16
 from wandapp.capture import Sample, stash, pinned_offload
-from wandapp.config import Pattern, PruneConfig, parse_method, parse_sparsity
+from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences, sequences_sha256
 from wandapp.distributed import World, guarded
 from wandapp.errors import CheckpointError, InvalidArgumentError, PruneError, ResumeMismatchError, UnsupportedModelError
@@ -328,11 +329,14 @@ def _fingerprint(
 ) -> dict[str, str]:
     """What a resumed run must share with the recorded one, hashed: every byte of the model's
     files, the calibration token ids, and the settings that change the result (the number of
-    ranks among them: each records its own share)."""
+    ranks among them: each records its own share; ``ro_autocast="auto"`` as this machine
+    resolves it)."""
     files = [os.path.join(src, "config.json"), *sorted({os.path.join(src, f) for f in weight_map.values()})]
     resolved = cfg.replace(nsamples=len(sequences), ro_samples=cfg.ro_samples_for(len(sequences)))
     settings = {k: v for k, v in resolved.to_dict().items() if k != "progress"}
     settings.update(method=method, sparsity=str(pattern), dtype=str(dtype), wandapp=_core.__version__)
+    if method in RO_METHODS and cfg.ro_autocast == "auto":  # a machine of another kind would resolve it otherwise
+        settings["ro_autocast"] = "bfloat16" if native_bfloat16(torch.device(cfg.device)) else "off"
     if world is not None:  # each rank runs on its own device of the same kind
         settings["ranks"] = world.size
         for where in ("device", "offload"):

@@ -20,12 +20,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 #: PruneConfig fields that `wandapp prune` exposes as --flags (unset: the config's default).
 CONFIG_FLAGS = {
-    "alpha": float, "ro_rounds": int, "ro_samples": int, "ro_lr": float, "ro_holdout": int, "ro_min_improvement": float, "ro_autocast": str,
+    "alpha": float, "ro_rounds": int, "ro_samples": int, "ro_lr": float, "ro_holdout": int, "ro_min_improvement": float, "ro_lr_search": str, "ro_autocast": str,
     "device": str, "offload": str,
     "layer_sparsity": str, "owl_m": float, "owl_lambda": float,
 }
 #: Boolean PruneConfig fields that `wandapp prune` exposes as --flag / --no-flag (unset: the config's default).
-BOOL_CONFIG_FLAGS = ("ro_lr_search", "ro_extrapolate")
+BOOL_CONFIG_FLAGS = ("ro_extrapolate",)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -18,7 +18,7 @@ RO_METHODS = ("wanda++", "sparsegpt+ro")
 #: How the sparsity is spread over blocks: the same in every block, or by OWL (unstructured only).
 LAYER_SPARSITIES = ("uniform", "owl")
 
-#: Default RO learning rate (where each block's step search starts), chosen by measurement on
+#: Default RO learning rate (where each block's step search starts, if it runs), chosen by measurement on
 #: SmolLM2-135M at 2:4 (bench/ro_lr.py, bench/results/ro_lr.md; with 3 rounds instead of 5,
 #: bench/results/pareto.md). The paper's 3e-7 barely moves the weights of a small model.
 DEFAULT_RO_LR = 3e-4
@@ -26,6 +26,9 @@ DEFAULT_RO_LR = 3e-4
 #: Default number of RO rounds per block: 3 at 3e-4 matched 5 at 1e-4 in perplexity on both
 #: held-out texts at 0.7x the time (bench/results/pareto.md); the paper runs 5.
 DEFAULT_RO_ROUNDS = 3
+
+#: Values of PruneConfig.ro_lr_search (True and False are taken as "full" and "off").
+RO_LR_SEARCH = ("off", "backtrack", "full")
 
 #: Values of PruneConfig.ro_autocast.
 RO_AUTOCAST = ("auto", "bfloat16", "off")
@@ -104,11 +107,17 @@ class PruneConfig:
             bench/results/pareto.md: a larger rate with fewer rounds fits the calibration's
             domain better and text unlike it worse). With ``ro_lr_search`` it is the starting
             point of each block's search, which keeps it or scales it by a power of two.
-        ro_lr_search: choose each block's RO step size on its held-out sequences: the first
-            round's update is scaled by the power of two t in [2^-10, 2^6] that minimises the
-            held-out block error (doubling or halving from t = 1 while it falls), and the later
-            rounds run at ``ro_lr * t``. Costs a few held-out forwards per block; the report's
-            ``ro_lr`` gives each block's rate. False = ``ro_lr`` everywhere (the paper's way).
+        ro_lr_search: how each block's RO step size is chosen on its held-out sequences.
+            "full": the first round's update is scaled by the power of two t in
+            [2^-10, 2^6] that minimises the held-out block error (doubling or halving from
+            t = 1 while it falls; a few held-out passes per block). "backtrack" (the default):
+            a backtracking line search, only halving and only when the first round at
+            ``ro_lr`` does not lower the held-out error, so a rate that works costs no extra
+            pass and one too large for the model's weights is scaled down instead of the
+            round being lost. Either way the later rounds run at ``ro_lr * t`` and the
+            report's ``ro_lr`` gives each block's rate. "off" = ``ro_lr`` everywhere (the
+            paper's way). True and False are taken as "full" and "off". Measured in
+            bench/results/pareto.md.
         ro_holdout: sequences held out of RO to guard it: a round that makes their block
             error worse or non-finite is rolled back. 0 guards on the training sequences.
         ro_min_improvement: early stopping: a block's rounds end after a round that lowers its
@@ -182,7 +191,7 @@ class PruneConfig:
     ro_rounds: int = DEFAULT_RO_ROUNDS
     ro_samples: Optional[int] = None
     ro_lr: float = DEFAULT_RO_LR
-    ro_lr_search: bool = True
+    ro_lr_search: Union[str, bool] = "backtrack"
     ro_holdout: int = 8
     ro_batch_size: Optional[int] = None
     ro_min_improvement: float = 0.0
@@ -219,7 +228,9 @@ class PruneConfig:
         need(self.nsamples is None or (is_int(self.nsamples) and self.nsamples >= 1), "nsamples", "must be None or an integer >= 1")
         need(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1), "batch_size", "must be None or an integer >= 1")
         need(isinstance(self.progress, bool), "progress", "must be True or False")
-        need(isinstance(self.ro_lr_search, bool), "ro_lr_search", "must be True or False")
+        if isinstance(self.ro_lr_search, bool):  # the switch it was: True ran the full search
+            object.__setattr__(self, "ro_lr_search", "full" if self.ro_lr_search else "off")
+        need(self.ro_lr_search in RO_LR_SEARCH, "ro_lr_search", f"must be one of {', '.join(map(repr, RO_LR_SEARCH))}")
         need(isinstance(self.ro_extrapolate, bool), "ro_extrapolate", "must be True or False")
         need(
             isinstance(self.ro_min_improvement, (int, float)) and not isinstance(self.ro_min_improvement, bool) and 0 <= self.ro_min_improvement < 1,
@@ -253,7 +264,7 @@ class PruneConfig:
     def paper(cls, **overrides: Any) -> "PruneConfig":
         """The paper's settings: alpha 100, K=5 rounds, M=32 one per step, lr 3e-7 (no search), RO in
         the model's dtype, N=128."""
-        paper = dict(alpha=100.0, ro_rounds=5, ro_samples=32, ro_lr=3e-7, ro_lr_search=False, ro_autocast="off", ro_batch_size=1, nsamples=128)
+        paper = dict(alpha=100.0, ro_rounds=5, ro_samples=32, ro_lr=3e-7, ro_lr_search="off", ro_autocast="off", ro_batch_size=1, nsamples=128)
         return cls(**{**paper, **overrides})
 
     def ro_samples_for(self, nsamples: int) -> int:

@@ -36,7 +36,7 @@ class BlockReport:
     mse_final: float | None = None  # ... after the final prune
     ro_losses: list[float] = field(default_factory=list)  # mean RO loss of each round
     ro_rolled_back: list[bool] = field(default_factory=list)
-    ro_lr: float | None = None  # RO's learning rate after the first round (its line search, PruneConfig.ro_lr_search)
+    ro_lr: float | None = None  # RO's learning rate after the first round (its step search, PruneConfig.ro_lr_search)
     ro_steps: int = 0  # RMSprop steps over all rounds
     #: why RO's rounds ended: "rounds" (all PruneConfig.ro_rounds ran), "converged" (a round lowered the
     #: held-out error by less than PruneConfig.ro_min_improvement) or "rolled back" (a round was undone); None without RO
