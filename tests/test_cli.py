@@ -76,7 +76,7 @@ def test_owl_and_lr_search_flags(saved_model, tmp_path):
     code = main([
         "prune", "--model", saved_model, "--sparsity", "0.5", "--method", "wanda++", "--calib", "persuasion", "--nsamples", "8",
         "--seqlen", "32", "--ro-samples", "4", "--ro-holdout", "2", "--ro-rounds", "2", "--ro-lr-search", "full", "--ro-extrapolate",
-        "--ro-min-improvement", "0.2", "--ro-autocast", "off",
+        "--ro-min-improvement", "0.2", "--ro-autocast", "bfloat16",
         "--layer-sparsity", "owl", "--owl-lambda", "0.1", "--out", out,
     ])
     assert code == 0
@@ -84,10 +84,10 @@ def test_owl_and_lr_search_flags(saved_model, tmp_path):
     config = report["config"]
     # Each flag differs from PruneConfig's default.
     assert (config["layer_sparsity"], config["owl_lambda"], config["ro_lr_search"]) == ("owl", 0.1, "full")
-    assert (config["ro_extrapolate"], config["ro_min_improvement"], config["ro_autocast"]) == (True, 0.2, "off")
+    assert (config["ro_extrapolate"], config["ro_min_improvement"], config["ro_autocast"]) == (True, 0.2, "bfloat16")
     # The step search scales the first round's rate by a power of two.
     assert all(b["target_sparsity"] is not None and math.log2(b["ro_lr"] / config["ro_lr"]).is_integer() for b in report["blocks"])
-    assert {b["ro_autocast"] for b in report["blocks"]} == {None}
+    assert {b["ro_autocast"] for b in report["blocks"]} == {"bfloat16"}
 
 
 def test_eval_prints_the_protocol(saved_model, capsys):

@@ -116,8 +116,10 @@ class PruneConfig:
             pass and one too large for the model's weights is scaled down instead of the
             round being lost. Either way the later rounds run at ``ro_lr * t`` and the
             report's ``ro_lr`` gives each block's rate. "off" = ``ro_lr`` everywhere (the
-            paper's way). True and False are taken as "full" and "off". Measured in
-            bench/results/pareto.md.
+            paper's way). True and False are taken as "full" and "off". Measured on
+            SmolLM2-135M (bench/results/pareto.md): "full" took 1.1x the time of "backtrack"
+            (which ran no search pass there) for +0.1-0.5% perplexity in the calibration's domain
+            and +1.2-1.4% outside it.
         ro_holdout: sequences held out of RO to guard it: a round that makes their block
             error worse or non-finite is rolled back. 0 guards on the training sequences.
         ro_min_improvement: early stopping: a block's rounds end after a round that lowers its
@@ -136,9 +138,9 @@ class PruneConfig:
             where the device computes it natively (a CUDA GPU with bfloat16 support, a CPU with
             AVX512-BF16 or AMX) and "off" elsewhere. Applies to float32 models only (a bfloat16
             or float16 model trains in its own dtype). Measured on SmolLM2-135M on a CPU with
-            AVX512-BF16 (bench/results/pareto_autocast.md): 0.73-0.84x the default's time at
-            +0.0-0.6% perplexity in the calibration's domain and +1.6-3.7% outside it; with
-            ``ro_lr_search=False`` too, 0.67-0.75x at +0.3/+1.5% at most. The report's
+            AVX512-BF16 (bench/results/pareto.md): 0.87x the default's time at 2:4 and 0.92x
+            at 50%, at +0.2% / +1.0% perplexity in the calibration's domain and +2.5% / +1.9%
+            outside it. The report's
             ``ro_autocast`` says per block what ran.
         ro_batch_size: calibration sequences per RO step, whose gradients are averaged (the
             paper: 1). None = 1 in one process; under torch.distributed, the number of ranks, so
