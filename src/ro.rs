@@ -90,7 +90,8 @@ pub const LR_SEARCH_MAX_EXPONENT: i32 = 6;
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoSplit {
     pub train: Vec<usize>,
-    /// Disjoint from `train` when enough sequences exist; otherwise `train` itself.
+    /// Disjoint from `train` when sequences beyond it exist; otherwise the first `holdout` of
+    /// `train` (all of it with `holdout` 0).
     pub holdout: Vec<usize>,
 }
 
@@ -111,8 +112,12 @@ impl RoSettings {
         let perm = SplitMix64::new(self.seed).permutation(nsamples);
         let train = perm[..self.samples].to_vec();
         let rest = &perm[self.samples..];
-        let holdout = if rest.is_empty() || self.holdout == 0 {
+        let holdout = if self.holdout == 0 {
             train.clone()
+        } else if rest.is_empty() {
+            // Nothing left to hold out: the guard measures `holdout` of the training sequences,
+            // not all of them, so that its passes cost what they would with disjoint ones.
+            train[..self.holdout.min(train.len())].to_vec()
         } else {
             rest[..self.holdout.min(rest.len())].to_vec()
         };
@@ -537,7 +542,10 @@ mod tests {
         assert_eq!(a.train.len(), 4);
         assert_eq!(a.holdout.len(), 3);
         assert!(a.holdout.iter().all(|h| !a.train.contains(h)));
-        assert_eq!(s.split(4).unwrap().holdout, s.split(4).unwrap().train);
+        let all_train = s.split(4).unwrap();
+        assert_eq!(all_train.holdout, all_train.train[..3], "no sequence left: 3 of the training ones");
+        let unguarded = RoSettings { holdout: 0, ..s.clone() }.split(10).unwrap();
+        assert_eq!(unguarded.holdout, unguarded.train, "0 guards on the training sequences");
         assert!(s.split(3).is_err());
     }
 

@@ -8,7 +8,7 @@
 use crate::block::{regional_norm, summed_mse, Block, DeviceSum};
 use crate::error::{Error, Result};
 use crate::mask::{apply_mask_, select, Pattern};
-use crate::ro::{GradTracking, LrSearch, RoRun, RoSettings, RoStop, RoundRecord};
+use crate::ro::{GradTracking, RoRun, RoSettings, RoStop, RoundRecord};
 use crate::score::{magnitude_score, rgs_score, wanda_score};
 use crate::sparsegpt::{sparsegpt_prune_, HessianStats, BLOCK_SIZE, PERCDAMP};
 use crate::stats::{all_reduce_sums, check_inputs, rescaled_norms, GradientStats, InputNorms, InputStats};
@@ -297,6 +297,7 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
 mod tests {
     use super::*;
     use crate::block::block_mse;
+    use crate::ro::LrSearch;
     use crate::rng::SplitMix64;
     use crate::stats::Processes;
     use std::cell::RefCell;
@@ -620,51 +621,68 @@ mod tests {
         }
     }
 
+    /// A toy block pruned by Wanda at `lr`, its masks and pruned weights kept, so that the first
+    /// RO round can run again and again from the same point.
+    struct FirstRound {
+        block: ToyBlock,
+        plan: Plan,
+        masks: Vec<Tensor>,
+        start: Vec<Tensor>,
+    }
+
+    impl FirstRound {
+        fn new(lr: f64) -> Self {
+            let block = ToyBlock::new(10);
+            let plan = plan(Method::Wanda, lr);
+            prune_block_(&block, &block.weights(), &plan).unwrap();
+            let masks = block.weights().iter().map(|w| w.ne(0.0)).collect();
+            let start = block.weights().iter().map(|w| w.copy()).collect();
+            FirstRound { block, plan, masks, start }
+        }
+
+        /// Sets the block's weights to `values`.
+        fn set(&self, values: &[Tensor]) {
+            let _g = tch::no_grad_guard();
+            for (w, v) in self.block.weights().iter().zip(values) {
+                w.shallow_clone().copy_(v);
+            }
+        }
+
+        /// The first round with step search `search`, from the pruned weights: its record and
+        /// the weights it leaves.
+        fn run(&self, search: LrSearch) -> (RoundRecord, Vec<Tensor>) {
+            self.set(&self.start);
+            let mut settings = self.plan.ro.clone();
+            settings.lr_search = search;
+            let mut run = RoRun::new(&settings, self.block.len(), false).unwrap();
+            run.round(&self.block, &self.block.weights(), &self.masks).unwrap();
+            (run.finish().0.remove(0), self.block.weights().iter().map(|w| w.copy()).collect())
+        }
+    }
+
     #[test]
     fn the_lr_search_keeps_the_best_scale_of_the_first_rounds_update() {
-        use crate::ro::RoRun;
         for lr in [1e-5, 1e-3, 1e-1, 10.0] {
-            let b = ToyBlock::new(10);
-            let mut p = plan(Method::Wanda, lr);
-            p.ro.lr_search = LrSearch::Off;
-            prune_block_(&b, &b.weights(), &p).unwrap();
-            let masks: Vec<Tensor> = b.weights().iter().map(|w| w.ne(0.0)).collect();
-            let start: Vec<Tensor> = b.weights().iter().map(|w| w.copy()).collect();
-            let holdout = p.ro.split(b.len()).unwrap().holdout;
-            let set = |ws: &[Tensor]| {
-                let _g = tch::no_grad_guard();
-                for (w, v) in b.weights().iter().zip(ws) {
-                    w.shallow_clone().copy_(v);
-                }
-            };
+            let first = FirstRound::new(lr);
             // The plain round gives the update direction.
-            let first_round = |p: &Plan| {
-                let mut run = RoRun::new(&p.ro, b.len(), false).unwrap();
-                run.round(&b, &b.weights(), &masks).unwrap();
-                run.finish().0.remove(0)
-            };
-            let plain = first_round(&p);
+            let (plain, after_plain) = first.run(LrSearch::Off);
+            let (record, _) = first.run(LrSearch::Full);
             if plain.rolled_back {
                 // The plain round's update is undone, so its direction is not observable here:
                 // the search must still find a smaller scale that beats it.
-                set(&start);
-                p.ro.lr_search = LrSearch::Full;
-                let record = first_round(&p);
                 assert!(record.lr < lr && record.holdout_after < plain.holdout_after, "{lr}: {record:?}");
                 continue;
             }
-            let step: Vec<Tensor> = b.weights().iter().zip(&start).map(|(w, s)| w - s).collect();
+            let step: Vec<Tensor> = after_plain.iter().zip(&first.start).map(|(w, s)| w - s).collect();
             // Every scale the search may reach, by hand.
+            let holdout = first.plan.ro.split(first.block.len()).unwrap().holdout;
             let errors: Vec<(i32, f64)> = (crate::ro::LR_SEARCH_MIN_EXPONENT..=crate::ro::LR_SEARCH_MAX_EXPONENT)
                 .map(|e| {
-                    let point: Vec<Tensor> = start.iter().zip(&step).map(|(s, d)| s + d * 2f64.powi(e)).collect();
-                    set(&point);
-                    (e, block_mse(&b, &holdout).unwrap())
+                    let point: Vec<Tensor> = first.start.iter().zip(&step).map(|(s, d)| s + d * 2f64.powi(e)).collect();
+                    first.set(&point);
+                    (e, block_mse(&first.block, &holdout).unwrap())
                 })
                 .collect();
-            set(&start);
-            p.ro.lr_search = LrSearch::Full;
-            let record = first_round(&p);
             let exponent = (record.lr / lr).log2().round() as i32;
             assert!((record.lr / lr - 2f64.powi(exponent)).abs() < 1e-12, "{lr}: {}", record.lr);
             let chosen = errors.iter().find(|(e, _)| *e == exponent).unwrap().1;
@@ -687,25 +705,9 @@ mod tests {
     fn backtracking_searches_only_when_the_first_round_at_the_rate_fails() {
         let mut seen = (false, false);
         for lr in [1e-5, 1e-3, 1e-1, 10.0] {
-            let b = ToyBlock::new(10);
-            let mut p = plan(Method::Wanda, lr);
-            prune_block_(&b, &b.weights(), &p).unwrap();
-            let masks: Vec<Tensor> = b.weights().iter().map(|w| w.ne(0.0)).collect();
-            let start: Vec<Tensor> = b.weights().iter().map(|w| w.copy()).collect();
-            let first_round = |p: &Plan| {
-                let _g = tch::no_grad_guard();
-                for (w, v) in b.weights().iter().zip(&start) {
-                    w.shallow_clone().copy_(v);
-                }
-                drop(_g);
-                let mut run = RoRun::new(&p.ro, b.len(), false).unwrap();
-                run.round(&b, &b.weights(), &masks).unwrap();
-                (run.finish().0.remove(0), b.weights().iter().map(|w| w.copy()).collect::<Vec<Tensor>>())
-            };
-            p.ro.lr_search = LrSearch::Off;
-            let (plain, plain_weights) = first_round(&p);
-            p.ro.lr_search = LrSearch::Backtrack;
-            let (record, weights) = first_round(&p);
+            let first = FirstRound::new(lr);
+            let (plain, plain_weights) = first.run(LrSearch::Off);
+            let (record, weights) = first.run(LrSearch::Backtrack);
             if plain.rolled_back {
                 // Halved until the error stops falling: a smaller power of two, better than the rate.
                 seen.0 = true;

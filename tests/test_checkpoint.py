@@ -225,14 +225,20 @@ def test_resume_refuses_a_machine_that_resolves_ro_autocast_auto_otherwise(tmp_p
     dst = tmp_path / "dst"
     native = wandapp.block.native_bfloat16(torch.device("cpu"))
     wandapp.prune_checkpoint(src, dst, IDS, method="wanda++", ro_autocast="auto", **FAST)
-    monkeypatch.setattr("wandapp.checkpoint.native_bfloat16", lambda device: not native)
+    monkeypatch.setattr("wandapp.block.native_bfloat16", lambda device: not native)
     with pytest.raises(wandapp.ResumeMismatchError, match="settings"):
         wandapp.prune_checkpoint(src, dst, IDS, method="wanda++", ro_autocast="auto", **FAST)
     # An explicit setting means the same on any machine: its run resumes on the other kind.
-    monkeypatch.setattr("wandapp.checkpoint.native_bfloat16", lambda device: native)
+    monkeypatch.setattr("wandapp.block.native_bfloat16", lambda device: native)
     wandapp.prune_checkpoint(src, tmp_path / "off", IDS, method="wanda++", ro_autocast="off", **FAST)
-    monkeypatch.setattr("wandapp.checkpoint.native_bfloat16", lambda device: not native)
+    monkeypatch.setattr("wandapp.block.native_bfloat16", lambda device: not native)
     again = wandapp.prune_checkpoint(src, tmp_path / "off", IDS, method="wanda++", ro_autocast="off", **FAST)
+    assert again.pruned_blocks == [0, 1]
+    # Autocast applies to float32 weights only: a bfloat16 run's "auto" resumes on either kind.
+    monkeypatch.setattr("wandapp.block.native_bfloat16", lambda device: native)
+    wandapp.prune_checkpoint(src, tmp_path / "bf16", IDS, method="wanda++", ro_autocast="auto", dtype=torch.bfloat16, **FAST)
+    monkeypatch.setattr("wandapp.block.native_bfloat16", lambda device: not native)
+    again = wandapp.prune_checkpoint(src, tmp_path / "bf16", IDS, method="wanda++", ro_autocast="auto", dtype=torch.bfloat16, **FAST)
     assert again.pruned_blocks == [0, 1]
 
 

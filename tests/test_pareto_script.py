@@ -58,6 +58,10 @@ def test_the_default_is_stated_against_the_default_before_issue_24(pareto):
     assert pareto.default_against_before(rows, "2:4") == [
         "- 2:4: the default takes 0.50 x the seconds of the default before issue 24 (140 s against 280 s); perplexity -1.4% on A, +1.0% on B."
     ]
+    rows[pareto.PREVIOUS_VERSION] = (350.0, 71.0, 75.4)
+    assert pareto.default_against_before(rows, "2:4")[1] == (
+        "- 2:4: the default takes 0.40 x the seconds of the previous version's default (140 s against 350 s); perplexity +0.0% on A, -2.3% on B."
+    )
 
 
 def test_the_script_runs_and_writes_its_table(tmp_path, pareto):

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wandapp import _core, owl
-from wandapp.block import native_bfloat16
+from wandapp.block import training_autocast
 from wandapp.capture import Sample, stash, pinned_offload
 from wandapp.config import RO_METHODS, Pattern, PruneConfig, parse_method, parse_sparsity
 from wandapp.data import Sequence, collect_sequences, sequences_sha256
@@ -336,7 +336,10 @@ def _fingerprint(
     settings = {k: v for k, v in resolved.to_dict().items() if k != "progress"}
     settings.update(method=method, sparsity=str(pattern), dtype=str(dtype), wandapp=_core.__version__)
     if method in RO_METHODS and cfg.ro_autocast == "auto":  # a machine of another kind would resolve it otherwise
-        settings["ro_autocast"] = "bfloat16" if native_bfloat16(torch.device(cfg.device)) else "off"
+        # The checkpoint's own dtype (dtype None) is not known before loading: taken as float32,
+        # the one dtype autocast applies to, so a resume that could differ is refused.
+        resolved_autocast = training_autocast("auto", torch.device(cfg.device), dtype or torch.float32)
+        settings["ro_autocast"] = "off" if resolved_autocast is None else "bfloat16"
     if world is not None:  # each rank runs on its own device of the same kind
         settings["ranks"] = world.size
         for where in ("device", "offload"):

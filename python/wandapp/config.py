@@ -120,8 +120,14 @@ class PruneConfig:
             SmolLM2-135M (bench/results/pareto.md): "full" took 1.1x the time of "backtrack"
             (which ran no search pass there) for +0.1-0.5% perplexity in the calibration's domain
             and +1.2-1.4% outside it.
-        ro_holdout: sequences held out of RO to guard it: a round that makes their block
-            error worse or non-finite is rolled back. 0 guards on the training sequences.
+        ro_holdout: H, the sequences that guard RO: a round that makes their block error worse
+            or non-finite is rolled back, and their passes give the activation norms of the next
+            re-prune. They are held out of RO's M training sequences where the calibration has
+            more than M (up to H of the rest); where it has no more (16 sequences, M = 16), they
+            are the first H of the training sequences. 0 guards on all the training sequences.
+            Every round pays two passes of H sequences (after RO; before it, after a re-prune):
+            4 guarded as well as all 16 training sequences on SmolLM2-135M and cost 0.77x the
+            time (bench/results/pareto.md).
         ro_min_improvement: early stopping: a block's rounds end after a round that lowers its
             held-out block error by less than this fraction of the error before the round, or
             that the guard rolled back (the next round would start from the same weights at the
@@ -194,7 +200,7 @@ class PruneConfig:
     ro_samples: Optional[int] = None
     ro_lr: float = DEFAULT_RO_LR
     ro_lr_search: Union[str, bool] = "backtrack"
-    ro_holdout: int = 8
+    ro_holdout: int = 4
     ro_batch_size: Optional[int] = None
     ro_min_improvement: float = 0.0
     ro_extrapolate: bool = False
