@@ -33,7 +33,8 @@ RUNS = {
     "sparsegpt+ro": ("sparsegpt+ro", {}),
     "wanda++ default (K=3, lr 3e-4, backtracking, H=4)": ("wanda++", {}),
     # With 16 sequences and M = 16 nothing is left to hold out: before issue 24's H = 4, the guard
-    # ran on every training sequence (ro_holdout=0 now).
+    # ran on every training sequence (ro_holdout=0 now). The labels assume the default --nsamples;
+    # with more than 32 sequences the old guard was 8 held-out ones (ro_holdout=8).
     "wanda++ default before issue 24 (K=5, lr 1e-4, full search, guard on all 16)": (
         "wanda++", dict(ro_rounds=5, ro_lr=1e-4, ro_lr_search="full", ro_holdout=0)
     ),

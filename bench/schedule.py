@@ -177,8 +177,8 @@ def paper_ratio(dense: torch.nn.Module, tokenizer) -> None:
         "# wanda++ against wanda at the paper's sizes: SmolLM2-135M-Instruct (float32, CPU)",
         "",
         "Command: `python bench/schedule.py --only-paper-ratio`",
-        f"N=128 calibration sequences of 64 tokens (Persuasion), M=32, K=5, ro_holdout 8, 2:4, defaults otherwise "
-        f"(`wandapp.PruneConfig`: `ro_lr_search` {wandapp.PruneConfig().ro_lr_search!r}, `ro_autocast` "
+        f"N=128 calibration sequences of 64 tokens (Persuasion), M=32, K=5, 2:4, defaults otherwise "
+        f"(`wandapp.PruneConfig`: `ro_holdout` {wandapp.PruneConfig().ro_holdout}, `ro_lr_search` {wandapp.PruneConfig().ro_lr_search!r}, `ro_autocast` "
         f"{wandapp.PruneConfig().ro_autocast!r}, RO's training steps in {', '.join(sorted(autocast)).replace('None', 'float32')}). "
         f"Machine: {machine()}. One process, back to back.",
         "",

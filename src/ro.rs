@@ -90,8 +90,8 @@ pub const LR_SEARCH_MAX_EXPONENT: i32 = 6;
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoSplit {
     pub train: Vec<usize>,
-    /// Disjoint from `train` when sequences beyond it exist; otherwise the first `holdout` of
-    /// `train` (all of it with `holdout` 0).
+    /// `holdout` sequences (fewer only when N is smaller): those beyond `train` first, then the
+    /// first of `train` where too few are left; all of `train` with `holdout` 0.
     pub holdout: Vec<usize>,
 }
 
@@ -114,12 +114,12 @@ impl RoSettings {
         let rest = &perm[self.samples..];
         let holdout = if self.holdout == 0 {
             train.clone()
-        } else if rest.is_empty() {
-            // Nothing left to hold out: the guard measures `holdout` of the training sequences,
-            // not all of them, so that its passes cost what they would with disjoint ones.
-            train[..self.holdout.min(train.len())].to_vec()
         } else {
-            rest[..self.holdout.min(rest.len())].to_vec()
+            // Up to `holdout` of the sequences RO does not train on, filled up with training ones
+            // where fewer are left: the guard has the same size (and cost) whatever N.
+            let held_out = &rest[..self.holdout.min(rest.len())];
+            let fill = (self.holdout - held_out.len()).min(train.len());
+            [held_out, &train[..fill]].concat()
         };
         Ok(RoSplit { train, holdout })
     }
@@ -340,7 +340,8 @@ enum Search {
 
 /// The scale t (a power of two) of the round's update `step` that minimises the held-out error
 /// of `base + t * step`, starting from t = 1 (measured `at_one`): doubles while the error falls,
-/// else (with `Search::Both`) halves while it falls (`Search::Down`: only halves), within 2^LR_SEARCH_MIN_EXPONENT ..
+/// else (with `Search::Both`) halves while it falls or stays non-finite (`Search::Down`: only
+/// halves), within 2^LR_SEARCH_MIN_EXPONENT ..
 /// 2^LR_SEARCH_MAX_EXPONENT. Leaves the weights at the best point; returns t and that point's
 /// measurement. The update is zero on pruned weights, so every point keeps the masks.
 fn search_scale(block: &dyn Block, weights: &[Tensor], base: &[Tensor], step: &[Tensor], holdout: &[usize], at_one: Measured, search: Search) -> Result<(f64, Measured)> {
@@ -356,7 +357,11 @@ fn search_scale(block: &dyn Block, weights: &[Tensor], base: &[Tensor], step: &[
         while (LR_SEARCH_MIN_EXPONENT..=LR_SEARCH_MAX_EXPONENT).contains(&exponent) {
             set_along(weights, base, step, 2f64.powi(exponent))?;
             let point = holdout_pass(block, weights, holdout, record)?;
-            // NaN (an overflowing step) ends the search like a worse error.
+            if direction < 0 && !point.0.is_finite() && !best.1 .0.is_finite() {
+                exponent += direction; // still overflowing: halve on, a smaller step may be finite
+                continue;
+            }
+            // Otherwise NaN (an overflowing step) ends the search like a worse error.
             if point.0.partial_cmp(&best.1 .0) != Some(std::cmp::Ordering::Less) {
                 break;
             }
@@ -544,6 +549,9 @@ mod tests {
         assert!(a.holdout.iter().all(|h| !a.train.contains(h)));
         let all_train = s.split(4).unwrap();
         assert_eq!(all_train.holdout, all_train.train[..3], "no sequence left: 3 of the training ones");
+        let one_left = s.split(5).unwrap();
+        let left = (0..5).find(|i| !one_left.train.contains(i)).unwrap();
+        assert_eq!(one_left.holdout, [&[left][..], &one_left.train[..2]].concat(), "the one left, then 2 training ones");
         let unguarded = RoSettings { holdout: 0, ..s.clone() }.split(10).unwrap();
         assert_eq!(unguarded.holdout, unguarded.train, "0 guards on the training sequences");
         assert!(s.split(3).is_err());

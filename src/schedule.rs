@@ -724,6 +724,67 @@ mod tests {
         assert!(seen.0 && seen.1, "the rates tried must give both a failed and a working first round: {seen:?}");
     }
 
+    /// The toy block whose measured passes overflow (an infinite output) once a weight is more
+    /// than `limit` from `start`; its training steps run the toy block as it is, and so do the
+    /// passes that record input norms (`linear_inputs`), which a run without them never makes.
+    struct Overflowing<'a> {
+        inner: &'a ToyBlock,
+        start: Vec<Tensor>,
+        limit: f64,
+    }
+
+    /// The largest |w - s| over the weights.
+    fn moved(weights: &[Tensor], start: &[Tensor]) -> f64 {
+        weights.iter().zip(start).map(|(w, s)| f64::try_from((w - s).abs().max()).unwrap()).fold(0.0, f64::max)
+    }
+
+    impl Processes for Overflowing<'_> {}
+
+    impl Block for Overflowing<'_> {
+        fn len(&self) -> usize {
+            self.inner.len()
+        }
+        fn forward(&self, batch: &[usize]) -> Result<Tensor> {
+            let out = self.inner.forward(batch)?;
+            Ok(if moved(&self.inner.weights(), &self.start) > self.limit { out * f64::INFINITY } else { out })
+        }
+        fn training_forward(&self, batch: &[usize]) -> Result<Tensor> {
+            self.inner.forward(batch)
+        }
+        fn linear_inputs(&self, batch: &[usize]) -> Result<(Vec<Tensor>, Tensor)> {
+            self.inner.linear_inputs(batch)
+        }
+        fn set_targets(&self, batch: &[usize], out: &Tensor) -> Result<()> {
+            self.inner.set_targets(batch, out)
+        }
+        fn target(&self, batch: &[usize]) -> Result<Tensor> {
+            self.inner.target(batch)
+        }
+        fn set_outputs(&self, batch: &[usize], out: &Tensor) -> Result<()> {
+            self.inner.set_outputs(batch, out)
+        }
+        fn token_mask(&self, batch: &[usize]) -> Result<Option<Tensor>> {
+            self.inner.token_mask(batch)
+        }
+    }
+
+    #[test]
+    fn backtracking_halves_past_steps_that_overflow() {
+        let first = FirstRound::new(1e-3);
+        let (plain, after) = first.run(LrSearch::Off);
+        assert!(!plain.rolled_back, "{plain:?}");
+        // The round's full step and its half overflow; a quarter of it does not.
+        let block = Overflowing { inner: &first.block, start: first.start.iter().map(Tensor::copy).collect(), limit: 0.3 * moved(&after, &first.start) };
+        first.set(&first.start);
+        let mut settings = first.plan.ro.clone();
+        settings.lr_search = LrSearch::Backtrack;
+        let mut run = RoRun::new(&settings, first.block.len(), false).unwrap();
+        run.round(&block, &first.block.weights(), &first.masks).unwrap();
+        let record = run.finish().0.remove(0);
+        assert!(!record.rolled_back && record.holdout_after < record.holdout_before, "{record:?}");
+        assert!(record.lr <= 1e-3 / 4.0, "{record:?}");
+    }
+
     /// Ranks of one process group as threads: `all_reduce` adds every rank's tensors into a
     /// shared sum (in the order the threads arrive), then hands each rank the total.
     struct Ranks {

@@ -111,23 +111,25 @@ class PruneConfig:
             "full": the first round's update is scaled by the power of two t in
             [2^-10, 2^6] that minimises the held-out block error (doubling or halving from
             t = 1 while it falls; a few held-out passes per block). "backtrack" (the default):
-            a backtracking line search, only halving and only when the first round at
-            ``ro_lr`` does not lower the held-out error, so a rate that works costs no extra
+            a backtracking line search, only halving (while the error falls or stays
+            non-finite) and only when the first round at ``ro_lr`` does not lower the held-out
+            error, so a rate that works costs no extra
             pass and one too large for the model's weights is scaled down instead of the
             round being lost. Either way the later rounds run at ``ro_lr * t`` and the
             report's ``ro_lr`` gives each block's rate. "off" = ``ro_lr`` everywhere (the
             paper's way). True and False are taken as "full" and "off". Measured on
-            SmolLM2-135M (bench/results/pareto.md): "full" took 1.1x the time of "backtrack"
-            (which ran no search pass there) for +0.1-0.5% perplexity in the calibration's domain
-            and +1.2-1.4% outside it.
+            SmolLM2-135M (bench/results/pareto.md): "full" took 1.05-1.07x the time of
+            "backtrack" (which ran no search pass there) for +0.5% / +1.4% perplexity at 2:4
+            (in the calibration's domain / outside it) and -0.3% / -0.3% at 50%.
         ro_holdout: H, the sequences that guard RO: a round that makes their block error worse
             or non-finite is rolled back, and their passes give the activation norms of the next
-            re-prune. They are held out of RO's M training sequences where the calibration has
-            more than M (up to H of the rest); where it has no more (16 sequences, M = 16), they
-            are the first H of the training sequences. 0 guards on all the training sequences.
-            Every round pays two passes of H sequences (after RO; before it, after a re-prune):
-            4 guarded as well as all 16 training sequences on SmolLM2-135M and cost 0.77x the
-            time (bench/results/pareto.md).
+            re-prune: first the sequences RO does not train on (the calibration's beyond its M),
+            then, where fewer than H are left, the first of the training ones (with 16 sequences
+            and M = 16, the guard is 4 training sequences). 0 guards on all the training sequences.
+            Every round pays up to two passes of H sequences (after RO; before it, after a
+            re-prune that changed the masks): on SmolLM2-135M with 16 sequences, 4 guarded as
+            well as all 16 (the same perplexities at 2:4, +0.8% / +0.5% at 50%) at 0.76x the
+            time in one run and 0.93x in another (bench/results/pareto_goal.md, pareto.md).
         ro_min_improvement: early stopping: a block's rounds end after a round that lowers its
             held-out block error by less than this fraction of the error before the round, or
             that the guard rolled back (the next round would start from the same weights at the
@@ -144,8 +146,8 @@ class PruneConfig:
             where the device computes it natively (a CUDA GPU with bfloat16 support, a CPU with
             AVX512-BF16 or AMX) and "off" elsewhere. Applies to float32 models only (a bfloat16
             or float16 model trains in its own dtype). Measured on SmolLM2-135M on a CPU with
-            AVX512-BF16 (bench/results/pareto.md): 0.87x the default's time at 2:4 and 0.92x
-            at 50%, at +0.2% / +1.0% perplexity in the calibration's domain and +2.5% / +1.9%
+            AVX512-BF16 (bench/results/pareto.md): 0.84x the default's time at 2:4 and 0.79x
+            at 50%, at +0.2% / +0.6% perplexity in the calibration's domain and +2.5% / -0.8%
             outside it. The report's
             ``ro_autocast`` says per block what ran.
         ro_batch_size: calibration sequences per RO step, whose gradients are averaged (the
