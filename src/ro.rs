@@ -500,7 +500,7 @@ impl<'a> RoRun<'a> {
         // Backtracking searches only when the round at the current rate did not help.
         let searching = match search {
             Search::None => false,
-            Search::Down => !(after.0 < before.0),
+            Search::Down => after.0.partial_cmp(&before.0) != Some(std::cmp::Ordering::Less),
             _ => true,
         };
         if searching {

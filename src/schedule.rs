@@ -578,6 +578,28 @@ mod tests {
         }
     }
 
+    /// The `Block` methods a wrapper of the toy block (in field `$inner`) hands on unchanged:
+    /// its length, targets, outputs and token masks.
+    macro_rules! toy_block_storage {
+        ($inner:tt) => {
+            fn len(&self) -> usize {
+                self.$inner.len()
+            }
+            fn set_targets(&self, batch: &[usize], out: &Tensor) -> Result<()> {
+                self.$inner.set_targets(batch, out)
+            }
+            fn target(&self, batch: &[usize]) -> Result<Tensor> {
+                self.$inner.target(batch)
+            }
+            fn set_outputs(&self, batch: &[usize], out: &Tensor) -> Result<()> {
+                self.$inner.set_outputs(batch, out)
+            }
+            fn token_mask(&self, batch: &[usize]) -> Result<Option<Tensor>> {
+                self.$inner.token_mask(batch)
+            }
+        };
+    }
+
     /// The toy block as a mixture of one expert that no token reaches: its second weight gets
     /// routed inputs with no rows.
     struct IdleExpert(ToyBlock);
@@ -585,9 +607,7 @@ mod tests {
     impl Processes for IdleExpert {}
 
     impl Block for IdleExpert {
-        fn len(&self) -> usize {
-            self.0.len()
-        }
+        toy_block_storage!(0);
         fn forward(&self, batch: &[usize]) -> Result<Tensor> {
             self.0.forward(batch)
         }
@@ -595,18 +615,6 @@ mod tests {
             let (mut inputs, out) = self.0.linear_inputs(batch)?;
             inputs[1] = Tensor::zeros([0, 16], (Kind::Float, tch::Device::Cpu));
             Ok((inputs, out))
-        }
-        fn set_targets(&self, batch: &[usize], out: &Tensor) -> Result<()> {
-            self.0.set_targets(batch, out)
-        }
-        fn target(&self, batch: &[usize]) -> Result<Tensor> {
-            self.0.target(batch)
-        }
-        fn set_outputs(&self, batch: &[usize], out: &Tensor) -> Result<()> {
-            self.0.set_outputs(batch, out)
-        }
-        fn token_mask(&self, batch: &[usize]) -> Result<Option<Tensor>> {
-            self.0.token_mask(batch)
         }
     }
 
@@ -741,9 +749,7 @@ mod tests {
     impl Processes for Overflowing<'_> {}
 
     impl Block for Overflowing<'_> {
-        fn len(&self) -> usize {
-            self.inner.len()
-        }
+        toy_block_storage!(inner);
         fn forward(&self, batch: &[usize]) -> Result<Tensor> {
             let out = self.inner.forward(batch)?;
             Ok(if moved(&self.inner.weights(), &self.start) > self.limit { out * f64::INFINITY } else { out })
@@ -753,18 +759,6 @@ mod tests {
         }
         fn linear_inputs(&self, batch: &[usize]) -> Result<(Vec<Tensor>, Tensor)> {
             self.inner.linear_inputs(batch)
-        }
-        fn set_targets(&self, batch: &[usize], out: &Tensor) -> Result<()> {
-            self.inner.set_targets(batch, out)
-        }
-        fn target(&self, batch: &[usize]) -> Result<Tensor> {
-            self.inner.target(batch)
-        }
-        fn set_outputs(&self, batch: &[usize], out: &Tensor) -> Result<()> {
-            self.inner.set_outputs(batch, out)
-        }
-        fn token_mask(&self, batch: &[usize]) -> Result<Option<Tensor>> {
-            self.inner.token_mask(batch)
         }
     }
 
@@ -823,26 +817,12 @@ mod tests {
     }
 
     impl Block for Shard<'_> {
-        fn len(&self) -> usize {
-            self.toy.len()
-        }
+        toy_block_storage!(toy);
         fn forward(&self, batch: &[usize]) -> Result<Tensor> {
             self.toy.forward(batch)
         }
         fn linear_inputs(&self, batch: &[usize]) -> Result<(Vec<Tensor>, Tensor)> {
             self.toy.linear_inputs(batch)
-        }
-        fn set_targets(&self, batch: &[usize], out: &Tensor) -> Result<()> {
-            self.toy.set_targets(batch, out)
-        }
-        fn target(&self, batch: &[usize]) -> Result<Tensor> {
-            self.toy.target(batch)
-        }
-        fn set_outputs(&self, batch: &[usize], out: &Tensor) -> Result<()> {
-            self.toy.set_outputs(batch, out)
-        }
-        fn token_mask(&self, batch: &[usize]) -> Result<Option<Tensor>> {
-            self.toy.token_mask(batch)
         }
         fn local(&self) -> Result<Vec<usize>> {
             Ok((self.rank..self.toy.len()).step_by(self.ranks.size).collect())
