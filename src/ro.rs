@@ -338,6 +338,12 @@ enum Search {
     Up,
 }
 
+/// Whether a held-out error `after` is strictly below `before`; never when either is NaN, so an
+/// overflowing step counts as no better.
+fn lowers(after: f64, before: f64) -> bool {
+    after < before
+}
+
 /// The scale t (a power of two) of the round's update `step` that minimises the held-out error
 /// of `base + t * step`, starting from t = 1 (measured `at_one`): doubles while the error falls,
 /// else (with `Search::Both`) halves while it falls or stays non-finite (`Search::Down`: only
@@ -362,7 +368,7 @@ fn search_scale(block: &dyn Block, weights: &[Tensor], base: &[Tensor], step: &[
                 continue;
             }
             // Otherwise NaN (an overflowing step) ends the search like a worse error.
-            if point.0.partial_cmp(&best.1 .0) != Some(std::cmp::Ordering::Less) {
+            if !lowers(point.0, best.1 .0) {
                 break;
             }
             best = (exponent, point);
@@ -500,7 +506,7 @@ impl<'a> RoRun<'a> {
         // Backtracking searches only when the round at the current rate did not help.
         let searching = match search {
             Search::None => false,
-            Search::Down => after.0.partial_cmp(&before.0) != Some(std::cmp::Ordering::Less),
+            Search::Down => !lowers(after.0, before.0),
             _ => true,
         };
         if searching {
