@@ -298,7 +298,7 @@ impl GradientStats {
                 (self.sum_sq.insert(zeros()?), self.scratch.insert(zeros()?))
             }
         };
-        let _ = scratch.f_copy_(grad)?;
+        scratch.f_copy_(grad)?;
         let _ = acc.f_addcmul_(scratch, scratch)?;
         self.nsamples += 1;
         Ok(())
