@@ -470,7 +470,9 @@ impl Processes for PyReduce<'_> {
 }
 
 /// Runs one block's whole schedule (SPEC step 6) on `weights`, in place; returns a dict with
-/// `masks` (bool, one per weight), `mse_before_ro`, `mse_final`, `rounds` (one dict per RO round)
+/// `masks` (bool, one per weight), `mse_before_ro` (with RO: on its held-out sequences),
+/// `holdout_mse_final` (with RO: the final error on them; None without), `mse_final` (every
+/// sequence), `rounds` (one dict per RO round)
 /// and `ro_stop` (why the rounds ended: "rounds", "converged", "rolled back"; None without RO).
 /// `ro_min_improvement` > 0 ends a block's rounds early (see `PruneConfig.ro_min_improvement`).
 /// `pruned_per_row` (one count per weight) replaces the unstructured `sparsity` with per-layer
@@ -523,6 +525,7 @@ fn prune_block_<'py>(
     let masks = outcome.masks.into_iter().map(|m| to_py(py, m)).collect::<PyResult<Vec<_>>>()?;
     result.set_item("masks", PyList::new(py, masks)?)?;
     result.set_item("mse_before_ro", outcome.mse_before_ro)?;
+    result.set_item("holdout_mse_final", outcome.holdout_mse_final)?;
     result.set_item("mse_final", outcome.mse_final)?;
     result.set_item("magnitude_fallback", PyList::new(py, outcome.magnitude_fallback)?)?;
     let rounds = PyList::empty(py);

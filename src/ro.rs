@@ -324,46 +324,20 @@ fn holdout_pass(block: &dyn Block, weights: &[Tensor], holdout: &[usize], record
     if !record {
         return Ok((block_mse(block, holdout)?, None));
     }
-    Ok(measure(block, weights, holdout, &[], true)?.0)
-}
-
-/// One pass without autograd over `holdout` and `others`: the held-out measurement (as
-/// [`holdout_pass`]) and the mean error over both groups.
-fn measure(block: &dyn Block, weights: &[Tensor], holdout: &[usize], others: &[usize], record: bool) -> Result<(Measured, f64)> {
     let _guard = tch::no_grad_guard();
-    let mut stats = if record { Some(InputStats::new(weights)?) } else { None };
-    let mut sums = [DeviceSum::default(), DeviceSum::default()];
-    for (k, (group, sum)) in [holdout, others].into_iter().zip(&mut sums).enumerate() {
-        let held_out = k == 0;
-        for batch in block.batches(&local_share(block, group)?)? {
-            let mask = block.token_mask(&batch)?;
-            let out = match &mut stats {
-                Some(stats) if held_out => {
-                    let (inputs, out) = block.linear_inputs(&batch)?;
-                    stats.update(&inputs, mask.as_ref(), batch.len() as i64)?;
-                    out
-                }
-                _ => block.forward(&batch)?,
-            };
-            sum.add(&summed_mse(&out, &block.target(&batch)?, mask.as_ref())?)?;
-        }
+    let mut stats = InputStats::new(weights)?;
+    let mut sum = DeviceSum::default();
+    for batch in block.batches(&local_share(block, holdout)?)? {
+        let mask = block.token_mask(&batch)?;
+        let (inputs, out) = block.linear_inputs(&batch)?;
+        stats.update(&inputs, mask.as_ref(), batch.len() as i64)?;
+        sum.add(&summed_mse(&out, &block.target(&batch)?, mask.as_ref())?)?;
     }
-    let norms = match stats {
-        Some(mut stats) => {
-            stats.all_reduce(block)?;
-            Some(stats.finish()?)
-        }
-        None => None,
-    };
-    let [held, rest] = sums;
-    let held = held.all_reduced(block)?;
-    // Every process holds the same lists, so all skip this collective together.
-    let rest = if others.is_empty() { 0.0 } else { rest.all_reduced(block)? };
-    let all = (held + rest) / (holdout.len() + others.len()).max(1) as f64;
-    Ok(((held / holdout.len().max(1) as f64, norms), all))
+    stats.all_reduce(block)?;
+    Ok((sum.all_reduced(block)? / holdout.len().max(1) as f64, Some(stats.finish()?)))
 }
 
-/// A held-out measurement: the error and, when recorded, the input norms at that point.
+/// The held-out error and, with `record`, the input norms it was measured with.
 type Measured = (f64, Option<InputNorms>);
 
 /// How a round's update is scaled before the guard judges it.
@@ -475,13 +449,13 @@ impl<'a> RoRun<'a> {
         &self.split.holdout
     }
 
-    /// Measures the pruned block before its first round, in one pass over every sequence: returns
-    /// their mean error, and keeps the held-out measurement the first round starts from.
+    /// Measures the pruned block before its first round on the held-out sequences only (the guard
+    /// needs no other): returns their mean error, which the first round starts from.
     pub fn start(&mut self, block: &dyn Block, weights: &[Tensor], masks: &[Tensor]) -> Result<f64> {
-        let others: Vec<usize> = (0..block.len()).filter(|i| !self.split.holdout.contains(i)).collect();
-        let (measured, all) = measure(block, weights, &self.split.holdout, &others, self.record_inputs)?;
+        let measured = holdout_pass(block, weights, &self.split.holdout, self.record_inputs)?;
+        let error = measured.0;
         self.last = Some((masks.iter().map(Tensor::shallow_clone).collect(), measured));
-        Ok(all)
+        Ok(error)
     }
 
     /// The next round with the keep-masks `masks` fixed, recorded; with `record_inputs`, returns

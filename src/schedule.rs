@@ -63,9 +63,14 @@ pub struct Plan {
 pub struct BlockOutcome {
     /// Keep-masks, one per weight, as applied.
     pub masks: Vec<Tensor>,
-    /// Block-output MSE against the dense block after the first prune, before any RO.
+    /// Block-output MSE against the dense block after the first prune, before any RO, on RO's
+    /// held-out sequences (the guard's; measuring the others would cost a pass the guard does
+    /// not need). Without RO: `mse_final`.
     pub mse_before_ro: f64,
-    /// Block-output MSE after the final prune.
+    /// With RO: the block-output MSE after the final prune on the same held-out sequences as
+    /// `mse_before_ro`, from the final pass's forwards.
+    pub holdout_mse_final: Option<f64>,
+    /// Block-output MSE after the final prune, over every sequence.
     pub mse_final: f64,
     /// Per weight: scored by magnitude in the final prune because no calibration token reached
     /// it (an expert the router never chose); its activation statistics would all be zero.
@@ -207,17 +212,27 @@ fn finite(mse: f64) -> Result<f64> {
 }
 
 /// The last pass: the pruned block's outputs (handed to `set_outputs` as the next block's
-/// inputs) and, from the same forwards, its mean error against the dense outputs.
-fn final_outputs(block: &dyn Block) -> Result<f64> {
+/// inputs) and, from the same forwards, its mean error against the dense outputs over every
+/// sequence and over `holdout` (RO's guard; None when it is empty).
+fn final_outputs(block: &dyn Block, holdout: &[usize]) -> Result<(f64, Option<f64>)> {
     let _guard = tch::no_grad_guard();
-    let mut total = DeviceSum::default();
+    let (mut total, mut held) = (DeviceSum::default(), DeviceSum::default());
     for batch in block.batches(&block.local()?)? {
         let out = block.forward(&batch)?;
         let mask = block.token_mask(&batch)?;
-        total.add(&summed_mse(&out, &block.target(&batch)?, mask.as_ref())?)?;
+        let target = block.target(&batch)?;
+        total.add(&summed_mse(&out, &target, mask.as_ref())?)?;
+        for (row, i) in batch.iter().enumerate() {
+            if holdout.contains(i) {
+                let pick = |t: &Tensor| t.f_narrow(0, row as i64, 1);
+                held.add(&summed_mse(&pick(&out)?, &pick(&target)?, mask.as_ref().map(pick).transpose()?.as_ref())?)?;
+            }
+        }
         block.set_outputs(&batch, &out)?;
     }
-    finite(total.all_reduced(block)? / block.len().max(1) as f64)
+    let all = finite(total.all_reduced(block)? / block.len().max(1) as f64)?;
+    let held = if holdout.is_empty() { None } else { Some(finite(held.all_reduced(block)? / holdout.len() as f64)?) };
+    Ok((all, held))
 }
 
 /// Prunes `weights` (the block's linear weights, shared with the model) in place. Forward passes
@@ -247,6 +262,7 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
     // RO after re-pruning (wanda++) records the input norms of its held-out passes for the next prune.
     let reprunes = !matches!(plan.method, Method::SparseGpt | Method::SparseGptRo);
     let mut ro = if plan.method.uses_ro() && plan.ro.rounds > 0 { Some(RoRun::new(&plan.ro, n, reprunes)?) } else { None };
+    let holdout = ro.as_ref().map_or(&[][..], RoRun::holdout).to_vec();
     let mut mse_before_ro = None;
     let (masks, magnitude_fallback) = if matches!(plan.method, Method::SparseGpt | Method::SparseGptRo) {
         let (masks, fallback) = sparsegpt_once(block, weights, plan)?;
@@ -260,7 +276,6 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
     } else {
         // The first pass over the dense block gives the targets and the first activation norms,
         // over all sequences and over RO's held-out ones.
-        let holdout = ro.as_ref().map_or(&[][..], RoRun::holdout).to_vec();
         let (grad_rms, first, holdout_first) = match plan.method {
             _ if plan.method.uses_gradients() => {
                 let (g, norms, subset) = gradient_rms(block, weights, &holdout)?;
@@ -285,12 +300,12 @@ pub fn prune_block_(block: &dyn Block, weights: &[Tensor], plan: &Plan) -> Resul
         }
         prune_once(weights, plan, grad_rms.as_deref(), norms.as_ref().or(first.as_ref()))?
     };
-    let mse_final = final_outputs(block)?;
+    let (mse_final, holdout_mse_final) = final_outputs(block, &holdout)?;
     let (rounds, ro_stop) = match ro.map(RoRun::finish) {
         Some((rounds, stop)) => (rounds, Some(stop)),
         None => (Vec::new(), None),
     };
-    Ok(BlockOutcome { masks, mse_before_ro: mse_before_ro.unwrap_or(mse_final), mse_final, magnitude_fallback, rounds, ro_stop })
+    Ok(BlockOutcome { masks, mse_before_ro: mse_before_ro.unwrap_or(mse_final), holdout_mse_final, mse_final, magnitude_fallback, rounds, ro_stop })
 }
 
 #[cfg(test)]
@@ -418,7 +433,8 @@ mod tests {
     fn ro_lowers_block_error_and_never_revives_pruned_weights() {
         let b = ToyBlock::new(2);
         let out = prune_block_(&b, &b.weights(), &plan(Method::WandaPlusPlus, 1e-3)).unwrap();
-        assert!(out.mse_final < out.mse_before_ro, "{} !< {}", out.mse_final, out.mse_before_ro);
+        let after = out.holdout_mse_final.expect("RO ran");
+        assert!(after < out.mse_before_ro, "{after} !< {}", out.mse_before_ro);
         assert_eq!(out.rounds.len(), 3);
     }
 
@@ -430,8 +446,8 @@ mod tests {
         };
         let (wanda, sparsegpt, with_ro) = (run(Method::Wanda), run(Method::SparseGpt), run(Method::SparseGptRo));
         assert!(sparsegpt.mse_final < wanda.mse_final, "{} !< {}", sparsegpt.mse_final, wanda.mse_final);
-        assert!(with_ro.mse_final <= with_ro.mse_before_ro && with_ro.rounds.len() == 3);
-        assert!((with_ro.mse_before_ro - sparsegpt.mse_final).abs() <= 1e-12 * sparsegpt.mse_final);
+        assert!(with_ro.holdout_mse_final.unwrap() <= with_ro.mse_before_ro && with_ro.rounds.len() == 3);
+        assert!(sparsegpt.holdout_mse_final.is_none() && sparsegpt.mse_before_ro == sparsegpt.mse_final);
         for (a, b) in sparsegpt.masks.iter().zip(&with_ro.masks) {
             assert!(a.equal(b), "RO keeps SparseGPT's masks");
         }
@@ -480,23 +496,25 @@ mod tests {
                 let mut p = plan(method, 1e-3);
                 p.ro.rounds = rounds;
                 let out = prune_block_(&b, &b.weights(), &p).unwrap();
-                (out, b.forwards.get())
+                (out, b.forwards.get(), b)
             };
-            let (none, base) = run(0);
-            let (one, first) = run(1);
-            let (three, total) = run(3);
-            // Before RO: one pass over every sequence gives the block error and the first
-            // round's held-out error; a round: M training forwards and one held-out pass.
-            assert_eq!(first - base, n + m + h, "{method:?}");
+            let (_, base, none) = run(0);
+            let (one, first, _) = run(1);
+            let (three, total, _) = run(3);
+            // Before RO: one held-out pass gives the first round's starting error (the report's
+            // mse_before_ro); a round: M training forwards and one held-out pass.
+            assert_eq!(first - base, h + m + h, "{method:?}");
             assert_eq!(total - first, 2 * (m + h), "{method:?}");
             for pair in three.rounds.windows(2) {
                 let left = if pair[0].rolled_back { pair[0].holdout_before } else { pair[0].holdout_after };
                 assert_eq!(pair[1].holdout_before, left, "{method:?}");
             }
-            // The error over every sequence after the first prune, as the method without RO
-            // measures it in its final pass (summed in another order).
+            // The held-out error after the first prune, measured afresh on the block that ran
+            // without RO (its weights are the first prune's).
+            let holdout = plan(method, 1e-3).ro.split(n).unwrap().holdout;
+            let expected = block_mse(&none, &holdout).unwrap();
             let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs();
-            assert!(close(one.mse_before_ro, none.mse_final) && close(three.mse_before_ro, none.mse_final), "{method:?}");
+            assert!(close(one.mse_before_ro, expected) && close(three.mse_before_ro, expected), "{method:?}");
             assert!(one.rounds.iter().chain(&three.rounds).all(|r| r.steps == m), "{method:?}");
         }
     }
@@ -530,7 +548,8 @@ mod tests {
         // A huge learning rate makes every round worse; each must be undone.
         let out = prune_block_(&b, &b.weights(), &plan(Method::WandaPlusPlus, 10.0)).unwrap();
         assert!(out.rounds.iter().all(|r| r.rolled_back));
-        assert!((out.mse_final - out.mse_before_ro).abs() <= 1e-12 * out.mse_before_ro.max(1.0));
+        let after = out.holdout_mse_final.unwrap();
+        assert!((after - out.mse_before_ro).abs() <= 1e-12 * out.mse_before_ro.max(1.0));
     }
 
     #[test]
@@ -574,6 +593,9 @@ mod tests {
                 }
                 let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * a.abs().max(1e-12);
                 assert!(close(expected.mse_before_ro, got.mse_before_ro) && close(expected.mse_final, got.mse_final));
+                if let (Some(x), Some(y)) = (expected.holdout_mse_final, got.holdout_mse_final) {
+                    assert!(close(x, y), "{method:?} batch {batch_size}");
+                }
             }
         }
     }

@@ -164,6 +164,7 @@ class _RoundResult(TypedDict):
 class _BlockResult(TypedDict):
     masks: list[torch.Tensor]
     mse_before_ro: float
+    holdout_mse_final: float | None
     mse_final: float
     magnitude_fallback: list[bool]
     rounds: list[_RoundResult]
@@ -189,7 +190,9 @@ def prune_block_(
     seed: int = 0,
 ) -> _BlockResult:
     """Runs one block's whole schedule (SPEC step 6) on `weights`, in place; returns a dict with
-    `masks` (bool, one per weight), `mse_before_ro`, `mse_final`, `rounds` (one dict per RO round)
+    `masks` (bool, one per weight), `mse_before_ro` (with RO: on its held-out sequences),
+    `holdout_mse_final` (with RO: the final error on them; None without), `mse_final` (every
+    sequence), `rounds` (one dict per RO round)
     and `ro_stop` (why the rounds ended: "rounds", "converged", "rolled back"; None without RO).
     `ro_min_improvement` > 0 ends a block's rounds early (see `PruneConfig.ro_min_improvement`).
     `pruned_per_row` (one count per weight) replaces the unstructured `sparsity` with per-layer

@@ -255,7 +255,7 @@ def prune_blocks(job: Job, run: BlockSink | None = None) -> PruneReport:
             if has_targets:
                 samples = _prune_one_block(adapter, index, samples, method, pattern, layers, cfg, device, report, run, job.share)
                 block = report.blocks[index]
-                bar.set_postfix_str(f"block {index} output mse {block.mse_before_ro:.2e} -> {block.mse_final:.2e}", refresh=False)
+                bar.set_postfix_str(f"block {index} output mse {block.mse_final:.2e}", refresh=False)
             try:
                 if not has_targets:
                     report.blocks[index].status = "skipped"
@@ -381,6 +381,7 @@ def _prune_one_block(
     block.status = "pruned"
     block.layers = report.record_masks([t.name for t in targets], measured, counts, result["magnitude_fallback"], extra_zeros)
     block.mse_before_ro = result["mse_before_ro"]
+    block.holdout_mse_final = result["holdout_mse_final"]
     block.mse_final = result["mse_final"]
     block.ro_losses = [r["loss"] for r in result["rounds"]]
     block.ro_rolled_back = [r["rolled_back"] for r in result["rounds"]]

@@ -32,8 +32,14 @@ class BlockReport:
     index: int
     status: str  # "pruned", "untouched", "restored" (failed and rolled back) or "skipped" (targets/ignore select nothing in it)
     layers: dict[str, LayerReport] = field(default_factory=dict)
-    mse_before_ro: float | None = None  # block-output MSE vs the dense block after the first prune
-    mse_final: float | None = None  # ... after the final prune
+    #: block-output MSE vs the dense block after the first prune, before RO: with RO, on its
+    #: held-out sequences (PruneConfig.ro_holdout; the pass over the others would serve only this
+    #: number); without RO, mse_final
+    mse_before_ro: float | None = None
+    #: with RO: the block-output MSE after the final prune on the same held-out sequences (compare
+    #: it with mse_before_ro for what RO and the re-prunes gained); None without RO
+    holdout_mse_final: float | None = None
+    mse_final: float | None = None  # block-output MSE after the final prune, over every calibration sequence
     ro_losses: list[float] = field(default_factory=list)  # mean RO loss of each round
     ro_rolled_back: list[bool] = field(default_factory=list)
     ro_lr: float | None = None  # RO's learning rate after the first round (its step search, PruneConfig.ro_lr_search)
@@ -169,7 +175,7 @@ class PruneReport:
         head = (
             f"PruneReport: {self.model}, method={self.method}, sparsity={self.sparsity}, "
             f"nsamples={self.nsamples}, seed={self.config.get('seed')}, device={self.device}\n"
-            f"{'block':>5} {'status':>9} {'sparsity':>8} {'mse before RO':>13} {'mse final':>10} "
+            f"{'block':>5} {'status':>9} {'sparsity':>8} {'held-out mse before RO -> final':>31} {'mse final':>10} "
             f"{'RO rounds (rolled back), stop':>31} {'seconds':>8} {'peak MiB':>9}"
         )
         rows = [head]
@@ -177,8 +183,9 @@ class PruneReport:
             sp = np.mean([l.sparsity for l in b.layers.values()]) if b.layers else float("nan")
             fmt = lambda v: "-" if v is None else f"{v:.3e}"  # noqa: E731
             ro = f"{len(b.ro_losses)} ({sum(b.ro_rolled_back)}), {b.ro_stop}" if b.ro_stop else "-"
+            held = f"{fmt(b.mse_before_ro)} -> {fmt(b.holdout_mse_final)}" if b.holdout_mse_final is not None else "-"
             rows.append(
-                f"{b.index:>5} {b.status:>9} {sp:>8.4f} {fmt(b.mse_before_ro):>13} {fmt(b.mse_final):>10} "
+                f"{b.index:>5} {b.status:>9} {sp:>8.4f} {held:>31} {fmt(b.mse_final):>10} "
                 f"{ro:>31} {b.seconds:>8.1f} {b.peak_memory_bytes / 2**20:>9.0f}"
             )
         matrices = sum(len(b.layers) for b in self.blocks)
@@ -200,8 +207,9 @@ class PruneReport:
         return "\n".join(rows)
 
     def plot(self, path: str | None = None) -> Any:
-        """Per-block MSE against the dense block, before RO and after the final prune
-        (needs matplotlib). Returns the figure; saves it when ``path`` is given."""
+        """Per-block MSE against the dense block after the final prune over every calibration
+        sequence and, for a method with RO, on RO's held-out sequences before RO and after the
+        final prune (needs matplotlib). Returns the figure; saves it when ``path`` is given."""
         matplotlib = require("matplotlib", "PruneReport.plot")
         if path is not None:
             matplotlib.use("Agg")
@@ -209,8 +217,11 @@ class PruneReport:
 
         pruned = [b for b in self.blocks if b.status == "pruned"]
         fig, ax = plt.subplots(figsize=(8, 3.5))
-        ax.semilogy([b.index for b in pruned], [b.mse_before_ro for b in pruned], "o-", label="before RO")
-        ax.semilogy([b.index for b in pruned], [b.mse_final for b in pruned], "s-", label="after final prune")
+        held = [b for b in pruned if b.holdout_mse_final is not None]
+        if held:
+            ax.semilogy([b.index for b in held], [b.mse_before_ro for b in held], "o--", label="held-out, before RO")
+            ax.semilogy([b.index for b in held], [b.holdout_mse_final for b in held], "s--", label="held-out, after final prune")
+        ax.semilogy([b.index for b in pruned], [b.mse_final for b in pruned], "s-", label="all sequences, after final prune")
         ax.set_xlabel("block")
         ax.set_ylabel("output MSE vs dense block")
         ax.set_title(f"{self.model}: {self.method} at {self.sparsity}")
