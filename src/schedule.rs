@@ -593,8 +593,9 @@ mod tests {
                 }
                 let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * a.abs().max(1e-12);
                 assert!(close(expected.mse_before_ro, got.mse_before_ro) && close(expected.mse_final, got.mse_final));
-                if let (Some(x), Some(y)) = (expected.holdout_mse_final, got.holdout_mse_final) {
-                    assert!(close(x, y), "{method:?} batch {batch_size}");
+                match (expected.holdout_mse_final, got.holdout_mse_final) {
+                    (Some(x), Some(y)) => assert!(close(x, y), "{method:?} batch {batch_size}"),
+                    (x, y) => assert!(x.is_none() && y.is_none(), "{method:?} batch {batch_size}: {x:?} against {y:?}"),
                 }
             }
         }
