@@ -2,6 +2,7 @@
 //! tensors. Only `bindings` knows Python; everything else is plain Rust testable with `cargo test`.
 
 pub mod block;
+pub mod cpu;
 pub mod error;
 pub mod io;
 pub mod mask;

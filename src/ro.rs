@@ -3,6 +3,7 @@
 //! when it makes the held-out block error worse or non-finite.
 
 use crate::block::{block_mse, local_share, masked_mse, summed_mse, Block, DeviceSum};
+use crate::cpu::{elements, elements_mut};
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
 use crate::stats::{InputNorms, InputStats};
@@ -162,8 +163,11 @@ impl Drop for GradTracking<'_> {
 ///
 /// A step allocates nothing: on a CPU, fresh tensors of a block's weight size cost a page fault per
 /// 4 KiB on every step, and `masked_fill_` with a random boolean mask and `sqrt` of zeros run many
-/// times slower than plain arithmetic; together they made the step about 3.5x slower than this one, for
-/// bit-identical weights (bench/results/rmsprop_step.md).
+/// times slower than plain arithmetic; together they made the step about 3.5x slower than the
+/// tensor-op step below, for bit-identical weights (bench/results/rmsprop_step.md). On a CPU, where
+/// the step is bound by memory traffic (nine passes over weight-sized tensors), float32 weights take
+/// `fused_cpu_step` instead: one pass, the same float32 operations in the same order (the weights
+/// agree to float32 rounding: ATen's vectorised root and division round some last bits otherwise).
 pub struct MaskedRmsprop {
     lr: f64,
     /// 1 where a weight is kept, 0 where it is pruned (float32): each step's gradient is
@@ -174,8 +178,9 @@ pub struct MaskedRmsprop {
     /// The float32 copy each step updates: None for a float32 weight, stepped in place.
     master: Vec<Option<Tensor>>,
     square_avg: Vec<Tensor>,
-    /// Per weight, float32 scratch for the masked gradient and for the denominator.
-    scratch: Vec<(Tensor, Tensor)>,
+    /// Per weight, float32 scratch for the masked gradient and for the denominator of the
+    /// tensor-op step, allocated when a weight first takes it.
+    scratch: Vec<Option<(Tensor, Tensor)>>,
 }
 
 impl MaskedRmsprop {
@@ -184,14 +189,13 @@ impl MaskedRmsprop {
         let float = |w: &Tensor| Tensor::f_zeros(w.size(), (Kind::Float, w.device()));
         let mut master = Vec::with_capacity(weights.len());
         let mut square_avg = Vec::with_capacity(weights.len());
-        let mut scratch = Vec::with_capacity(weights.len());
         for w in weights {
             square_avg.push(float(w)?);
-            scratch.push((float(w)?, float(w)?));
             master.push(if w.kind() == Kind::Float { None } else { Some(w.f_detach()?.f_to_kind(Kind::Float)?) });
         }
         let keep = masks.iter().map(|m| m.f_to_kind(Kind::Float)).collect::<std::result::Result<_, _>>()?;
         let pruned = masks.iter().map(|m| m.f_logical_not()).collect::<std::result::Result<_, _>>()?;
+        let scratch = weights.iter().map(|_| None).collect();
         Ok(Self { lr, keep, pruned, master, square_avg, scratch })
     }
 
@@ -207,7 +211,17 @@ impl MaskedRmsprop {
             if !grad.defined() {
                 continue;
             }
-            let (g, denom) = &mut self.scratch[k];
+            let target = self.master[k].as_ref().unwrap_or(w);
+            if fused_cpu_step(grad, &self.keep[k], &self.square_avg[k], target, self.lr) {
+                if let Some(master) = &self.master[k] {
+                    w.shallow_clone().f_copy_(master)?;
+                }
+                continue;
+            }
+            let (g, denom) = match &mut self.scratch[k] {
+                Some(scratch) => scratch,
+                empty => empty.insert((self.square_avg[k].f_empty_like()?, self.square_avg[k].f_empty_like()?)),
+            };
             let _ = grad.f_mul_out(g, &self.keep[k])?;
             let _ = g.f_mul_scalar_out(denom, 1.0 - RMSPROP_ALPHA)?;
             let _ = self.square_avg[k].f_mul_scalar_(RMSPROP_ALPHA)?.f_addcmul_(g, denom)?;
@@ -235,6 +249,33 @@ impl MaskedRmsprop {
         }
         Ok(())
     }
+}
+
+/// `MaskedRmsprop::step` for one weight in a single pass over memory, when every tensor is a
+/// contiguous float32 CPU tensor of one size (`target` the weight or its float32 master copy);
+/// returns false, touching nothing, otherwise. Per element, in float32 and in the tensor-op step's
+/// order: g = grad * keep; v = v * alpha + g * (g * (1 - alpha)); target += (g * -lr) /
+/// (sqrt(max(v, floor)) + eps), a NaN v staying NaN as under `clamp_min`.
+fn fused_cpu_step(grad: &Tensor, keep: &Tensor, square_avg: &Tensor, target: &Tensor, lr: f64) -> bool {
+    if [grad, keep, square_avg].iter().any(|t| t.size() != target.size()) {
+        return false;
+    }
+    // SAFETY: `square_avg` (the optimizer's state) and `target` (the weight or its master copy)
+    // are distinct from each other and from the gradient and the keep-mask, and no tensor op runs
+    // while the slices live.
+    let slices = unsafe { (elements::<f32>(grad), elements::<f32>(keep), elements_mut::<f32>(square_avg), elements_mut::<f32>(target)) };
+    let (Some(g), Some(keep), Some(v), Some(w)) = slices else {
+        return false;
+    };
+    let (alpha, one_minus_alpha, neg_lr) = (RMSPROP_ALPHA as f32, (1.0 - RMSPROP_ALPHA) as f32, -lr as f32);
+    let (floor, eps) = (SQUARE_AVG_FLOOR as f32, RMSPROP_EPS as f32);
+    for i in 0..w.len() {
+        let g = g[i] * keep[i];
+        v[i] = v[i] * alpha + g * (g * one_minus_alpha);
+        let floored = if v[i] < floor { floor } else { v[i] };
+        w[i] += (g * neg_lr) / (floored.sqrt() + eps);
+    }
+    true
 }
 
 /// The gradient of one RO step on the sequences `step`: one backward per sequence this process
@@ -601,6 +642,47 @@ mod tests {
             v[j] = RMSPROP_ALPHA * v[j] + (1.0 - RMSPROP_ALPHA) * gj * gj;
             w[j] = if keep[j] { w[j] - lr * gj / (v[j].sqrt() + RMSPROP_EPS) } else { 0.0 };
         }
+    }
+
+    #[test]
+    fn the_fused_cpu_step_agrees_with_the_tensor_op_step() {
+        // A non-contiguous weight takes the tensor-op step (the one CUDA runs), a contiguous one
+        // the fused step: same values, same gradients, the same weights to float32 rounding after
+        // every step (ATen's vectorised root and division round the last bit differently),
+        // including where pruned entries are fed non-finite gradients.
+        let (rows, cols, lr) = (67i64, 1000i64, 3e-4);
+        let mut rng = SplitMix64::new(5);
+        let mut draw = |n: i64, scale: f32| -> Tensor {
+            let v: Vec<f32> = (0..n).map(|_| (rng.unit() as f32 - 0.5) * scale).collect();
+            Tensor::from_slice(&v).view([rows, cols])
+        };
+        let mask = draw(rows * cols, 1.0).gt(0.0);
+        let start = draw(rows * cols, 0.04) * mask.to_kind(Kind::Float);
+        let fused = start.copy();
+        let tensor_ops = start.tr().contiguous().tr();
+        assert!(!tensor_ops.is_contiguous());
+        let mut a = MaskedRmsprop::new(&[fused.shallow_clone()], &[mask.shallow_clone()], lr).unwrap();
+        let mut b = MaskedRmsprop::new(&[tensor_ops.shallow_clone()], &[mask.shallow_clone()], lr).unwrap();
+        let pruned = Vec::<bool>::try_from(mask.logical_not().view([-1])).unwrap().iter().position(|&p| p).unwrap();
+        // Weights of about 0.02 have an ulp of 1.9e-9: a few of them.
+        let close = |x: &Tensor, y: &Tensor| x.allclose(y, 1e-6, 1e-8, true);
+        for step in 0..5 {
+            // Gradients spanning the magnitudes RO sees, the last ones too small for the floor.
+            let g = draw(rows * cols, 10f32.powi(-2 - 4 * step)).view([-1]);
+            if step == 2 {
+                let _ = g.get(pruned as i64).fill_(f64::INFINITY);
+            }
+            let g = g.view([rows, cols]);
+            a.step(&[fused.shallow_clone()], &[g.shallow_clone()]).unwrap();
+            b.step(&[tensor_ops.shallow_clone()], &[g]).unwrap();
+            assert!(close(&fused, &tensor_ops), "step {step}: the fused step's weights differ");
+            assert!(a.square_avg[0].allclose(&b.square_avg[0], 1e-6, 0.0, true), "step {step}: the square averages differ");
+        }
+        assert!(fused.view([-1]).get(pruned as i64).isnan().int64_value(&[]) == 1, "the pruned entry's infinite gradient made it NaN until finish");
+        a.finish(&[fused.shallow_clone()]).unwrap();
+        b.finish(&[tensor_ops.shallow_clone()]).unwrap();
+        assert!(close(&fused, &tensor_ops) && fused.isfinite().all().int64_value(&[]) == 1);
+        assert!(fused.masked_select(&mask.logical_not()).abs().max().double_value(&[]) == 0.0, "a pruned weight came back");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! half-precision models do not lose the small terms and sums added up in another order (batches,
 //! processes) round to the same float32 statistic.
 
+use crate::cpu::{elements, elements_mut};
 use crate::error::{Error, Result};
 use crate::tensor_check::{require_bool, require_finite, require_float, require_rank, require_same_device, require_shape};
 use tch::{Device, Kind, Tensor};
@@ -257,9 +258,10 @@ pub fn rescaled_norms(all: &InputNorms, subset_then: &InputNorms, subset_now: &I
 pub struct GradientStats {
     shape: Vec<i64>,
     sum_sq: Option<Tensor>,
-    /// float64 scratch each gradient is copied into before it is squared and summed: one update
-    /// allocates nothing (fresh tensors of a weight's size cost a page fault per 4 KiB on a CPU,
-    /// and the regional gradients take one update per sequence and weight).
+    /// float64 scratch a gradient the CPU loop cannot take (another device, dtype or layout) is
+    /// copied into before it is squared and summed, allocated once: an update allocates nothing
+    /// (fresh tensors of a weight's size cost a page fault per 4 KiB on a CPU, and the regional
+    /// gradients take one update per sequence and weight).
     scratch: Option<Tensor>,
     nsamples: i64,
 }
@@ -288,18 +290,29 @@ impl GradientStats {
         require_float(grad, "grad")?;
         require_shape(grad, "grad", &self.shape, "the shape given to GradientStats")?;
         let _guard = tch::no_grad_guard();
-        let (acc, scratch) = match (&mut self.sum_sq, &mut self.scratch) {
-            (Some(acc), Some(scratch)) => {
+        let acc = match &mut self.sum_sq {
+            Some(acc) => {
                 require_same_device(grad, "grad", acc, "earlier gradients")?;
-                (acc, scratch)
+                acc
             }
-            _ => {
-                let zeros = || Tensor::f_zeros(grad.size(), (Kind::Double, grad.device()));
-                (self.sum_sq.insert(zeros()?), self.scratch.insert(zeros()?))
-            }
+            empty => empty.insert(Tensor::f_zeros(grad.size(), (Kind::Double, grad.device()))?),
         };
-        scratch.f_copy_(grad)?;
-        let _ = acc.f_addcmul_(scratch, scratch)?;
+        // SAFETY: the sum is this object's own tensor, distinct from the gradient, and no tensor
+        // op runs while the slices live.
+        if let (Some(sum), Some(g)) = unsafe { (elements_mut::<f64>(acc), elements::<f32>(grad)) } {
+            // One pass over memory (crate::cpu): the same float64 products and sums as below.
+            for (sum, &g) in sum.iter_mut().zip(g) {
+                let g = f64::from(g);
+                *sum += g * g;
+            }
+        } else {
+            let scratch = match &mut self.scratch {
+                Some(scratch) => scratch,
+                empty => empty.insert(acc.f_empty_like()?),
+            };
+            scratch.f_copy_(grad)?;
+            let _ = acc.f_addcmul_(scratch, scratch)?;
+        }
         self.nsamples += 1;
         Ok(())
     }
@@ -392,6 +405,39 @@ mod tests {
         st.update(&Tensor::from_slice(&[4.0f32]).view([1, 1])).unwrap();
         let r = f64::try_from(st.rms().unwrap().view([-1]).get(0)).unwrap();
         assert!((r - 12.5f64.sqrt()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_cpu_loop_and_the_tensor_ops_sum_the_same_squares() {
+        // Contiguous float32 gradients take the CPU loop; transposed views, float64 and bfloat16
+        // gradients the tensor ops. A float32 square is exact in float64, so the sums agree bit
+        // for bit; both match a float64 reference.
+        let mut rng = crate::rng::SplitMix64::new(3);
+        let (rows, cols) = (37i64, 53i64);
+        let grads: Vec<Vec<f64>> = (0..6).map(|k| (0..rows * cols).map(|_| (rng.unit() - 0.5) * 10f64.powi(-3 * k)).collect()).collect();
+        let as_f32 = |g: &Vec<f64>| Tensor::from_slice(g).to_kind(Kind::Float).view([rows, cols]);
+        let mut looped = GradientStats::new(vec![rows, cols]).unwrap();
+        let mut transposed = GradientStats::new(vec![rows, cols]).unwrap();
+        let mut double = GradientStats::new(vec![rows, cols]).unwrap();
+        for g in &grads {
+            looped.update(&as_f32(g)).unwrap();
+            let t = as_f32(g).tr().contiguous().tr();
+            assert!(!t.is_contiguous());
+            transposed.update(&t).unwrap();
+            double.update(&as_f32(g).to_kind(Kind::Double)).unwrap();
+        }
+        let rms = looped.rms().unwrap();
+        assert!(rms.equal(&transposed.rms().unwrap()) && rms.equal(&double.rms().unwrap()));
+        let reference: Vec<f64> = (0..(rows * cols) as usize)
+            .map(|j| (grads.iter().map(|g| (g[j] as f32 as f64).powi(2)).sum::<f64>() / grads.len() as f64).sqrt())
+            .collect();
+        let got = Vec::<f64>::try_from(rms.to_kind(Kind::Double).view([-1])).unwrap();
+        for (j, (a, b)) in got.iter().zip(&reference).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "entry {j}: {a} vs {b}");
+        }
+        let mut bf16 = GradientStats::new(vec![rows, cols]).unwrap();
+        bf16.update(&as_f32(&grads[0]).to_kind(Kind::BFloat16)).unwrap();
+        assert!(bf16.rms().unwrap().allclose(&as_f32(&grads[0]).abs(), 1e-2, 0.0, false));
     }
 
     #[test]
