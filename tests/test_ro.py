@@ -63,8 +63,11 @@ def assert_matches_reference(report, model, expected: dict[str, torch.Tensor], r
 @pytest.mark.parametrize("model_type", ["llama", "mixtral"])
 def test_a_bfloat16_round_equals_the_pure_pytorch_schedule_under_autocast(model_type):
     """ro_autocast="bfloat16": the training forwards under torch.autocast (each sequence its own
-    region), everything measured in float32: masks equal to the reference's, weights as close as
-    in float32, and away from the float32 schedule's (the setting takes effect). wanda++ only:
+    region), everything measured in float32: masks equal to the reference's, weights within 1e-6
+    (1e-4 x ro_lr) of its, and away from the float32 schedule's (the setting takes effect). Not 2e-7
+    as in float32: the reference's torch.optim.RMSprop takes ATen's vectorised square root, which
+    rounds the last bit otherwise than the core's CPU loop does, and a last-bit difference in one
+    block's weights can flip a bfloat16 rounding of the next block's training forward. wanda++ only:
     bfloat16 rounds SparseGPT's float32 differences from its transcription (1e-6) to whole
     bfloat16 steps, and sparsegpt+ro's RO is the same code. The reference runs the experts with
     transformers' per-expert loop, as wandapp does: its grouped kernel rounds otherwise in bfloat16."""
@@ -77,7 +80,7 @@ def test_a_bfloat16_round_equals_the_pure_pytorch_schedule_under_autocast(model_
     report = wandapp.prune(model, data, sparsity="2:4", method="wanda++", ro_lr=1e-4, **settings)
     assert {b.ro_autocast for b in report.blocks} == {"bfloat16"}
     expected, _ = reference.regional_schedule_model(ref_model, [data[i : i + 1] for i in range(8)], "wanda++", "2:4", lr=1e-4, autocast=torch.bfloat16)
-    assert_matches_reference(report, model, expected, ref_model, atol=2e-7)
+    assert_matches_reference(report, model, expected, ref_model, atol=1e-6)
     wandapp.prune(fp32_model, data, sparsity="2:4", method="wanda++", ro_lr=1e-4, **ORDER_FREE)
     got = block_weights(model)
     assert any(not torch.equal(got[name], p) for name, p in block_weights(fp32_model).items())
