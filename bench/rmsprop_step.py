@@ -3,7 +3,10 @@ formulation wandapp used before (a boolean ``masked_fill_`` on the weights after
 square root of the raw square average, fresh tensors for every intermediate) against today's
 (src/ro.rs ``MaskedRmsprop``: the gradient multiplied by a float keep-mask, the square average
 raised to 1e-32 before its root, scratch allocated once per round), side by side in one run, and
-whether both leave bit-identical weights.
+whether both leave bit-identical weights. Both are tensor-op steps, the one CUDA and non-float32
+CPU weights take; float32 CPU weights now take one Rust loop over memory instead
+(src/ro.rs ``fused_cpu_step``), measured end to end by ``python bench/schedule.py
+--only-paper-ratio`` (docs/methods.md, What each method costs).
 
     python bench/rmsprop_step.py [--steps 32] [--repeats 5]
 
