@@ -38,7 +38,8 @@ pub unsafe fn elements<T: Element>(t: &Tensor) -> Option<&[T]> {
 // one is the storage's mutability, which the caller vouches for, not the handle's.
 #[allow(clippy::mut_from_ref)]
 pub unsafe fn elements_mut<T: Element>(t: &Tensor) -> Option<&mut [T]> {
-    if t.device() != tch::Device::Cpu || t.kind() != T::KIND || !t.is_contiguous() {
+    // Sparse tensors have no strided memory (tch panics on their layout queries).
+    if t.is_sparse() || t.device() != tch::Device::Cpu || t.kind() != T::KIND || !t.is_contiguous() {
         return None;
     }
     let len = t.numel();

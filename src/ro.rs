@@ -167,7 +167,8 @@ impl Drop for GradTracking<'_> {
 /// tensor-op step below, for bit-identical weights (bench/results/rmsprop_step.md). On a CPU, where
 /// the step is bound by memory traffic (nine passes over weight-sized tensors), float32 weights take
 /// `fused_cpu_step` instead: one pass, the same float32 operations in the same order (the weights
-/// agree to float32 rounding: ATen's vectorised root and division round some last bits otherwise).
+/// agree to float32 rounding: ATen's vectorised root and addcmul's fused multiply-add round some
+/// last bits otherwise).
 pub struct MaskedRmsprop {
     lr: f64,
     /// 1 where a weight is kept, 0 where it is pruned (float32): each step's gradient is
@@ -269,11 +270,12 @@ fn fused_cpu_step(grad: &Tensor, keep: &Tensor, square_avg: &Tensor, target: &Te
     };
     let (alpha, one_minus_alpha, neg_lr) = (RMSPROP_ALPHA as f32, (1.0 - RMSPROP_ALPHA) as f32, -lr as f32);
     let (floor, eps) = (SQUARE_AVG_FLOOR as f32, RMSPROP_EPS as f32);
-    for i in 0..w.len() {
-        let g = g[i] * keep[i];
-        v[i] = v[i] * alpha + g * (g * one_minus_alpha);
-        let floored = if v[i] < floor { floor } else { v[i] };
-        w[i] += (g * neg_lr) / (floored.sqrt() + eps);
+    // Zipped iterators: no bounds checks, so the loop vectorises.
+    for ((w, v), (&g, &keep)) in w.iter_mut().zip(v.iter_mut()).zip(g.iter().zip(keep)) {
+        let g = g * keep;
+        *v = *v * alpha + g * (g * one_minus_alpha);
+        let floored = if *v < floor { floor } else { *v };
+        *w += (g * neg_lr) / (floored.sqrt() + eps);
     }
     true
 }
@@ -648,7 +650,8 @@ mod tests {
     fn the_fused_cpu_step_agrees_with_the_tensor_op_step() {
         // A non-contiguous weight takes the tensor-op step (the one CUDA runs), a contiguous one
         // the fused step: same values, same gradients, the same weights to float32 rounding after
-        // every step (ATen's vectorised root and division round the last bit differently),
+        // every step (ATen's vectorised root and addcmul's fused multiply-add round some last bits
+        // differently),
         // including where pruned entries are fed non-finite gradients.
         let (rows, cols, lr) = (67i64, 1000i64, 3e-4);
         let mut rng = SplitMix64::new(5);
@@ -675,6 +678,7 @@ mod tests {
             let g = g.view([rows, cols]);
             a.step(&[fused.shallow_clone()], &[g.shallow_clone()]).unwrap();
             b.step(&[tensor_ops.shallow_clone()], &[g]).unwrap();
+            assert!(a.scratch[0].is_none() && b.scratch[0].is_some(), "each weight took the path it was meant to");
             assert!(close(&fused, &tensor_ops), "step {step}: the fused step's weights differ");
             assert!(a.square_avg[0].allclose(&b.square_avg[0], 1e-6, 0.0, true), "step {step}: the square averages differ");
         }

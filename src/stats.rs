@@ -426,6 +426,7 @@ mod tests {
             transposed.update(&t).unwrap();
             double.update(&as_f32(g).to_kind(Kind::Double)).unwrap();
         }
+        assert!(looped.scratch.is_none() && transposed.scratch.is_some() && double.scratch.is_some(), "each took the path it was meant to");
         let rms = looped.rms().unwrap();
         assert!(rms.equal(&transposed.rms().unwrap()) && rms.equal(&double.rms().unwrap()));
         let reference: Vec<f64> = (0..(rows * cols) as usize)
