@@ -1,8 +1,8 @@
 //! Element-wise loops over contiguous CPU tensors' own memory. A step bound by memory traffic (RO's
 //! RMSprop update, the regional gradients' sum of squares: a few flops per element of tensors far
 //! larger than the caches) reads and writes each element once in one Rust loop, where a chain of
-//! tensor ops makes one pass over memory per op. Every caller keeps its tensor-op path for other
-//! devices, dtypes and layouts.
+//! tensor ops makes one pass over memory per op; the CPU mask selection writes its keep-mask in
+//! place. Every caller keeps its tensor-op path for other devices, dtypes and layouts.
 
 use tch::{Kind, Tensor};
 
@@ -17,6 +17,10 @@ impl Element for f32 {
 
 impl Element for f64 {
     const KIND: Kind = Kind::Double;
+}
+
+impl Element for bool {
+    const KIND: Kind = Kind::Bool;
 }
 
 /// The elements of `t`, or None unless it is a contiguous CPU tensor of `T`'s dtype.

@@ -198,14 +198,11 @@ fn nm_into(scores: &[f32], n: usize, m: usize, keep: &mut [bool]) {
 
 /// Runs `fill` on a CPU bool tensor's own memory: no intermediate Vec, no copy.
 fn cpu_mask(rows: i64, cols: i64, fill: impl FnOnce(&mut [bool])) -> Result<Tensor> {
-    let mask = Tensor::f_empty([rows, cols], (Kind::Bool, Device::Cpu))?;
-    let len = (rows * cols) as usize;
-    if len > 0 {
-        // SAFETY: a fresh contiguous CPU bool tensor of `len` elements, owned here; every
-        // element is written by `fill` before the tensor is read.
-        let data = unsafe { std::slice::from_raw_parts_mut(mask.data_ptr() as *mut bool, len) };
-        fill(data);
-    }
+    // Zeroed, not empty: a slice of bool must hold valid bools before `fill` writes them.
+    let mask = Tensor::f_zeros([rows, cols], (Kind::Bool, Device::Cpu))?;
+    // SAFETY: a fresh tensor owned here; nothing else reads or writes it while `fill` runs.
+    let keep = unsafe { crate::cpu::elements_mut::<bool>(&mask) }.expect("a fresh CPU bool tensor is contiguous");
+    fill(keep);
     Ok(mask)
 }
 
