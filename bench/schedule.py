@@ -4,7 +4,8 @@ side by side with a plain-PyTorch Wanda (the algorithm as the Wanda repository r
 statistics pass and one output pass per sequence and block), in one process.
 
     python bench/schedule.py                       # 16 x 256 tokens at 2:4 (the issue's setting)
-    python bench/schedule.py --paper-ratio         # also wanda++ / wanda at N=128, M=32, K=5 (64 tokens)
+    python bench/schedule.py --paper-ratio         # also wanda++ / wanda at N=128, M=32, K=5 (64 tokens),
+                                                   # timed and as the counted passes' arithmetic
     python bench/schedule.py --only-paper-ratio    # only that
 
 Writes bench/results/schedule.md, and with a paper-ratio flag bench/results/paper_ratio.md.
@@ -17,6 +18,7 @@ import copy
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -80,6 +82,8 @@ class PassCounter:
     """Sequence-forwards and backwards through every decoder layer."""
 
     def __init__(self, model: torch.nn.Module):
+        # The regional gradients' backward starts at the layer's output (its inputs need none).
+        warnings.filterwarnings("ignore", "Full backward hook is firing")
         self.forwards = self.backwards = 0
         self.handles = []
         for layer in model.model.layers:
@@ -161,33 +165,63 @@ def main() -> None:
 
 
 def paper_ratio(dense: torch.nn.Module, tokenizer) -> None:
-    """wanda and wanda++ (defaults) at the paper's N=128, M=32, K=5, back to back: wanda before
-    and after wanda++, so that a machine that slows down or speeds up during the run shows."""
+    """wanda and wanda++ at the paper's N=128, M=32, K=5, back to back: wanda before and after
+    both wanda++ runs (defaults, and RO's training steps under ``ro_autocast="auto"``), so that a
+    machine that slows down or speeds up during the run shows. The passes per sequence and block
+    are counted with hooks on a two-block copy of the model (they depend on N, M, K and H only),
+    which gives the ratio the method's multiply-adds set in float32."""
     paper = data.text_calibration(tokenizer, data.CALIBRATION_TEXT, 128, 64, 0)
-    runs, autocast = [], set()
-    for method in ("wanda", "wanda++", "wanda"):
+    settings = dict(sparsity="2:4", nsamples=128, ro_samples=32, ro_rounds=5, progress=False)
+    runs = [("wanda", {}), ("wanda++", {}), ("wanda++, ro_autocast='auto'", dict(ro_autocast="auto")), ("wanda", {})]
+    seconds, autocast = [], {}
+    for name, extra in runs:
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        report = wandapp.prune(model, paper, method=method, sparsity="2:4", nsamples=128, ro_samples=32, ro_rounds=5, progress=False)
-        runs.append(time.perf_counter() - start)
-        autocast |= {str(b.ro_autocast) for b in report.blocks if b.ro_losses}
-        print(f"{method} at N=128, M=32, K=5: {runs[-1]:.1f} s", flush=True)
-    seconds = {"wanda": (runs[0] + runs[2]) / 2, "wanda++": runs[1]}
+        report = wandapp.prune(model, paper, method=name.split(",")[0], **settings, **extra)
+        seconds.append(time.perf_counter() - start)
+        autocast[name] = ", ".join(sorted({str(b.ro_autocast).replace("None", "float32") for b in report.blocks if b.ro_losses}))
+        print(f"{name} at N=128, M=32, K=5: {seconds[-1]:.1f} s", flush=True)
+    wanda = (seconds[0] + seconds[3]) / 2
+    counts = {method: passes_per_block(dense, paper, method, settings) for method in ("wanda", "wanda++")}
+    # A backward makes two products per forward one (the gradients of the weights and of the
+    # inputs); the capture pass is one more forward per sequence for both.
+    cost = {method: 1 + f + 2 * b for method, (f, b) in counts.items()}
+    defaults = wandapp.PruneConfig()
     write_results("paper_ratio.md", [
         "# wanda++ against wanda at the paper's sizes: SmolLM2-135M-Instruct (float32, CPU)",
         "",
         "Command: `python bench/schedule.py --only-paper-ratio`",
         f"N=128 calibration sequences of 64 tokens (Persuasion), M=32, K=5, 2:4, defaults otherwise "
-        f"(`wandapp.PruneConfig`: `ro_holdout` {wandapp.PruneConfig().ro_holdout}, `ro_lr_search` {wandapp.PruneConfig().ro_lr_search!r}, `ro_autocast` "
-        f"{wandapp.PruneConfig().ro_autocast!r}, RO's training steps in {', '.join(sorted(autocast)).replace('None', 'float32')}). "
-        f"Machine: {machine()}. One process, back to back.",
+        f"(`wandapp.PruneConfig`: `ro_holdout` {defaults.ro_holdout}, `ro_lr_search` {defaults.ro_lr_search!r}, `ro_autocast` "
+        f"{defaults.ro_autocast!r}). Machine: {machine()}. One process, back to back.",
         "",
-        "| method | seconds |",
-        "|---|---|",
-        f"| wanda (before, after wanda++; mean) | {runs[0]:.1f}, {runs[2]:.1f}; {seconds['wanda']:.1f} |",
-        f"| wanda++ | {seconds['wanda++']:.1f} |",
-        f"| ratio wanda++ / wanda | {seconds['wanda++'] / seconds['wanda']:.2f} |",
+        "| run | RO's training steps in | seconds | / wanda |",
+        "|---|---|---|---|",
+        f"| wanda (before and after the wanda++ runs; mean) | | {seconds[0]:.1f}, {seconds[3]:.1f}; {wanda:.1f} | 1 |",
+        *(f"| {name} | {autocast[name]} | {sec:.1f} | {sec / wanda:.2f} |" for (name, _), sec in zip(runs[1:3], seconds[1:3])),
+        "",
+        "Passes per calibration sequence and block, counted with hooks on a two-block copy of the model "
+        "(the capture pass, one forward of every sequence before any pruning, counted apart), and the "
+        "forward-equivalents they make, a backward counting as two forwards:",
+        "",
+        "| method | forwards | backwards | forward-equivalents with the capture pass |",
+        "|---|---|---|---|",
+        *(f"| {method} | {f:.2f} | {b:.2f} | {cost[method]:.2f} |" for method, (f, b) in counts.items()),
+        f"| ratio wanda++ / wanda | | | {cost['wanda++'] / cost['wanda']:.2f} |",
     ])
+
+
+def passes_per_block(dense: torch.nn.Module, calib: torch.Tensor, method: str, settings: dict) -> tuple[float, float]:
+    """Forwards (without the capture pass) and backwards per sequence and block of `method`,
+    counted on a copy of `dense` cut to its first two blocks."""
+    model = copy.deepcopy(dense)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    counter = PassCounter(model)
+    wandapp.prune(model, calib, method=method, **settings)
+    counter.remove()
+    n = len(calib)
+    return (counter.forwards - 2 * n) / 2 / n, counter.backwards / 2 / n
 
 
 if __name__ == "__main__":
