@@ -200,7 +200,8 @@ fn nm_into(scores: &[f32], n: usize, m: usize, keep: &mut [bool]) {
 fn cpu_mask(rows: i64, cols: i64, fill: impl FnOnce(&mut [bool])) -> Result<Tensor> {
     // Zeroed, not empty: a slice of bool must hold valid bools before `fill` writes them.
     let mask = Tensor::f_zeros([rows, cols], (Kind::Bool, Device::Cpu))?;
-    // SAFETY: a fresh tensor owned here; nothing else reads or writes it while `fill` runs.
+    // SAFETY: a fresh zeroed tensor (every byte a valid bool) owned here; nothing else reads or
+    // writes it while `fill` runs.
     let keep = unsafe { crate::cpu::elements_mut::<bool>(&mask) }.expect("a fresh CPU bool tensor is contiguous");
     fill(keep);
     Ok(mask)

@@ -262,8 +262,8 @@ fn fused_cpu_step(grad: &Tensor, keep: &Tensor, square_avg: &Tensor, target: &Te
         return false;
     }
     // SAFETY: `square_avg` (the optimizer's state) and `target` (the weight or its master copy)
-    // are distinct from each other and from the gradient and the keep-mask, and no tensor op runs
-    // while the slices live.
+    // are distinct from each other and from the gradient and the keep-mask, no tensor op runs
+    // while the slices live, and any bits are a valid float.
     let slices = unsafe { (elements::<f32>(grad), elements::<f32>(keep), elements_mut::<f32>(square_avg), elements_mut::<f32>(target)) };
     let (Some(g), Some(keep), Some(v), Some(w)) = slices else {
         return false;

@@ -297,8 +297,8 @@ impl GradientStats {
             }
             empty => empty.insert(Tensor::f_zeros(grad.size(), (Kind::Double, grad.device()))?),
         };
-        // SAFETY: the sum is this object's own tensor, distinct from the gradient, and no tensor
-        // op runs while the slices live.
+        // SAFETY: the sum is this object's own tensor, distinct from the gradient, no tensor op
+        // runs while the slices live, and any bits are a valid float.
         if let (Some(sum), Some(g)) = unsafe { (elements_mut::<f64>(acc), elements::<f32>(grad)) } {
             // One pass over memory (crate::cpu): the same float64 products and sums as below.
             for (sum, &g) in sum.iter_mut().zip(g) {
