@@ -79,16 +79,26 @@ def plain_wanda(model: torch.nn.Module, calib: torch.Tensor, n: int, m: int) -> 
 
 
 class PassCounter:
-    """Sequence-forwards and backwards through every decoder layer."""
+    """Sequence-forwards and backwards through every decoder layer, while the `with` block runs."""
 
     def __init__(self, model: torch.nn.Module):
-        # The regional gradients' backward starts at the layer's output (its inputs need none).
-        warnings.filterwarnings("ignore", "Full backward hook is firing")
         self.forwards = self.backwards = 0
         self.handles = []
         for layer in model.model.layers:
             self.handles.append(layer.register_forward_pre_hook(self._forward, with_kwargs=True))
             self.handles.append(layer.register_full_backward_hook(self._backward))
+        self.warnings = warnings.catch_warnings()
+
+    def __enter__(self) -> "PassCounter":
+        self.warnings.__enter__()
+        # The regional gradients' backward starts at the layer's output (its inputs need none).
+        warnings.filterwarnings("ignore", "Full backward hook is firing")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.warnings.__exit__(*exc)
 
     def _forward(self, _module, args, kwargs):
         self.forwards += (args[0] if args else kwargs["hidden_states"]).shape[0]
@@ -96,9 +106,6 @@ class PassCounter:
     def _backward(self, *_):
         self.backwards += 1
 
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def main() -> None:
@@ -132,9 +139,8 @@ def main() -> None:
     counts = {}
     for method in METHODS:
         model = copy.deepcopy(dense)
-        counter = PassCounter(model)
-        wandapp.prune(model, calib, method=method, **settings)
-        counter.remove()
+        with PassCounter(model) as counter:
+            wandapp.prune(model, calib, method=method, **settings)
         # The capture pass runs every sequence through every block once, before any pruning.
         counts[method] = ((counter.forwards - args.nsamples * blocks) / blocks / args.nsamples, counter.backwards / blocks / args.nsamples)
         print(f"{method}: {counts[method][0]:.2f} forwards and {counts[method][1]:.2f} backwards per sequence and block", flush=True)
@@ -169,15 +175,20 @@ def paper_ratio(dense: torch.nn.Module, tokenizer) -> None:
     both wanda++ runs (defaults, and RO's training steps under ``ro_autocast="auto"``), so that a
     machine that slows down or speeds up during the run shows. The passes per sequence and block
     are counted with hooks on a two-block copy of the model (they depend on N, M, K and H only),
-    which gives the ratio the method's multiply-adds set in float32."""
+    which gives the ratio the method's multiply-adds set."""
     paper = data.text_calibration(tokenizer, data.CALIBRATION_TEXT, 128, 64, 0)
     settings = dict(sparsity="2:4", nsamples=128, ro_samples=32, ro_rounds=5, progress=False)
-    runs = [("wanda", {}), ("wanda++", {}), ("wanda++, ro_autocast='auto'", dict(ro_autocast="auto")), ("wanda", {})]
+    runs = [
+        ("wanda", "wanda", {}),
+        ("wanda++", "wanda++", {}),
+        ("wanda++, ro_autocast='auto'", "wanda++", dict(ro_autocast="auto")),
+        ("wanda", "wanda", {}),
+    ]
     seconds, autocast = [], {}
-    for name, extra in runs:
+    for name, method, extra in runs:
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        report = wandapp.prune(model, paper, method=name.split(",")[0], **settings, **extra)
+        report = wandapp.prune(model, paper, method=method, **settings, **extra)
         seconds.append(time.perf_counter() - start)
         autocast[name] = ", ".join(sorted({str(b.ro_autocast).replace("None", "float32") for b in report.blocks if b.ro_losses}))
         print(f"{name} at N=128, M=32, K=5: {seconds[-1]:.1f} s", flush=True)
@@ -188,7 +199,7 @@ def paper_ratio(dense: torch.nn.Module, tokenizer) -> None:
     cost = {method: 1 + f + 2 * b for method, (f, b) in counts.items()}
     defaults = wandapp.PruneConfig()
     write_results("paper_ratio.md", [
-        "# wanda++ against wanda at the paper's sizes: SmolLM2-135M-Instruct (float32, CPU)",
+        "# wanda++ against wanda at the paper's sizes: SmolLM2-135M-Instruct (float32 weights, CPU)",
         "",
         "Command: `python bench/schedule.py --only-paper-ratio`",
         f"N=128 calibration sequences of 64 tokens (Persuasion), M=32, K=5, 2:4, defaults otherwise "
@@ -198,10 +209,11 @@ def paper_ratio(dense: torch.nn.Module, tokenizer) -> None:
         "| run | RO's training steps in | seconds | / wanda |",
         "|---|---|---|---|",
         f"| wanda (before and after the wanda++ runs; mean) | | {seconds[0]:.1f}, {seconds[3]:.1f}; {wanda:.1f} | 1 |",
-        *(f"| {name} | {autocast[name]} | {sec:.1f} | {sec / wanda:.2f} |" for (name, _), sec in zip(runs[1:3], seconds[1:3])),
+        *(f"| {name} | {autocast[name]} | {sec:.1f} | {sec / wanda:.2f} |" for (name, _, _), sec in zip(runs[1:3], seconds[1:3])),
         "",
         "Passes per calibration sequence and block, counted with hooks on a two-block copy of the model "
-        "(the capture pass, one forward of every sequence before any pruning, counted apart), and the "
+        "without the step search (whose held-out passes come only where a block's first round fails; "
+        "the capture pass, one forward of every sequence before any pruning, counted apart), and the "
         "forward-equivalents they make, a backward counting as two forwards:",
         "",
         "| method | forwards | backwards | forward-equivalents with the capture pass |",
@@ -213,13 +225,13 @@ def paper_ratio(dense: torch.nn.Module, tokenizer) -> None:
 
 def passes_per_block(dense: torch.nn.Module, calib: torch.Tensor, method: str, settings: dict) -> tuple[float, float]:
     """Forwards (without the capture pass) and backwards per sequence and block of `method`,
-    counted on a copy of `dense` cut to its first two blocks."""
+    counted on a copy of `dense` cut to its first two blocks (a LLaMA config: no per-layer lists)
+    without the step search, so that they depend on N, M, K and H only."""
     model = copy.deepcopy(dense)
     model.model.layers = model.model.layers[:2]
     model.config.num_hidden_layers = 2
-    counter = PassCounter(model)
-    wandapp.prune(model, calib, method=method, **settings)
-    counter.remove()
+    with PassCounter(model) as counter:
+        wandapp.prune(model, calib, method=method, **{**settings, "ro_lr_search": "off"})
     n = len(calib)
     return (counter.forwards - 2 * n) / 2 / n, counter.backwards / 2 / n
 
