@@ -646,45 +646,76 @@ mod tests {
         }
     }
 
+    /// Uniform draws of one weight's shape, centred on 0.
+    struct Draws {
+        rng: SplitMix64,
+        shape: [i64; 2],
+    }
+
+    impl Draws {
+        fn next(&mut self, scale: f32) -> Tensor {
+            let v: Vec<f32> = (0..self.shape[0] * self.shape[1]).map(|_| (self.rng.unit() as f32 - 0.5) * scale).collect();
+            Tensor::from_slice(&v).view(self.shape)
+        }
+
+        /// A random keep-mask and a masked weight of `kind` (|w| < 0.02), stepped by two
+        /// optimizers at `lr`.
+        fn both_paths(&mut self, kind: Kind, lr: f64) -> BothPaths {
+            let mask = self.next(1.0).gt(0.0);
+            let start = (self.next(0.04) * mask.to_kind(Kind::Float)).to_kind(kind);
+            let (fused, tensor_ops) = (start.copy(), start.tr().contiguous().tr());
+            assert!(!tensor_ops.is_contiguous());
+            let a = MaskedRmsprop::new(&[fused.shallow_clone()], &[mask.shallow_clone()], lr).unwrap();
+            let b = MaskedRmsprop::new(&[tensor_ops.shallow_clone()], &[mask.shallow_clone()], lr).unwrap();
+            BothPaths { mask, start, fused, tensor_ops, a, b }
+        }
+    }
+
+    /// One weight twice: `fused` contiguous (the fused step's layout, optimizer `a`) and
+    /// `tensor_ops` transposed in memory (the tensor-op step's, optimizer `b`), from `start`.
+    struct BothPaths {
+        mask: Tensor,
+        start: Tensor,
+        fused: Tensor,
+        tensor_ops: Tensor,
+        a: MaskedRmsprop,
+        b: MaskedRmsprop,
+    }
+
+    impl BothPaths {
+        /// One step of both with the same gradient, each on the path it is meant to take.
+        fn step(&mut self, g: &Tensor) {
+            self.a.step(&[self.fused.shallow_clone()], &[g.shallow_clone()]).unwrap();
+            self.b.step(&[self.tensor_ops.shallow_clone()], &[g.shallow_clone()]).unwrap();
+            assert!(self.a.scratch[0].is_none() && self.b.scratch[0].is_some(), "each weight took the path it was meant to");
+        }
+    }
+
     #[test]
     fn the_fused_cpu_step_agrees_with_the_tensor_op_step() {
         // A non-contiguous weight takes the tensor-op step (the one CUDA runs), a contiguous one
         // the fused step: same values, same gradients, the same weights to float32 rounding after
         // every step (ATen's vectorised root and addcmul's fused multiply-add round some last bits
-        // differently),
-        // including where pruned entries are fed non-finite gradients.
-        let (rows, cols, lr) = (67i64, 1000i64, 3e-4);
-        let mut rng = SplitMix64::new(5);
-        let mut draw = |n: i64, scale: f32| -> Tensor {
-            let v: Vec<f32> = (0..n).map(|_| (rng.unit() as f32 - 0.5) * scale).collect();
-            Tensor::from_slice(&v).view([rows, cols])
-        };
-        let mask = draw(rows * cols, 1.0).gt(0.0);
-        let start = draw(rows * cols, 0.04) * mask.to_kind(Kind::Float);
-        let fused = start.copy();
-        let tensor_ops = start.tr().contiguous().tr();
-        assert!(!tensor_ops.is_contiguous());
-        let mut a = MaskedRmsprop::new(&[fused.shallow_clone()], &[mask.shallow_clone()], lr).unwrap();
-        let mut b = MaskedRmsprop::new(&[tensor_ops.shallow_clone()], &[mask.shallow_clone()], lr).unwrap();
+        // differently), including where pruned entries are fed non-finite gradients.
+        let mut draws = Draws { rng: SplitMix64::new(5), shape: [67, 1000] };
+        let mut both = draws.both_paths(Kind::Float, 3e-4);
+        let (mask, fused, tensor_ops) = (both.mask.shallow_clone(), both.fused.shallow_clone(), both.tensor_ops.shallow_clone());
         let pruned = Vec::<bool>::try_from(mask.logical_not().view([-1])).unwrap().iter().position(|&p| p).unwrap();
         // Weights of about 0.02 have an ulp of 1.9e-9: a few of them.
         let close = |x: &Tensor, y: &Tensor| x.allclose(y, 1e-6, 1e-8, true);
         for step in 0..5 {
             // Gradients spanning the magnitudes RO sees, the last ones too small for the floor.
-            let g = draw(rows * cols, 10f32.powi(-2 - 4 * step)).view([-1]);
+            let g = draws.next(10f32.powi(-2 - 4 * step)).view([-1]);
             if step == 2 {
                 let _ = g.get(pruned as i64).fill_(f64::INFINITY);
             }
-            let g = g.view([rows, cols]);
-            a.step(&[fused.shallow_clone()], &[g.shallow_clone()]).unwrap();
-            b.step(&[tensor_ops.shallow_clone()], &[g]).unwrap();
-            assert!(a.scratch[0].is_none() && b.scratch[0].is_some(), "each weight took the path it was meant to");
+            both.step(&g.view(draws.shape));
             assert!(close(&fused, &tensor_ops), "step {step}: the fused step's weights differ");
-            assert!(a.square_avg[0].allclose(&b.square_avg[0], 1e-6, 0.0, true), "step {step}: the square averages differ");
+            assert!(both.a.square_avg[0].allclose(&both.b.square_avg[0], 1e-6, 0.0, true), "step {step}: the square averages differ");
         }
         assert!(fused.view([-1]).get(pruned as i64).isnan().int64_value(&[]) == 1, "the pruned entry's infinite gradient made it NaN until finish");
-        a.finish(&[fused.shallow_clone()]).unwrap();
-        b.finish(&[tensor_ops.shallow_clone()]).unwrap();
+        both.a.finish(&[fused.shallow_clone()]).unwrap();
+        both.b.finish(&[tensor_ops.shallow_clone()]).unwrap();
         assert!(close(&fused, &tensor_ops) && fused.isfinite().all().int64_value(&[]) == 1);
         assert!(fused.masked_select(&mask.logical_not()).abs().max().double_value(&[]) == 0.0, "a pruned weight came back");
     }
@@ -695,27 +726,15 @@ mod tests {
         // batch or over processes) a contiguous weight's master takes the fused step, a
         // transposed one's the tensor-op step; the masters agree to float32 rounding and each
         // weight is its master rounded to bfloat16, so steps below bfloat16's ulp still count.
-        let (rows, cols, lr) = (33i64, 500i64, 1e-6);
-        let mut rng = SplitMix64::new(7);
-        let mut draw = |n: i64, scale: f32| -> Tensor {
-            let v: Vec<f32> = (0..n).map(|_| (rng.unit() as f32 - 0.5) * scale).collect();
-            Tensor::from_slice(&v).view([rows, cols])
-        };
-        let mask = draw(rows * cols, 1.0).gt(0.0);
-        let start = (draw(rows * cols, 0.04) * mask.to_kind(Kind::Float)).to_kind(Kind::BFloat16);
-        let fused = start.copy();
-        let tensor_ops = start.tr().contiguous().tr();
-        let mut a = MaskedRmsprop::new(&[fused.shallow_clone()], &[mask.shallow_clone()], lr).unwrap();
-        let mut b = MaskedRmsprop::new(&[tensor_ops.shallow_clone()], &[mask.shallow_clone()], lr).unwrap();
+        let mut draws = Draws { rng: SplitMix64::new(7), shape: [33, 500] };
+        let mut both = draws.both_paths(Kind::BFloat16, 1e-6);
         for step in 0..4 {
-            let g = draw(rows * cols, 1e-3);
-            a.step(&[fused.shallow_clone()], &[g.shallow_clone()]).unwrap();
-            b.step(&[tensor_ops.shallow_clone()], &[g]).unwrap();
-            assert!(a.scratch[0].is_none() && b.scratch[0].is_some(), "each weight took the path it was meant to");
-            let (ma, mb) = (a.master[0].as_ref().unwrap(), b.master[0].as_ref().unwrap());
+            both.step(&draws.next(1e-3));
+            let (ma, mb) = (both.a.master[0].as_ref().unwrap(), both.b.master[0].as_ref().unwrap());
             assert!(ma.allclose(mb, 1e-6, 1e-9, false), "step {step}: the master copies differ");
-            assert!(fused.equal(&ma.to_kind(Kind::BFloat16)) && tensor_ops.equal(&mb.to_kind(Kind::BFloat16)), "step {step}: a weight is not its master rounded");
+            assert!(both.fused.equal(&ma.to_kind(Kind::BFloat16)) && both.tensor_ops.equal(&mb.to_kind(Kind::BFloat16)), "step {step}: a weight is not its master rounded");
         }
+        let BothPaths { mask, start, fused, a, .. } = both;
         // About 1e-5 per step against an ulp of 1.2e-4 at 0.02: the weights barely move, the
         // masters do, at (almost) every kept entry, and never at a pruned one.
         let moved = a.master[0].as_ref().unwrap().ne_tensor(&start.to_kind(Kind::Float));
