@@ -82,14 +82,15 @@ class PassCounter:
     """Sequence-forwards and backwards through every decoder layer, while the `with` block runs."""
 
     def __init__(self, model: torch.nn.Module):
+        self.layers = model.model.layers
         self.forwards = self.backwards = 0
         self.handles = []
-        for layer in model.model.layers:
-            self.handles.append(layer.register_forward_pre_hook(self._forward, with_kwargs=True))
-            self.handles.append(layer.register_full_backward_hook(self._backward))
         self.warnings = warnings.catch_warnings()
 
     def __enter__(self) -> "PassCounter":
+        for layer in self.layers:
+            self.handles.append(layer.register_forward_pre_hook(self._forward, with_kwargs=True))
+            self.handles.append(layer.register_full_backward_hook(self._backward))
         self.warnings.__enter__()
         # The regional gradients' backward starts at the layer's output (its inputs need none).
         warnings.filterwarnings("ignore", "Full backward hook is firing")
@@ -105,7 +106,6 @@ class PassCounter:
 
     def _backward(self, *_):
         self.backwards += 1
-
 
 
 def main() -> None:

@@ -42,9 +42,9 @@ pub unsafe fn elements<T: Element>(t: &Tensor) -> Option<&[T]> {
 /// aligned for `T`.
 ///
 /// # Safety
-/// Every element must be a valid `T` (see `elements`). The slice aliases the tensor's storage for as long as it lives: nothing else may write that
-/// storage meanwhile (no tensor op, no other slice), and a storage must not be borrowed mutably
-/// twice.
+/// Every element must be a valid `T` (see `elements`). The slice aliases the tensor's storage for
+/// as long as it lives: nothing else may write that storage meanwhile (no tensor op, no other
+/// slice), and a storage must not be borrowed mutably twice.
 // A tch Tensor is a shared handle on its storage (in-place ops take &self too): writing through
 // one is the storage's mutability, which the caller vouches for, not the handle's.
 #[allow(clippy::mut_from_ref)]
@@ -90,4 +90,3 @@ mod tests {
         assert!(unsafe { elements::<f32>(&misaligned) }.is_none(), "misaligned");
     }
 }
-

@@ -11,6 +11,8 @@ guard's rollback not restoring the weights, RMSprop's alpha 0.9 instead of torch
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,24 +88,19 @@ def test_a_bfloat16_round_equals_the_pure_pytorch_schedule_under_autocast(model_
     assert any(not torch.equal(got[name], p) for name, p in block_weights(fp32_model).items())
 
 
-class PassCounter:
-    """Sequence-forwards and backwards through the decoder layers of ``model``."""
-
-    def __init__(self, model):
-        self.forwards = self.backwards = 0
-        layers = model.model.layers
-        self.handles = [layer.register_forward_pre_hook(self._forward, with_kwargs=True) for layer in layers]
-        self.handles += [layer.register_full_backward_hook(self._backward) for layer in layers]
-
-    def _forward(self, _module, args, kwargs):
-        self.forwards += (args[0] if args else kwargs["hidden_states"]).shape[0]
-
-    def _backward(self, *_):
-        self.backwards += 1
+@pytest.fixture(scope="module")
+def schedule():
+    """bench/schedule.py, whose pass counter the cost tables use."""
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    sys.path.insert(0, bench)
+    try:
+        import schedule
+    finally:
+        sys.path.remove(bench)
+    return schedule
 
 
-@pytest.mark.filterwarnings("ignore:Full backward hook")
-def test_wanda_pp_makes_the_documented_passes_per_block():
+def test_wanda_pp_makes_the_documented_passes_per_block(schedule):
     """docs/methods.md's count of wanda++'s passes per block: 2N + H + K (M + H) forwards (the
     regional gradients' and the final pass over all N sequences, the held-out starting point, and
     per round M training steps and H guard passes) and N + K M backwards; besides, the capture
@@ -112,8 +109,8 @@ def test_wanda_pp_makes_the_documented_passes_per_block():
     n, m, h, k = 16, 8, 4, 3
     model = tiny_model()
     blocks = len(model.model.layers)
-    counter = PassCounter(model)
-    report = wandapp.prune(model, calib_ids(n, 32), method="wanda++", sparsity="2:4", nsamples=n, ro_samples=m, ro_holdout=h, ro_rounds=k, ro_lr_search="off", progress=False)
+    with schedule.PassCounter(model) as counter:
+        report = wandapp.prune(model, calib_ids(n, 32), method="wanda++", sparsity="2:4", nsamples=n, ro_samples=m, ro_holdout=h, ro_rounds=k, ro_lr_search="off", progress=False)
     assert [b.ro_stop for b in report.blocks] == ["rounds"] * blocks, "every block ran its K rounds"
     assert counter.forwards == blocks * (n + 1) + blocks * (2 * n + h + k * (m + h))
     assert counter.backwards == blocks * (n + k * m)
